@@ -330,12 +330,23 @@ struct Origins {
 
 // ---- The TOML layer.
 
+// The value as the user wrote it, near enough: strings double-quoted (toml++ prints literal
+// 'strings'), arrays inline, tables elided; capped so an error stays one readable line.
 std::string renderToml(const toml::node& node) {
-  if (node.is_table()) return "{...}";
-  std::ostringstream os;
-  node.visit([&](const auto& n) { os << n; });
-  std::string s = os.str();
-  std::replace(s.begin(), s.end(), '\n', ' ');
+  std::string s;
+  if (node.is_table()) {
+    s = "{...}";
+  } else if (node.is_string()) {
+    s = quote(*node.value<std::string>());
+  } else if (const toml::array* arr = node.as_array()) {
+    s = "[";
+    for (const toml::node& e : *arr) s += (s.size() > 1 ? ", " : "") + renderToml(e);
+    s += "]";
+  } else {
+    std::ostringstream os;
+    node.visit([&](const auto& n) { os << n; });
+    s = os.str();
+  }
   if (s.size() > 80) s = s.substr(0, 77) + "...";
   return s;
 }
