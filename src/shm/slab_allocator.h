@@ -1,0 +1,236 @@
+// The slab allocator: arena offsets handed out per memory hint, in runs of contiguous units.
+//
+// Model
+// - The allocator manages `capacityBytes` of an arena starting at `baseOffset`, cut into slabs
+//   of `slabSizeBytes` (default 2 MiB; any multiple of 4 KiB). It never touches the memory
+//   itself: all metadata lives on the heap, so it also works over an arena it cannot map.
+// - A hint is a unit size in bytes. A request of n bytes under hint h needs a run of
+//   u = ceil(n / h) contiguous units and gets {offset, sizeBytes = u * h, units = u, hint = h}.
+// - Small runs (u <= unitsPerSlab = floor(slab / h)) live inside one slab carved for hint h;
+//   each carved slab has a used-unit bitmap searched first-fit with 64-bit word scans.
+// - Big runs (u > unitsPerSlab, including every run of a hint larger than a slab) take
+//   ceil(u * h / slab) contiguous whole slabs, found first-fit from the low end of the arena.
+//   Slabs for carving are taken from the high end, so small hints do not chop up the space big
+//   tensors need. Any request up to the whole capacity can succeed once enough is freed.
+// - A carved slab that becomes empty goes back to the arena, except that each hint keeps at
+//   most one empty slab as a hot spare (so alloc/free of one unit does not re-carve every
+//   time). Spares are reclaimed whenever the arena runs out of whole slabs, and by trim().
+//
+// Threads
+// - One owner thread calls everything except freeRemote(); the owner path uses no atomics
+//   beyond one relaxed load that checks the remote-free list.
+// - freeRemote() may be called from any thread (another core, or the thread that serves a
+//   client's RPC): it sets the run's bits in the slab's atomic remote-free bitmap and pushes the
+//   slab on a lock-free MPSC list (CAS push) unless already queued. The owner drains that list
+//   with one exchange on its next tryAllocate / allocateOrWait / poll().
+//   Invariant per carved slab: usedUnits == popcount(used) and remote bits are a subset of
+//   used bits (a violation is a double free and aborts).
+//
+// Backpressure, never loss
+// - tryAllocate fails at once with ArenaFull when nothing fits.
+// - allocateOrWait queues a caller-owned AllocationWaiter when nothing fits. Waiters are served
+//   strictly FIFO across all hints: while the head waiter does not fit, no later waiter and no
+//   new request (tryAllocate or allocateOrWait) is served, so a big head-of-line request
+//   cannot be starved by a stream of small ones. The price is head-of-line blocking, bounded by
+//   each waiter's deadline. Because every request is at most the capacity and an empty
+//   allocator can place any such request, the head always fits once enough is freed.
+// - expireWaiters(now) fails every waiter whose deadline has passed with ArenaFull naming the
+//   sizes and how long it waited.
+//
+// Costs (measured in docs/PERFORMANCE.md, "Slab allocator"): single-unit alloc+free is a
+// word scan from a cursor plus bit sets; a run of u units scans ~u/64 words; a big run scans
+// the slab bitmap (one bit per slab). stats() and checkInvariants() walk all metadata.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "shm/clock.h"
+#include "shm/mpsc_list.h"
+#include "shm/result.h"
+
+namespace sidecar::shm {
+
+struct Allocation {
+  uint64_t offset = 0;     // from the start of the arena (not of the allocator's range)
+  uint64_t sizeBytes = 0;  // units * hint: the usable size, >= the bytes asked for
+  uint64_t units = 0;
+  uint64_t hint = 0;
+  friend bool operator==(const Allocation&, const Allocation&) = default;
+};
+
+struct SlabAllocatorOptions {
+  uint64_t capacityBytes = 0;           // rounded down to whole slabs; at least one slab
+  uint64_t slabSizeBytes = 2ull << 20;  // multiple of 4 KiB
+  uint64_t baseOffset = 0;              // arena offset of the first managed byte
+  const ShmClock* clock = nullptr;      // SteadyShmClock when null; must outlive the allocator
+};
+
+struct HintStats {
+  uint64_t hint = 0;
+  uint64_t slabs = 0;               // slabs carved for this hint
+  uint64_t bigRuns = 0;             // live runs spanning whole slabs
+  uint64_t bigSlabs = 0;            // slabs held by those runs
+  uint64_t unitsUsed = 0;           // in carved slabs and big runs
+  uint64_t unitsFree = 0;           // free units in carved slabs
+  uint64_t largestFreeRunUnits = 0; // in carved slabs
+  double fragmentation = 0;         // 1 - largestFreeRun / unitsFree (0 when nothing is free)
+  uint64_t allocations = 0;         // granted, including to waiters
+  uint64_t frees = 0;               // local frees plus remote runs drained
+  uint64_t waits = 0;               // requests that had to queue
+  uint64_t failures = 0;            // tryAllocate ArenaFull plus expired waiters
+};
+
+struct AllocatorStats {
+  uint64_t capacityBytes = 0;
+  uint64_t slabSizeBytes = 0;
+  uint64_t slabsTotal = 0;
+  uint64_t slabsFree = 0;
+  uint64_t slabsCarved = 0;
+  uint64_t slabsInBigRuns = 0;
+  uint64_t largestFreeSlabRun = 0;  // contiguous free slabs
+  uint64_t usedBytes = 0;           // sum of live allocations' sizeBytes
+  uint64_t freeBytes = 0;           // free slabs + free units of carved slabs
+  uint64_t slackBytes = 0;          // tails of carved slabs and big runs no unit can use
+  uint64_t waitersQueued = 0;
+  std::vector<HintStats> hints;     // sorted by hint
+};
+
+// A request waiting for space. Owned by the caller; must stay alive (and not move) while
+// queued, i.e. until complete() runs or cancelWait() returns true.
+class AllocationWaiter {
+ public:
+  virtual ~AllocationWaiter() = default;
+  // Called exactly once, on the owner thread, from inside free / poll / expireWaiters (or
+  // tryAllocate / allocateOrWait, which drain remote frees): with the allocation when granted,
+  // or ArenaFull when the deadline passed. It may call back into the allocator and may destroy
+  // the waiter.
+  virtual void complete(Result<Allocation> result) = 0;
+
+  bool queued() const noexcept { return queued_; }
+
+ private:
+  friend class SlabAllocator;
+  uint64_t bytes_ = 0;
+  uint64_t units_ = 0;
+  uint64_t hint_ = 0;
+  ShmTimePoint enqueuedAt_{};
+  ShmTimePoint deadline_{};
+  AllocationWaiter* prev_ = nullptr;
+  AllocationWaiter* next_ = nullptr;
+  bool queued_ = false;
+};
+
+// A waiter that calls a std::function (convenient; allocates if the function does).
+class CallbackWaiter final : public AllocationWaiter {
+ public:
+  explicit CallbackWaiter(std::function<void(Result<Allocation>)> fn) : fn_(std::move(fn)) {}
+  void complete(Result<Allocation> result) override { fn_(std::move(result)); }
+
+ private:
+  std::function<void(Result<Allocation>)> fn_;
+};
+
+class SlabAllocator {
+ public:
+  // Fails with BadSize when the options cannot describe at least one slab.
+  static Result<std::unique_ptr<SlabAllocator>> create(const SlabAllocatorOptions& options);
+  ~SlabAllocator();
+  SlabAllocator(const SlabAllocator&) = delete;
+  SlabAllocator& operator=(const SlabAllocator&) = delete;
+
+  // Owner thread. A run of ceil(bytes / hint) units now, or ArenaFull (also when waiters are
+  // queued: see FIFO above), TooLarge, ZeroSize or ZeroHint.
+  Result<Allocation> tryAllocate(uint64_t bytes, uint64_t hint);
+
+  // Owner thread. An allocation now (value), or std::nullopt when `waiter` was queued: it will
+  // be completed later by a free/poll (granted) or expireWaiters (ArenaFull). A deadline that
+  // has already passed (<= clock now) fails with ArenaFull instead of queueing. TooLarge,
+  // ZeroSize and ZeroHint fail at once. `waiter` must not be queued already.
+  Result<std::optional<Allocation>> allocateOrWait(uint64_t bytes, uint64_t hint,
+                                                   ShmTimePoint deadline,
+                                                   AllocationWaiter& waiter);
+
+  // Owner thread. Removes a queued waiter without completing it; false if it was not queued.
+  bool cancelWait(AllocationWaiter& waiter) noexcept;
+
+  // Owner thread. Frees a live allocation (exactly as returned). InvalidFree for anything that
+  // is not one (outside the range, wrong hint or size, already free), leaving state unchanged.
+  // Serves queued waiters afterwards.
+  Result<void> free(const Allocation& allocation);
+
+  // Any thread. Frees a live allocation through the remote-free list; the owner applies it on
+  // its next drain. Lock-free; the caller must own `allocation` (no validation beyond bounds).
+  void freeRemote(const Allocation& allocation) noexcept;
+
+  // Owner thread. Drains remote frees and serves waiters. Returns true if it did any work.
+  bool poll();
+
+  // Owner thread. Fails waiters whose deadline is <= now with ArenaFull; returns how many.
+  size_t expireWaiters(ShmTimePoint now);
+
+  // Owner thread. Returns every empty carved slab (hot spares too) to the arena; returns how
+  // many.
+  size_t trim();
+
+  AllocatorStats stats() const;
+
+  // Recomputes every counter from the bitmaps and checks used + free + slack == capacity,
+  // per-slab unit counts and slab states. Owner thread; O(metadata). For tests and debugging.
+  Result<void> checkInvariants() const;
+
+  uint64_t capacityBytes() const noexcept { return capacityBytes_; }
+  uint64_t slabSizeBytes() const noexcept { return slabSizeBytes_; }
+  uint64_t baseOffset() const noexcept { return baseOffset_; }
+  size_t waitersQueued() const noexcept { return waiterCount_; }
+
+  struct Slab;
+  struct HintClass;
+
+ private:
+  explicit SlabAllocator(const SlabAllocatorOptions& options);
+
+  Result<uint64_t> validateRequest(uint64_t bytes, uint64_t hint) const;
+  HintClass& hintClass(uint64_t hint);
+  std::optional<Allocation> allocateUnits(HintClass& hc, uint64_t units);
+  std::optional<Allocation> allocateInSlab(HintClass& hc, uint32_t slabIndex, uint32_t units);
+  std::optional<Allocation> allocateBig(HintClass& hc, uint64_t units);
+  uint32_t carveSlab(HintClass& hc);
+  void releaseSlab(HintClass& hc, uint32_t slabIndex);
+  size_t reclaimSpares();
+  void freeUnitsInSlab(Slab& slab, uint32_t firstUnit, uint32_t units);
+  void freeBigRun(uint32_t slabIndex);
+  bool drainRemoteFrees();
+  void serveWaiters();
+  void unlinkWaiter(AllocationWaiter& waiter) noexcept;
+  ShmError arenaFullError(const HintClass& hc, uint64_t bytes, uint64_t units,
+                          std::optional<std::chrono::milliseconds> waited) const;
+
+  const uint64_t capacityBytes_;
+  const uint64_t slabSizeBytes_;
+  const uint64_t baseOffset_;
+  const uint32_t slabCount_;
+  const ShmClock* clock_;
+
+  std::unique_ptr<Slab[]> slabs_;
+  std::vector<uint64_t> slabBitmap_;  // 1 = slab carved or in a big run
+  uint32_t freeSlabs_;
+  uint64_t usedBytes_ = 0;
+
+  std::vector<std::unique_ptr<HintClass>> hintClasses_;
+  HintClass* lastHint_ = nullptr;  // one-entry cache for the fast path
+
+  MpscList<Slab> remoteFrees_;
+
+  AllocationWaiter* waitHead_ = nullptr;
+  AllocationWaiter* waitTail_ = nullptr;
+  size_t waiterCount_ = 0;
+  bool servingWaiters_ = false;
+};
+
+}  // namespace sidecar::shm
