@@ -1,0 +1,69 @@
+#pragma once
+// One reactor core of the daemon: a thread pinned to one CPU, running its own io_uring reactor,
+// a KJ event loop on it, a mailbox through which other threads hand it work, and the RPC
+// connections it serves. Connections are sharded over cores by the acceptor on core 0; each
+// connection then lives on its core alone, so no locks guard its state.
+
+#include <kj/io.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <thread>
+
+#include "reactor/reactor.h"
+#include "rpc/node_state.h"
+
+namespace sidecar::daemon {
+
+struct CoreOptions {
+  uint32_t index = 0;
+  int cpu = -1;  // -1: do not pin
+  reactor::ReactorOptions reactor;
+  uint32_t spinUs = 50;
+};
+
+class Core {
+ public:
+  Core(CoreOptions options, rpc::NodeState& node);
+  ~Core();  // stops and joins
+
+  // Starts the thread and returns once its reactor and mailbox exist.
+  void start();
+
+  // Thread-safe: runs `task` on this core's thread, inside its event loop.
+  void post(std::function<void()> task);
+
+  // Thread-safe: serves Cap'n Proto RPC on a connected socket from now on. `unixSocket` enables
+  // fd passing.
+  void adopt(kj::AutoCloseFd fd, bool unixSocket);
+
+  // Thread-safe: accepts connections on the listening socket `listenFd` on this core's ring and
+  // hands each to `dispatch` (called on this core's thread). Accept failures are logged and the
+  // listener keeps going.
+  using Dispatch = std::function<void(kj::AutoCloseFd fd, bool unixSocket)>;
+  void listen(kj::AutoCloseFd listenFd, bool unixSocket, Dispatch dispatch);
+
+  // Thread-safe: closes every connection and ends the thread's loop. join() waits for it.
+  void requestStop();
+  void join();
+
+  uint32_t index() const { return options_.index; }
+  int cpu() const { return options_.cpu; }
+  uint32_t connections() const { return connections_.load(std::memory_order_relaxed); }
+  // Null until start() returned.
+  const reactor::ReactorStats* reactorStats() const { return stats_.load(); }
+
+ private:
+  struct Loop;
+  void run();
+
+  CoreOptions options_;
+  rpc::NodeState& node_;
+  std::thread thread_;
+  std::atomic<Loop*> loop_{nullptr};
+  std::atomic<const reactor::ReactorStats*> stats_{nullptr};
+  std::atomic<uint32_t> connections_{0};
+};
+
+}  // namespace sidecar::daemon

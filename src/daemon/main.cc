@@ -1,0 +1,49 @@
+// sidecard: the Sidecar node daemon. See `sidecard --help` and docs/CONFIG.md.
+
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <kj/exception.h>
+#include <variant>
+
+#include "daemon/config.h"
+#include "daemon/daemon.h"
+#include "daemon/logging.h"
+#include "sidecar_build_config.h"
+
+int main(int argc, char** argv) {
+  using namespace sidecar::daemon;
+  LoadResult loaded = loadConfig(argc, argv, ::getenv, SIDECAR_VERSION);
+  if (auto* exitNow = std::get_if<ExitNow>(&loaded)) {
+    std::fputs(exitNow->text.c_str(), exitNow->code == 0 ? stdout : stderr);
+    return exitNow->code;
+  }
+  Config config = std::get<Config>(std::move(loaded));
+  setupLogging(config.logLevel);
+  spdlog::debug("configuration: {}", describeConfig(config));
+
+  // Signals are taken synchronously by this thread (sigwaitinfo below); the reactor threads
+  // inherit the blocked mask, so a signal never interrupts them. Writes to a closed socket
+  // return EPIPE instead of killing the daemon.
+  sigset_t stopSignals;
+  sigemptyset(&stopSignals);
+  sigaddset(&stopSignals, SIGINT);
+  sigaddset(&stopSignals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stopSignals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  Daemon daemon(config);
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { daemon.start(); })) {
+    std::fprintf(stderr, "sidecard: cannot start: %s\n", e->getDescription().cStr());
+    return 1;
+  }
+  spdlog::info("ready; stop with SIGINT or SIGTERM");
+
+  siginfo_t info;
+  while (sigwaitinfo(&stopSignals, &info) < 0) {
+  }
+  spdlog::info("received {}, shutting down", info.si_signo == SIGINT ? "SIGINT" : "SIGTERM");
+  daemon.stop();
+  return 0;
+}

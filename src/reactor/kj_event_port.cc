@@ -1,0 +1,61 @@
+#include "reactor/kj_event_port.h"
+
+#include <kj/time.h>
+
+#include <limits>
+
+#include "base/clock.h"
+
+namespace sidecar::reactor {
+
+namespace {
+inline void cpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+}  // namespace
+
+KjEventPort::KjEventPort(Reactor& reactor, uint32_t spinUs)
+    : reactor_(reactor), timer_(now()), spinNs_(uint64_t{spinUs} * 1000) {}
+
+kj::TimePoint KjEventPort::now() const {
+  return kj::origin<kj::TimePoint>() + monotonicNs() * kj::NANOSECONDS;
+}
+
+bool KjEventPort::collect() {
+  bool happened = reactor_.poll();
+  timer_.advanceTo(now());
+  return happened || runnable_;
+}
+
+bool KjEventPort::poll() {
+  collect();
+  return reactor_.takeWake();
+}
+
+bool KjEventPort::wait() {
+  for (;;) {
+    if (collect()) {
+      lastEventNs_ = monotonicNs();
+      return reactor_.takeWake();
+    }
+    uint64_t t = monotonicNs();
+    if (t - lastEventNs_ < spinNs_) {
+      cpuRelax();
+      continue;
+    }
+    break;
+  }
+  // Idle past the spin window: sleep in io_uring until a completion, a wake or the next timer.
+  auto timeoutNs = timer_.timeoutToNextEvent(now(), kj::NANOSECONDS,
+                                             std::numeric_limits<int64_t>::max());
+  std::optional<uint64_t> timeout;
+  KJ_IF_MAYBE(ns, timeoutNs) { timeout = *ns; }
+  reactor_.sleep(timeout);
+  timer_.advanceTo(now());
+  lastEventNs_ = monotonicNs();
+  return reactor_.takeWake();
+}
+
+}  // namespace sidecar::reactor

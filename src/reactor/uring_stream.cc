@@ -1,0 +1,492 @@
+#include "reactor/uring_stream.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include <kj/debug.h>
+
+#include "base/check.h"
+
+namespace sidecar::reactor {
+
+namespace {
+
+kj::Exception errnoException(int error, const char* what) {
+  auto type = (error == EPIPE || error == ECONNRESET || error == ENOTCONN || error == ESHUTDOWN)
+                  ? kj::Exception::Type::DISCONNECTED
+                  : kj::Exception::Type::FAILED;
+  return kj::Exception(type, __FILE__, __LINE__,
+                       kj::str(what, ": ", strerror(error), " (errno ", error, ")"));
+}
+
+// Closes every fd in the SCM_RIGHTS messages of `msg` (used when nobody will take them).
+void closeReceivedFds(msghdr& msg) {
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    auto* fds = reinterpret_cast<int*>(CMSG_DATA(c));
+    for (size_t i = 0; i < count; ++i) close(fds[i]);
+  }
+}
+
+}  // namespace
+
+// Base of the three operation records. An operation is in flight from its SQE's preparation to
+// its CQE. An orphaned record (its stream or promise is gone) deletes itself at its CQE.
+class RingOp : public Completion {
+ public:
+  explicit RingOp(Reactor& reactor, int fd) : reactor(reactor), fd(fd) {}
+  virtual ~RingOp() = default;
+
+  void complete(int32_t result, uint32_t flags) final {
+    inflight = false;
+    if (orphaned) {
+      onOrphanedResult(result);
+      deleteIfUnused();
+      return;
+    }
+    onResult(result);
+  }
+
+  // Called by the stream when it goes away. The record lives on while the kernel or a promise
+  // adapter may still touch it.
+  void release() {
+    orphaned = true;
+    if (inflight) reactor.cancel(this);
+    deleteIfUnused();
+  }
+
+  // Called by a promise adapter's destructor.
+  void detachAdapter() {
+    attached = false;
+    deleteIfUnused();
+  }
+
+  Reactor& reactor;
+  int fd;
+  bool inflight = false;
+  bool orphaned = false;
+  bool attached = false;  // a promise adapter refers to this record
+
+ protected:
+  virtual void onResult(int32_t result) = 0;
+  virtual void onOrphanedResult(int32_t result) {}
+
+ private:
+  void deleteIfUnused() {
+    if (orphaned && !inflight && !attached) delete this;
+  }
+};
+
+class UringStream::ReadOp final : public RingOp {
+ public:
+  using RingOp::RingOp;
+
+  void start(kj::PromiseFulfiller<ReadResult>& f, void* buf, size_t minBytes, size_t maxBytes,
+             kj::AutoCloseFd* fds, size_t maxFds) {
+    fulfiller = &f;
+    buffer = static_cast<kj::byte*>(buf);
+    min = minBytes;
+    max = maxBytes;
+    got = 0;
+    fdBuffer = fds;
+    fdMax = maxFds;
+    fdCount = 0;
+    submit();
+  }
+
+  void submit() {
+    iov.iov_base = buffer + got;
+    iov.iov_len = max - got;
+    msg = {};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    io_uring_sqe& sqe = reactor.prepare(this);
+    io_uring_prep_recvmsg(&sqe, fd, &msg, MSG_CMSG_CLOEXEC);
+    inflight = true;
+  }
+
+  kj::PromiseFulfiller<ReadResult>* fulfiller = nullptr;
+
+ private:
+  void onResult(int32_t result) override {
+    if (result == -EINTR || result == -EAGAIN) return submit();
+    if (fulfiller == nullptr) {  // cancelled: nobody takes what arrived
+      if (result > 0) closeReceivedFds(msg);
+      return;
+    }
+    if (result < 0) {
+      // A reset peer is end-of-stream for a reader, as with KJ's own streams.
+      if (result == -ECONNRESET) return finish();
+      fulfiller->reject(errnoException(-result, "recvmsg"));
+      fulfiller = nullptr;
+      return;
+    }
+    takeFds();
+    got += static_cast<size_t>(result);
+    if (result == 0 || got >= min) return finish();
+    submit();
+  }
+
+  void onOrphanedResult(int32_t result) override {
+    if (result > 0) closeReceivedFds(msg);
+  }
+
+  void takeFds() {
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      auto* fds = reinterpret_cast<int*>(CMSG_DATA(c));
+      for (size_t i = 0; i < count; ++i) {
+        if (fdCount < fdMax) {
+          fdBuffer[fdCount++] = kj::AutoCloseFd(fds[i]);
+        } else {
+          close(fds[i]);  // more than the caller accepts: never leak them into the process
+        }
+      }
+    }
+  }
+
+  void finish() {
+    fulfiller->fulfill(ReadResult{got, fdCount});
+    fulfiller = nullptr;
+  }
+
+  kj::byte* buffer = nullptr;
+  size_t min = 0, max = 0, got = 0;
+  kj::AutoCloseFd* fdBuffer = nullptr;
+  size_t fdMax = 0, fdCount = 0;
+  iovec iov{};
+  msghdr msg{};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerRead)];
+};
+
+class UringStream::WriteOp final : public RingOp {
+ public:
+  using RingOp::RingOp;
+
+  // Sends what is left of `iovs` (starting `skipBytes` in) through the ring, with `fds` attached
+  // to the first byte when given.
+  void start(kj::PromiseFulfiller<void>& f, std::vector<iovec>&& pieces,
+             kj::ArrayPtr<const int> fds) {
+    fulfiller = &f;
+    iovs = std::move(pieces);
+    next = 0;
+    fdCount = fds.size();
+    if (fdCount > 0) memcpy(CMSG_DATA(reinterpret_cast<cmsghdr*>(control)), fds.begin(),
+                            fdCount * sizeof(int));
+    submit();
+  }
+
+  kj::PromiseFulfiller<void>* fulfiller = nullptr;
+
+ private:
+  void submit() {
+    msg = {};
+    msg.msg_iov = iovs.data() + next;
+    msg.msg_iovlen = iovs.size() - next;
+    if (fdCount > 0) {
+      auto* c = reinterpret_cast<cmsghdr*>(control);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(fdCount * sizeof(int));
+      msg.msg_control = control;
+      msg.msg_controllen = CMSG_SPACE(fdCount * sizeof(int));
+    }
+    io_uring_sqe& sqe = reactor.prepare(this);
+    io_uring_prep_sendmsg(&sqe, fd, &msg, MSG_NOSIGNAL);
+    inflight = true;
+  }
+
+  void onResult(int32_t result) override {
+    if (result == -EINTR || result == -EAGAIN) return submit();
+    if (fulfiller == nullptr) return;
+    if (result < 0) {
+      fulfiller->reject(errnoException(-result, "sendmsg"));
+      fulfiller = nullptr;
+      return;
+    }
+    fdCount = 0;  // attached to the bytes just sent
+    auto sent = static_cast<size_t>(result);
+    while (next < iovs.size() && sent >= iovs[next].iov_len) sent -= iovs[next++].iov_len;
+    if (next == iovs.size()) {
+      fulfiller->fulfill();
+      fulfiller = nullptr;
+      return;
+    }
+    iovs[next].iov_base = static_cast<char*>(iovs[next].iov_base) + sent;
+    iovs[next].iov_len -= sent;
+    submit();
+  }
+
+  std::vector<iovec> iovs;
+  size_t next = 0;
+  size_t fdCount = 0;
+  msghdr msg{};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 253)];
+};
+
+class UringStream::HangupOp final : public RingOp {
+ public:
+  using RingOp::RingOp;
+  void start(kj::PromiseFulfiller<void>& f) {
+    fulfiller = &f;
+    io_uring_sqe& sqe = reactor.prepare(this);
+    // Only HUP and ERR: POLLRDHUP would fire on a peer's shutdown(SHUT_WR), which is not a
+    // disconnect for writing.
+    io_uring_prep_poll_add(&sqe, fd, POLLHUP | POLLERR);
+    inflight = true;
+  }
+  kj::PromiseFulfiller<void>* fulfiller = nullptr;
+
+ private:
+  void onResult(int32_t result) override {
+    if (fulfiller == nullptr || result == -ECANCELED) return;
+    fulfiller->fulfill();
+    fulfiller = nullptr;
+  }
+};
+
+// Adapters tie an operation to a KJ promise; their destructor is the cancellation hook.
+template <typename Op, typename T>
+static Op* takeOp(Op*& slot, Reactor& reactor, int fd) {
+  // A previous operation that was cancelled may still await its CQE: leave it to delete itself.
+  if (slot->inflight || slot->attached) {
+    slot->release();
+    slot = new Op(reactor, fd);
+  }
+  return slot;
+}
+
+class UringStream::ReadAdapter {
+ public:
+  ReadAdapter(kj::PromiseFulfiller<ReadResult>& fulfiller, UringStream& stream, void* buffer,
+              size_t minBytes, size_t maxBytes, kj::AutoCloseFd* fds, size_t maxFds)
+      : op_(takeOp<ReadOp, ReadResult>(stream.readOp_, stream.reactor_, stream.fd_.get())),
+        fulfiller_(fulfiller) {
+    op_->attached = true;
+    op_->start(fulfiller, buffer, minBytes, maxBytes, fds, maxFds);
+  }
+  ~ReadAdapter() {
+    if (op_->fulfiller == &fulfiller_) {
+      op_->fulfiller = nullptr;
+      if (op_->inflight) op_->reactor.cancel(op_);
+    }
+    op_->detachAdapter();
+  }
+
+ private:
+  ReadOp* op_;
+  kj::PromiseFulfiller<ReadResult>& fulfiller_;
+};
+
+class UringStream::WriteAdapter {
+ public:
+  WriteAdapter(kj::PromiseFulfiller<void>& fulfiller, UringStream& stream,
+               std::vector<iovec>&& iovs, kj::ArrayPtr<const int> fds)
+      : op_(takeOp<WriteOp, void>(stream.writeOp_, stream.reactor_, stream.fd_.get())),
+        fulfiller_(fulfiller) {
+    op_->attached = true;
+    op_->start(fulfiller, std::move(iovs), fds);
+  }
+  ~WriteAdapter() {
+    if (op_->fulfiller == &fulfiller_) {
+      op_->fulfiller = nullptr;
+      if (op_->inflight) op_->reactor.cancel(op_);
+    }
+    op_->detachAdapter();
+  }
+
+ private:
+  WriteOp* op_;
+  kj::PromiseFulfiller<void>& fulfiller_;
+};
+
+class UringStream::HangupAdapter {
+ public:
+  HangupAdapter(kj::PromiseFulfiller<void>& fulfiller, UringStream& stream)
+      : op_(takeOp<HangupOp, void>(stream.hangupOp_, stream.reactor_, stream.fd_.get())),
+        fulfiller_(fulfiller) {
+    op_->attached = true;
+    op_->start(fulfiller);
+  }
+  ~HangupAdapter() {
+    if (op_->fulfiller == &fulfiller_) {
+      op_->fulfiller = nullptr;
+      if (op_->inflight) op_->reactor.cancel(op_);
+    }
+    op_->detachAdapter();
+  }
+
+ private:
+  HangupOp* op_;
+  kj::PromiseFulfiller<void>& fulfiller_;
+};
+
+UringStream::UringStream(Reactor& reactor, kj::AutoCloseFd fd)
+    : reactor_(reactor),
+      fd_(kj::mv(fd)),
+      readOp_(new ReadOp(reactor, fd_.get())),
+      writeOp_(new WriteOp(reactor, fd_.get())),
+      hangupOp_(new HangupOp(reactor, fd_.get())) {}
+
+UringStream::~UringStream() noexcept(false) {
+  hangup_ = nullptr;
+  readOp_->release();
+  writeOp_->release();
+  hangupOp_->release();
+}
+
+kj::Promise<size_t> UringStream::tryRead(void* buffer, size_t minBytes, size_t maxBytes) {
+  return tryReadWithFds(buffer, minBytes, maxBytes, nullptr, 0)
+      .then([](ReadResult r) { return r.byteCount; });
+}
+
+kj::Promise<UringStream::ReadResult> UringStream::tryReadWithFds(void* buffer, size_t minBytes,
+                                                                 size_t maxBytes,
+                                                                 kj::AutoCloseFd* fdBuffer,
+                                                                 size_t maxFds) {
+  if (maxBytes == 0) return ReadResult{0, 0};
+  return kj::newAdaptedPromise<ReadResult, ReadAdapter>(*this, buffer, minBytes, maxBytes,
+                                                         fdBuffer, maxFds);
+}
+
+kj::Promise<UringStream::ReadResult> UringStream::tryReadWithStreams(
+    void* buffer, size_t minBytes, size_t maxBytes, kj::Own<kj::AsyncCapabilityStream>* streamBuffer,
+    size_t maxStreams) {
+  auto fds = kj::heapArray<kj::AutoCloseFd>(maxStreams);
+  auto promise = tryReadWithFds(buffer, minBytes, maxBytes, fds.begin(), maxStreams);
+  return promise.then([this, fds = kj::mv(fds), streamBuffer](ReadResult result) mutable {
+    for (size_t i = 0; i < result.capCount; ++i) {
+      streamBuffer[i] = kj::heap<UringStream>(reactor_, kj::mv(fds[i]));
+    }
+    return result;
+  });
+}
+
+kj::Promise<void> UringStream::write(const void* buffer, size_t size) {
+  return writeInternal(kj::arrayPtr(static_cast<const kj::byte*>(buffer), size), nullptr, nullptr);
+}
+
+kj::Promise<void> UringStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+  if (pieces.size() == 0) return kj::READY_NOW;
+  return writeInternal(pieces[0], pieces.slice(1, pieces.size()), nullptr);
+}
+
+kj::Promise<void> UringStream::writeWithFds(kj::ArrayPtr<const kj::byte> data,
+                                            kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> more,
+                                            kj::ArrayPtr<const int> fds) {
+  KJ_REQUIRE(fds.size() <= 253, "at most 253 fds per message (SCM_MAX_FD)");
+  return writeInternal(data, more, fds);
+}
+
+kj::Promise<void> UringStream::writeWithStreams(
+    kj::ArrayPtr<const kj::byte> data, kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> more,
+    kj::Array<kj::Own<kj::AsyncCapabilityStream>> streams) {
+  auto fds = kj::heapArray<int>(streams.size());
+  for (size_t i = 0; i < streams.size(); ++i) {
+    KJ_IF_MAYBE(fd, streams[i]->getFd()) {
+      fds[i] = *fd;
+    } else {
+      KJ_FAIL_REQUIRE("only streams backed by a socket fd can be passed");
+    }
+  }
+  auto promise = writeInternal(data, more, fds);
+  // The streams (and so their fds) must stay open until the kernel has taken the message.
+  return promise.attach(kj::mv(fds), kj::mv(streams));
+}
+
+kj::Promise<void> UringStream::writeInternal(kj::ArrayPtr<const kj::byte> first,
+                                             kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> rest,
+                                             kj::ArrayPtr<const int> fds) {
+  std::vector<iovec> iovs;
+  iovs.reserve(rest.size() + 1);
+  size_t total = 0;
+  auto add = [&](kj::ArrayPtr<const kj::byte> piece) {
+    if (piece.size() == 0) return;
+    iovs.push_back(iovec{const_cast<kj::byte*>(piece.begin()), piece.size()});
+    total += piece.size();
+  };
+  add(first);
+  for (auto piece : rest) add(piece);
+  if (total == 0) {
+    KJ_REQUIRE(fds.size() == 0, "fds must travel with at least one byte of data");
+    return kj::READY_NOW;
+  }
+
+  // Fast path: most control messages fit the socket buffer; send them without the ring.
+  msghdr msg{};
+  msg.msg_iov = iovs.data();
+  msg.msg_iovlen = iovs.size();
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 253)];
+  if (fds.size() > 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(fds.size() * sizeof(int));
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+    memcpy(CMSG_DATA(c), fds.begin(), fds.size() * sizeof(int));
+  }
+  ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (n < 0) {
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      return kj::Promise<void>(errnoException(errno, "sendmsg"));
+    }
+    n = 0;
+  }
+  if (static_cast<size_t>(n) == total) return kj::READY_NOW;
+
+  // The rest waits for room in the ring. Fds went with the first byte if any byte went.
+  auto sent = static_cast<size_t>(n);
+  size_t next = 0;
+  while (sent >= iovs[next].iov_len) sent -= iovs[next++].iov_len;
+  iovs.erase(iovs.begin(), iovs.begin() + static_cast<long>(next));
+  iovs[0].iov_base = static_cast<char*>(iovs[0].iov_base) + sent;
+  iovs[0].iov_len -= sent;
+  kj::ArrayPtr<const int> pendingFds = n == 0 ? fds : nullptr;
+  return kj::newAdaptedPromise<void, WriteAdapter>(*this, std::move(iovs), pendingFds);
+}
+
+kj::Promise<void> UringStream::whenWriteDisconnected() {
+  KJ_IF_MAYBE(fork, hangup_) { return fork->addBranch(); }
+  auto fork = kj::newAdaptedPromise<void, HangupAdapter>(*this).fork();
+  auto branch = fork.addBranch();
+  hangup_ = kj::mv(fork);
+  return branch;
+}
+
+void UringStream::shutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
+
+void UringStream::abortRead() { ::shutdown(fd_.get(), SHUT_RD); }
+
+void UringStream::getsockopt(int level, int option, void* value, kj::uint* length) {
+  socklen_t len = *length;
+  KJ_SYSCALL(::getsockopt(fd_.get(), level, option, value, &len));
+  *length = len;
+}
+
+void UringStream::setsockopt(int level, int option, const void* value, kj::uint length) {
+  KJ_SYSCALL(::setsockopt(fd_.get(), level, option, value, length));
+}
+
+void UringStream::getsockname(struct sockaddr* addr, kj::uint* length) {
+  socklen_t len = *length;
+  KJ_SYSCALL(::getsockname(fd_.get(), addr, &len));
+  *length = len;
+}
+
+void UringStream::getpeername(struct sockaddr* addr, kj::uint* length) {
+  socklen_t len = *length;
+  KJ_SYSCALL(::getpeername(fd_.get(), addr, &len));
+  *length = len;
+}
+
+}  // namespace sidecar::reactor

@@ -1,0 +1,85 @@
+#pragma once
+// A connected socket (unix or TCP) as a KJ stream whose I/O runs on a Reactor's io_uring, so that
+// Cap'n Proto RPC, including file-descriptor passing over unix sockets (SCM_RIGHTS), runs on the
+// ring with no epoll.
+//
+// Reads are IORING_OP_RECVMSG. Writes first try one non-blocking sendmsg() directly: a control
+// message usually fits the socket buffer, and sending it at once saves a trip through the ring per
+// message (Cap'n Proto sends three messages per call and chains one write at a time). Only what
+// does not fit goes through IORING_OP_SENDMSG, which waits for room in the kernel.
+//
+// Cancellation: dropping a read or write promise cancels the ring operation synchronously
+// (Reactor::cancel), so the caller may free its buffer at once. The operation records live until
+// their CQE arrives, even past the stream's destruction.
+//
+// Like every KJ stream: at most one read and one write in flight at a time.
+
+#include <kj/async-io.h>
+#include <kj/io.h>
+
+#include "reactor/reactor.h"
+
+namespace sidecar::reactor {
+
+class UringStream final : public kj::AsyncCapabilityStream {
+ public:
+  // `fd` must be a connected, non-blocking stream socket. The stream owns and closes it.
+  UringStream(Reactor& reactor, kj::AutoCloseFd fd);
+  ~UringStream() noexcept(false);
+
+  // At most this many fds are accepted per read; more are closed by the kernel (MSG_CTRUNC).
+  static constexpr size_t kMaxFdsPerRead = 16;
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
+  kj::Promise<ReadResult> tryReadWithFds(void* buffer, size_t minBytes, size_t maxBytes,
+                                         kj::AutoCloseFd* fdBuffer, size_t maxFds) override;
+  kj::Promise<ReadResult> tryReadWithStreams(void* buffer, size_t minBytes, size_t maxBytes,
+                                             kj::Own<kj::AsyncCapabilityStream>* streamBuffer,
+                                             size_t maxStreams) override;
+
+  kj::Promise<void> write(const void* buffer, size_t size) override;
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
+  kj::Promise<void> writeWithFds(kj::ArrayPtr<const kj::byte> data,
+                                 kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> moreData,
+                                 kj::ArrayPtr<const int> fds) override;
+  kj::Promise<void> writeWithStreams(kj::ArrayPtr<const kj::byte> data,
+                                     kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> moreData,
+                                     kj::Array<kj::Own<kj::AsyncCapabilityStream>> streams) override;
+
+  // Resolves when the peer has gone away (POLLHUP or POLLERR on the socket).
+  kj::Promise<void> whenWriteDisconnected() override;
+  void shutdownWrite() override;
+  void abortRead() override;
+
+  void getsockopt(int level, int option, void* value, kj::uint* length) override;
+  void setsockopt(int level, int option, const void* value, kj::uint length) override;
+  void getsockname(struct sockaddr* addr, kj::uint* length) override;
+  void getpeername(struct sockaddr* addr, kj::uint* length) override;
+  kj::Maybe<int> getFd() const override { return fd_.get(); }
+
+  Reactor& reactor() { return reactor_; }
+
+ private:
+  class ReadOp;
+  class WriteOp;
+  class HangupOp;
+  class ReadAdapter;
+  class WriteAdapter;
+  class HangupAdapter;
+  friend class ReadAdapter;
+  friend class WriteAdapter;
+  friend class HangupAdapter;
+
+  kj::Promise<void> writeInternal(kj::ArrayPtr<const kj::byte> first,
+                                  kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> rest,
+                                  kj::ArrayPtr<const int> fds);
+
+  Reactor& reactor_;
+  kj::AutoCloseFd fd_;
+  ReadOp* readOp_;
+  WriteOp* writeOp_;
+  HangupOp* hangupOp_;
+  kj::Maybe<kj::ForkedPromise<void>> hangup_;
+};
+
+}  // namespace sidecar::reactor

@@ -1,0 +1,32 @@
+#include "rpc/rpc_connection.h"
+
+namespace sidecar::rpc {
+
+namespace {
+capnp::ReaderOptions readerOptions() {
+  capnp::ReaderOptions options;
+  // 64 Mi words: a generous bound for control messages that still stops a hostile peer from
+  // making the daemon allocate without limit.
+  options.traversalLimitInWords = 64ull << 20;
+  return options;
+}
+}  // namespace
+
+RpcConnection::RpcConnection(kj::Own<kj::AsyncCapabilityStream> stream,
+                             capnp::Capability::Client bootstrap)
+    : stream_(kj::mv(stream)),
+      network_(static_cast<kj::AsyncCapabilityStream&>(*stream_), kMaxFdsPerMessage,
+               capnp::rpc::twoparty::Side::SERVER, readerOptions()),
+      rpcSystem_(capnp::makeRpcServer(network_, kj::mv(bootstrap))) {}
+
+RpcConnection::RpcConnection(kj::Own<kj::AsyncIoStream> stream,
+                             capnp::Capability::Client bootstrap)
+    : stream_(kj::mv(stream)),
+      network_(*stream_, capnp::rpc::twoparty::Side::SERVER, readerOptions()),
+      rpcSystem_(capnp::makeRpcServer(network_, kj::mv(bootstrap))) {}
+
+kj::Promise<void> RpcConnection::onDisconnect() {
+  return network_.onDisconnect().catch_([](kj::Exception&&) {});
+}
+
+}  // namespace sidecar::rpc
