@@ -2,19 +2,13 @@
 
 #include <kj/time.h>
 
+#include <sched.h>
+
 #include <limits>
 
 #include "base/clock.h"
 
 namespace sidecar::reactor {
-
-namespace {
-inline void cpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-}  // namespace
 
 KjEventPort::KjEventPort(Reactor& reactor, uint32_t spinUs)
     : reactor_(reactor), timer_(now()), spinNs_(uint64_t{spinUs} * 1000) {}
@@ -25,8 +19,12 @@ kj::TimePoint KjEventPort::now() const {
 
 bool KjEventPort::collect() {
   bool happened = reactor_.poll();
-  timer_.advanceTo(now());
-  return happened || runnable_;
+  kj::TimePoint t = now();
+  KJ_IF_MAYBE(next, timer_.nextEvent()) {
+    if (*next <= t) happened = true;  // advanceTo() below fires it
+  }
+  timer_.advanceTo(t);
+  return happened;
 }
 
 bool KjEventPort::poll() {
@@ -42,7 +40,9 @@ bool KjEventPort::wait() {
     }
     uint64_t t = monotonicNs();
     if (t - lastEventNs_ < spinNs_) {
-      cpuRelax();
+      // Yield rather than pause: when a client shares this CPU, it gets to run (and send the
+      // next request) instead of waiting for our spin window to end.
+      sched_yield();
       continue;
     }
     break;

@@ -26,7 +26,6 @@ class KjEventPort final : public kj::EventPort {
 
   bool wait() override;
   bool poll() override;
-  void setRunnable(bool runnable) override { runnable_ = runnable; }
   void wake() const override { reactor_.wake(); }
 
  private:
@@ -37,7 +36,6 @@ class KjEventPort final : public kj::EventPort {
   kj::TimerImpl timer_;
   uint64_t spinNs_;
   uint64_t lastEventNs_ = 0;
-  bool runnable_ = false;
 };
 
 // A reactor, its port and a KJ event loop for the calling thread, bundled: what every reactor
