@@ -20,6 +20,30 @@ std::string unitsText(uint64_t units, uint64_t hint) {
          formatBytes(units * hint) + ")";
 }
 
+// Division by a hint without a divide instruction (20-40 cycles each on x86-64): a shift for
+// powers of two, else Lemire's multiply-high method, exact for dividends < 2^32 (offsets inside
+// a slab are, since slabs are at most 1 GiB); larger dividends take the hardware divide.
+struct UnitDivider {
+  uint64_t divisor = 1;
+  uint64_t magic = 0;  // floor((2^64 - 1) / divisor) + 1
+  int shift = -1;      // log2(divisor) for powers of two
+
+  explicit UnitDivider(uint64_t d = 1) : divisor(d) {
+    if (std::has_single_bit(d)) {
+      shift = std::countr_zero(d);
+    } else {
+      magic = UINT64_MAX / d + 1;
+    }
+  }
+  uint64_t divide(uint64_t x) const noexcept {
+    if (shift >= 0) return x >> shift;
+    if (x < (uint64_t{1} << 32)) {
+      return static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * x) >> 64);
+    }
+    return x / divisor;
+  }
+};
+
 }  // namespace
 
 struct SlabAllocator::Slab {
@@ -52,6 +76,7 @@ struct SlabAllocator::Slab {
 
 struct SlabAllocator::HintClass {
   uint64_t hint = 0;
+  UnitDivider divider;
   uint32_t unitsPerSlab = 0;  // 0 when the hint is larger than a slab: every run is big
   std::vector<uint32_t> slabs;
   uint32_t current = kNoSlab;
@@ -66,9 +91,10 @@ struct SlabAllocator::HintClass {
 };
 
 Result<std::unique_ptr<SlabAllocator>> SlabAllocator::create(const SlabAllocatorOptions& options) {
-  if (options.slabSizeBytes == 0 || options.slabSizeBytes % 4096 != 0) {
+  if (!std::has_single_bit(options.slabSizeBytes) || options.slabSizeBytes < 4096 ||
+      options.slabSizeBytes > kGiB) {
     return ShmError{ShmErrc::BadSize, "slab size " + std::to_string(options.slabSizeBytes) +
-                                          " B is not a positive multiple of 4 KiB"};
+                                          " B is not a power of two between 4 KiB and 1 GiB"};
   }
   if (options.capacityBytes < options.slabSizeBytes) {
     return ShmError{ShmErrc::BadSize, "allocator capacity " + formatBytes(options.capacityBytes) +
@@ -87,6 +113,7 @@ Result<std::unique_ptr<SlabAllocator>> SlabAllocator::create(const SlabAllocator
 SlabAllocator::SlabAllocator(const SlabAllocatorOptions& options)
     : capacityBytes_(roundDownBytes(options.capacityBytes, options.slabSizeBytes)),
       slabSizeBytes_(options.slabSizeBytes),
+      slabShift_(static_cast<unsigned>(std::countr_zero(options.slabSizeBytes))),
       baseOffset_(options.baseOffset),
       slabCount_(static_cast<uint32_t>(options.capacityBytes / options.slabSizeBytes)),
       clock_(options.clock ? options.clock : &SteadyShmClock::instance()),
@@ -133,6 +160,7 @@ SlabAllocator::HintClass& SlabAllocator::hintClass(uint64_t hint) {
   }
   auto hc = std::make_unique<HintClass>();
   hc->hint = hint;
+  hc->divider = UnitDivider(hint);
   hc->unitsPerSlab = static_cast<uint32_t>(std::min<uint64_t>(slabSizeBytes_ / hint, kNoBound - 1));
   lastHint_ = hc.get();
   hintClasses_.push_back(std::move(hc));
@@ -140,15 +168,20 @@ SlabAllocator::HintClass& SlabAllocator::hintClass(uint64_t hint) {
 }
 
 Result<Allocation> SlabAllocator::tryAllocate(uint64_t bytes, uint64_t hint) {
-  if (!remoteFrees_.empty()) drainRemoteFrees();
-  Result<uint64_t> units = validateRequest(bytes, hint);
-  if (!units) return units.error();
+  if (!remoteFrees_.empty()) [[unlikely]] drainRemoteFrees();
+  // One compare each rejects 0 and anything larger than the arena; validateRequest explains.
+  if (bytes - 1 >= capacityBytes_ || hint - 1 >= capacityBytes_) [[unlikely]] {
+    return validateRequest(bytes, hint).error();
+  }
   HintClass& hc = hintClass(hint);
-  if (!waitHead_) {
-    if (std::optional<Allocation> a = allocateUnits(hc, *units)) return *a;
+  const uint64_t q = hc.divider.divide(bytes);
+  const uint64_t units = q + (q * hint != bytes);
+  if (units * hint > capacityBytes_) [[unlikely]] return validateRequest(bytes, hint).error();
+  if (!waitHead_) [[likely]] {
+    if (std::optional<Allocation> a = allocateUnits(hc, units)) [[likely]] return *a;
   }
   ++hc.failures;
-  return arenaFullError(hc, bytes, *units, std::nullopt);
+  return arenaFullError(hc, bytes, units, std::nullopt);
 }
 
 Result<std::optional<Allocation>> SlabAllocator::allocateOrWait(uint64_t bytes, uint64_t hint,
@@ -347,7 +380,11 @@ std::optional<Allocation> SlabAllocator::allocateBig(HintClass& hc, uint64_t uni
 }
 
 void SlabAllocator::freeUnitsInSlab(Slab& slab, uint32_t firstUnit, uint32_t units) {
-  bitmap::clearRange(slab.used.get(), firstUnit, units);
+  if (units == 1) {
+    slab.used[firstUnit / 64] &= ~(uint64_t{1} << (firstUnit % 64));
+  } else {
+    bitmap::clearRange(slab.used.get(), firstUnit, units);
+  }
   HintClass& hc = *slab.hintClass;
   slab.usedUnits -= units;
   slab.cursorWord = std::min(slab.cursorWord, firstUnit / 64);
@@ -389,20 +426,23 @@ Result<void> SlabAllocator::free(const Allocation& a) {
                    std::to_string(baseOffset_ + capacityBytes_) + ")");
   }
   const uint64_t rel = a.offset - baseOffset_;
-  const auto s = static_cast<uint32_t>(rel / slabSizeBytes_);
-  const uint64_t within = rel - uint64_t{s} * slabSizeBytes_;
+  const auto s = static_cast<uint32_t>(rel >> slabShift_);
+  const uint64_t within = rel & (slabSizeBytes_ - 1);
   Slab& slab = slabs_[s];
   switch (slab.state) {
     case SlabState::Carved: {
       if (slab.hint != a.hint) {
         return invalid("slab " + std::to_string(s) + " holds hint " + formatBytes(slab.hint));
       }
-      if (within % a.hint != 0 || within / a.hint + a.units > slab.unitsPerSlab) {
+      const uint64_t unit = slab.hintClass->divider.divide(within);
+      if (unit * a.hint != within || unit + a.units > slab.unitsPerSlab) {
         return invalid("not on a unit boundary of slab " + std::to_string(s));
       }
-      auto first = static_cast<uint32_t>(within / a.hint);
+      auto first = static_cast<uint32_t>(unit);
       auto units = static_cast<uint32_t>(a.units);
-      if (!bitmap::allSet(slab.used.get(), first, units)) {
+      const bool live = units == 1 ? (slab.used[first / 64] >> (first % 64)) & 1
+                                   : bitmap::allSet(slab.used.get(), first, units);
+      if (!live) [[unlikely]] {
         return invalid("some of its units are already free (double free?)");
       }
       ++slab.hintClass->frees;
@@ -432,7 +472,7 @@ void SlabAllocator::freeRemote(const Allocation& a) noexcept {
                     "freeRemote of offset " + std::to_string(a.offset) +
                         " outside this allocator's range");
   const uint64_t rel = a.offset - baseOffset_;
-  const uint64_t s = rel / slabSizeBytes_;
+  const uint64_t s = rel >> slabShift_;
   Slab& slab = slabs_[s];
   // seq_cst throughout: the owner clears remoteQueued before exchanging the bits, and either it
   // sees these bits or this thread sees remoteQueued == false and pushes the slab again.
@@ -441,7 +481,7 @@ void SlabAllocator::freeRemote(const Allocation& a) noexcept {
   } else {
     SIDECAR_SHM_CHECK(slab.state == SlabState::Carved,
                       "freeRemote of offset " + std::to_string(a.offset) + " in a free slab");
-    const uint64_t first = (rel - s * slabSizeBytes_) / slab.hint;
+    const uint64_t first = slab.hintClass->divider.divide(rel & (slabSizeBytes_ - 1));
     bitmap::forEachWord(first, a.units, [&](size_t w, uint64_t mask) {
       slab.remoteWords[w].fetch_or(mask, std::memory_order_seq_cst);
       slab.remoteSummary[w / 64].fetch_or(uint64_t{1} << (w % 64), std::memory_order_seq_cst);

@@ -2,8 +2,9 @@
 //
 // Model
 // - The allocator manages `capacityBytes` of an arena starting at `baseOffset`, cut into slabs
-//   of `slabSizeBytes` (default 2 MiB; any multiple of 4 KiB). It never touches the memory
-//   itself: all metadata lives on the heap, so it also works over an arena it cannot map.
+//   of `slabSizeBytes` (default 2 MiB; a power of two from 4 KiB to 1 GiB). It never
+//   touches the memory itself: all metadata lives on the heap, so it also works over an arena
+//   it cannot map.
 // - A hint is a unit size in bytes. A request of n bytes under hint h needs a run of
 //   u = ceil(n / h) contiguous units and gets {offset, sizeBytes = u * h, units = u, hint = h}.
 // - Small runs (u <= unitsPerSlab = floor(slab / h)) live inside one slab carved for hint h;
@@ -66,7 +67,7 @@ struct Allocation {
 
 struct SlabAllocatorOptions {
   uint64_t capacityBytes = 0;           // rounded down to whole slabs; at least one slab
-  uint64_t slabSizeBytes = 2ull << 20;  // multiple of 4 KiB
+  uint64_t slabSizeBytes = 2ull << 20;  // power of two, 4 KiB .. 1 GiB
   uint64_t baseOffset = 0;              // arena offset of the first managed byte
   const ShmClock* clock = nullptr;      // SteadyShmClock when null; must outlive the allocator
 };
@@ -213,6 +214,7 @@ class SlabAllocator {
 
   const uint64_t capacityBytes_;
   const uint64_t slabSizeBytes_;
+  const unsigned slabShift_;
   const uint64_t baseOffset_;
   const uint32_t slabCount_;
   const ShmClock* clock_;

@@ -32,7 +32,7 @@ namespace {
 
 constexpr int kThreads = 3;
 #ifdef SHM_STRESS_SANITIZED
-constexpr int kSteps = 3000;
+constexpr int kSteps = 10000;
 #else
 constexpr int kSteps = 30000;
 #endif
