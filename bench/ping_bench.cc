@@ -12,6 +12,7 @@
 // The main() prints the medians and the ratios ours/stock and ours/raw at the end.
 
 #include <benchmark/benchmark.h>
+#include <spdlog/spdlog.h>
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
 #include <pthread.h>
@@ -38,6 +39,14 @@ void pinTo(int cpu) {
   pthread_setaffinity_np(pthread_self(), sizeof set, &set);
 }
 
+// Undoes pinTo() so that a daemon started next may pin its threads anywhere.
+void unpin() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (unsigned cpu = 0; cpu < std::thread::hardware_concurrency(); ++cpu) CPU_SET(cpu, &set);
+  pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+}
+
 int serverCpu(int placement) { return placement == 0 ? 0 : 1; }
 const char* placementName(int placement) { return placement == 0 ? "same" : "cross"; }
 
@@ -51,6 +60,7 @@ void BM_RawSocketpair(benchmark::State& state) {
   int placement = static_cast<int>(state.range(0));
   int fds[2];
   socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds);
+  unpin();
   std::thread echo([fd = fds[1], placement]() {
     pinTo(serverCpu(placement));
     char byte;
@@ -83,6 +93,7 @@ void BM_PingSidecard(benchmark::State& state, bool tcp) {
   config.cores = 1;
   config.cpuList = {serverCpu(placement)};
   config.spinUs = static_cast<uint32_t>(state.range(1));
+  unpin();
   sidecar::daemon::Daemon daemon(config);
   daemon.start();
   pinTo(0);
@@ -113,6 +124,7 @@ void BM_PingStockKj(benchmark::State& state, bool tcp) {
   // Closing our end of this socketpair tells the server thread to stop.
   int stopFds[2];
   socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, stopFds);
+  unpin();
   std::thread server([&]() {
     pinTo(serverCpu(placement));
     auto io = kj::setupAsyncIo();
@@ -162,7 +174,11 @@ class RatioReporter : public benchmark::ConsoleReporter {
     for (const auto& run : runs) {
       bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
       bool single = run.run_type == Run::RT_Iteration && run.repetitions <= 1;
-      if (median || single) medianUs[run.run_name.str()] = run.GetAdjustedRealTime() / 1000.0;
+      if (!median && !single) continue;
+      std::string name = run.run_name.str();
+      const std::string suffix = "/real_time";
+      if (name.size() > suffix.size() && name.ends_with(suffix)) name.resize(name.size() - suffix.size());
+      medianUs[name] = run.GetAdjustedRealTime() / 1000.0;
     }
   }
   std::map<std::string, double> medianUs;  // real time per iteration, benchmark time unit ns
@@ -171,6 +187,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 int main(int argc, char** argv) {
+  spdlog::set_level(spdlog::level::warn);
   benchmark::Initialize(&argc, argv);
   RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);

@@ -17,8 +17,8 @@ kj::TimePoint KjEventPort::now() const {
   return kj::origin<kj::TimePoint>() + monotonicNs() * kj::NANOSECONDS;
 }
 
-bool KjEventPort::collect() {
-  bool happened = reactor_.poll();
+bool KjEventPort::collect(bool submit) {
+  bool happened = reactor_.poll(submit);
   kj::TimePoint t = now();
   KJ_IF_MAYBE(next, timer_.nextEvent()) {
     if (*next <= t) happened = true;  // advanceTo() below fires it
@@ -28,13 +28,16 @@ bool KjEventPort::collect() {
 }
 
 bool KjEventPort::poll() {
-  collect();
+  collect(true);
   return reactor_.takeWake();
 }
 
 bool KjEventPort::wait() {
+  // Without a spin window, new operations are submitted by the io_uring_enter that also waits:
+  // one system call per sleep instead of two.
+  bool submit = spinNs_ > 0;
   for (;;) {
-    if (collect()) {
+    if (collect(submit)) {
       lastEventNs_ = monotonicNs();
       return reactor_.takeWake();
     }

@@ -30,7 +30,8 @@ class KjEventPort final : public kj::EventPort {
 
  private:
   kj::TimePoint now() const;
-  bool collect();  // polls the reactor and fires due timers; true when anything happened
+  // Polls the reactor and fires due timers; true when anything happened.
+  bool collect(bool submit);
 
   Reactor& reactor_;
   kj::TimerImpl timer_;

@@ -110,9 +110,9 @@ bool Reactor::dispatchCompletions() {
   return dispatched > 0;
 }
 
-bool Reactor::poll() {
+bool Reactor::poll(bool submit) {
   bool didWork = false;
-  if (io_uring_sq_ready(&ring_) > 0) {
+  if (submit && io_uring_sq_ready(&ring_) > 0) {
     ReactorStats::bump(stats_.submits);
     SIDECAR_CHECK_SYSCALL(io_uring_submit(&ring_));
   }

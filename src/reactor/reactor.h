@@ -56,9 +56,10 @@ class Reactor {
   void addSource(EventSource& source);
   void removeSource(EventSource& source);
 
-  // Submits what is prepared, dispatches every available CQE and polls every source, without
-  // sleeping. Returns true when anything happened.
-  bool poll();
+  // Submits what is prepared (unless `submit` is false), dispatches every available CQE and
+  // polls every source, without sleeping. Returns true when anything happened. A caller about to
+  // sleep() passes submit = false: sleep() submits and waits in one io_uring_enter.
+  bool poll(bool submit = true);
 
   // Arms the sources and sleeps in io_uring until at least one CQE arrives, wake() is called, or
   // `timeoutNs` passes (nullopt: no limit); then dispatches what arrived. If a source refuses to
