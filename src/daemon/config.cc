@@ -151,7 +151,7 @@ constexpr std::string_view kSpinAccepted = "must be an integer from 0 to 1000000
 constexpr std::string_view kRingAccepted = "must be a power of two from 8 to 32768";
 constexpr std::string_view kSizeAccepted = "not a size; use e.g. 1GiB, 512MiB or a byte count";
 constexpr std::string_view kTcpAccepted =
-    "must be host:port with a port from 1 to 65535 (e.g. 0.0.0.0:7650 or [::]:7650), or \"off\"";
+    "must be host:port with a port from 0 to 65535 (0: any free port) (e.g. 0.0.0.0:7650 or [::]:7650), or \"off\"";
 constexpr std::string_view kBoolAccepted = "must be true or false (also 1/0, yes/no, on/off)";
 constexpr std::string_view kCpusAccepted =
     "must be a list of CPU numbers like [0, 1, 2] or a string like \"0-3,6\"";
@@ -202,7 +202,7 @@ void applyTcp(Config& c, std::string_view v) {
   if (colon == std::string_view::npos) throw ValueError(std::string(kTcpAccepted));
   std::string_view host = v.substr(0, colon);
   uint32_t port = 0;
-  if (!parseInt(v.substr(colon + 1), port) || port < 1 || port > 65535) {
+  if (!parseInt(v.substr(colon + 1), port) || port > 65535) {
     throw ValueError(std::string(kTcpAccepted));
   }
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {

@@ -368,8 +368,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"socket = \"\"", "listen", "[listen] socket = \"\"", "at most 107 bytes"},
         BadValue{"socket = 1", "listen", "[listen] socket = 1", "must be a string"},
         BadValue{"tcp = \"localhost\"", "listen", "[listen] tcp = \"localhost\"",
-                 "port from 1 to 65535"},
-        BadValue{"tcp = \"h:0\"", "listen", "[listen] tcp = \"h:0\"", "port from 1 to 65535"},
+                 "port from 0 to 65535"},
+        BadValue{"tcp = \"h:-1\"", "listen", "[listen] tcp = \"h:-1\"", "port from 0 to 65535"},
         BadValue{"cores = 0", "reactor", "[reactor] cores = 0", "from 1 to 1024"},
         BadValue{"cores = 1025", "reactor", "[reactor] cores = 1025", "from 1 to 1024"},
         BadValue{"cores = \"4\"", "reactor", "[reactor] cores = \"4\"", "from 1 to 1024"},
@@ -432,7 +432,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadText{"SIDECAR_TCP", "--tcp", "::1:7650", "need brackets"},
         BadText{"SIDECAR_TCP", "--tcp", "[zz]:7650", "not an IPv6 address"},
         BadText{"SIDECAR_TCP", "--tcp", "1.2.3.999:7650", "not an IPv4 address"},
-        BadText{"SIDECAR_TCP", "--tcp", "h:65536", "port from 1 to 65535"},
+        BadText{"SIDECAR_TCP", "--tcp", "h:65536", "port from 0 to 65535"},
         BadText{"SIDECAR_CORES", "--cores", "-3", "from 1 to 1024"},
         BadText{"SIDECAR_CORES", "--cores", "4x", "from 1 to 1024"},
         BadText{"SIDECAR_CPUS", "--cpus", "0-3,x", "not a CPU number or range"},
@@ -542,6 +542,8 @@ TEST(ConfigValues, BoundariesAreAccepted) {
   EXPECT_EQ(ok(load({"--ring-entries", "8"})).ringEntries, 8u);
   EXPECT_EQ(ok(load({"--spin-us", "0"})).spinUs, 0u);
   EXPECT_EQ(ok(load({"--tcp", "h:65535"})).tcpListen, "h:65535");
+  // Port 0 asks the kernel for any free port (tests, several daemons on one host).
+  EXPECT_EQ(ok(load({"--tcp", "127.0.0.1:0"})).tcpListen, "127.0.0.1:0");
   EXPECT_EQ(ok(load({"--tcp", "node-1.example.com:1"})).tcpListen, "node-1.example.com:1");
   EXPECT_EQ(ok(load({"--tcp", "[::]:7650"})).tcpListen, "[::]:7650");
   EXPECT_EQ(ok(load({"--tcp", "OFF"})).tcpListen, "");
