@@ -18,6 +18,7 @@ EventFdSource::EventFdSource(Reactor& reactor, std::function<void()> onSignal)
 
 EventFdSource::~EventFdSource() {
   reactor_.removeSource(*this);
+  closing_ = true;
   if (readPending_) {
     reactor_.cancel(this);
     // The CQE of the cancelled read must be consumed while this object still exists.
@@ -40,7 +41,9 @@ void EventFdSource::submitRead() {
 
 void EventFdSource::complete(int32_t result, uint32_t) {
   readPending_ = false;
-  if (result == -ECANCELED) return;
+  // While closing, the read may have completed before the cancel reached it: re-submitting it
+  // would leave the destructor polling forever for a read nobody completes.
+  if (result == -ECANCELED || closing_) return;
   SIDECAR_CHECK(result == sizeof(uint64_t) || result == -EAGAIN || result == -EINTR,
                 "eventfd read: %d", result);
   if (result > 0) fired_ = true;
@@ -50,6 +53,11 @@ void EventFdSource::complete(int32_t result, uint32_t) {
 bool EventFdSource::poll() {
   if (!fired_) return false;
   fired_ = false;
+  // Consume signals that arrived after the ring's read took the counter: they happened before
+  // this handler runs, so this call covers them (signals coalesce), instead of a second call.
+  // Signals after this read complete the pending ring read as usual.
+  uint64_t pending;
+  [[maybe_unused]] ssize_t n = ::read(fd_, &pending, sizeof pending);
   handled_++;
   onSignal_();
   return true;

@@ -39,6 +39,7 @@ class EventFdSource final : public EventSource, private Completion {
   uint64_t buffer_ = 0;
   bool readPending_ = false;
   bool fired_ = false;
+  bool closing_ = false;  // set by the destructor: a late CQE must not re-submit the read
   uint64_t handled_ = 0;
 };
 

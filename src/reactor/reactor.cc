@@ -117,7 +117,10 @@ bool Reactor::poll(bool submit) {
     SIDECAR_CHECK_SYSCALL(io_uring_submit(&ring_));
   }
   didWork |= dispatchCompletions();
-  for (EventSource* source : sources_) didWork |= source->poll();
+  // By index, not by iterator: a source's poll() may add or remove sources (a mailbox task that
+  // creates or destroys an EventFdSource), which would invalidate iterators or leave the loop
+  // calling a destroyed source.
+  for (size_t i = 0; i < sources_.size(); ++i) didWork |= sources_[i]->poll();
   didWork |= wakeRequested_.load(std::memory_order_acquire);
   return didWork;
 }

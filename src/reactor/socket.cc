@@ -98,7 +98,12 @@ kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog) 
       KJ_FAIL_REQUIRE(kj::str("another process is already serving unix socket '", path.c_str(),
                               "'; stop it or choose another path (--socket)"));
     }
-    if (errno == ECONNREFUSED) unlink(path.c_str());
+    // Only a socket is a stale socket: connect() also says ECONNREFUSED for a regular file,
+    // which must not be deleted (bind() below then reports the path as in use).
+    struct stat st {};
+    if (errno == ECONNREFUSED && lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+      unlink(path.c_str());
+    }
   }
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   KJ_SYSCALL(fd);

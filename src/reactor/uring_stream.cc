@@ -44,7 +44,8 @@ class RingOp : public Completion {
   virtual ~RingOp() = default;
 
   void complete(int32_t result, uint32_t flags) final {
-    inflight = false;
+    // A multishot operation (the hang-up poll) stays in flight while its CQEs carry F_MORE.
+    inflight = (flags & IORING_CQE_F_MORE) != 0;
     if (orphaned) {
       onOrphanedResult(result);
       deleteIfUnused();
@@ -117,11 +118,13 @@ class UringStream::ReadOp final : public RingOp {
 
  private:
   void onResult(int32_t result) override {
-    if (result == -EINTR || result == -EAGAIN) return submit();
+    // Cancelled first: a cancelled read must never be re-submitted (its caller may have freed
+    // the buffer as soon as the synchronous cancel returned), even when it ended with -EINTR.
     if (fulfiller == nullptr) {  // cancelled: nobody takes what arrived
       if (result > 0) closeReceivedFds(msg);
       return;
     }
+    if (result == -EINTR || result == -EAGAIN) return submit();
     if (result < 0) {
       // A reset peer is end-of-stream for a reader, as with KJ's own streams.
       if (result == -ECONNRESET) return finish();
@@ -206,8 +209,8 @@ class UringStream::WriteOp final : public RingOp {
   }
 
   void onResult(int32_t result) override {
+    if (fulfiller == nullptr) return;  // cancelled: never re-submit (see ReadOp::onResult)
     if (result == -EINTR || result == -EAGAIN) return submit();
-    if (fulfiller == nullptr) return;
     if (result < 0) {
       fulfiller->reject(errnoException(-result, "sendmsg"));
       fulfiller = nullptr;
@@ -238,19 +241,30 @@ class UringStream::HangupOp final : public RingOp {
   using RingOp::RingOp;
   void start(kj::PromiseFulfiller<void>& f) {
     fulfiller = &f;
-    io_uring_sqe& sqe = reactor.prepare(this);
-    // Only HUP and ERR: POLLRDHUP would fire on a peer's shutdown(SHUT_WR), which is not a
-    // disconnect for writing.
-    io_uring_prep_poll_add(&sqe, fd, POLLHUP | POLLERR);
-    inflight = true;
+    submit();
   }
   kj::PromiseFulfiller<void>* fulfiller = nullptr;
 
  private:
+  void submit() {
+    io_uring_sqe& sqe = reactor.prepare(this);
+    // Only HUP and ERR: POLLRDHUP would fire on a peer's shutdown(SHUT_WR), which is not a
+    // disconnect for writing. io_uring reports POLLRDHUP even when not asked for (it is in the
+    // kernel's always-reported set), and keeps reporting it, so a one-shot poll re-armed after
+    // it would spin. A multishot poll reports again only when the socket's state changes.
+    io_uring_prep_poll_multishot(&sqe, fd, POLLHUP | POLLERR);
+    inflight = true;
+  }
+
   void onResult(int32_t result) override {
     if (fulfiller == nullptr || result == -ECANCELED) return;
+    if (result > 0 && (result & (POLLHUP | POLLERR)) == 0) {
+      if (!inflight) submit();  // the kernel ended the multishot poll: keep watching
+      return;
+    }
     fulfiller->fulfill();
     fulfiller = nullptr;
+    if (inflight) reactor.cancel(this);  // nothing more to report; its last CQE follows
   }
 };
 
