@@ -24,9 +24,9 @@ std::string unitsText(uint64_t units, uint64_t hint) {
 // powers of two, else Lemire's multiply-high method, exact for dividends < 2^32 (offsets inside
 // a slab are, since slabs are at most 1 GiB); larger dividends take the hardware divide.
 struct UnitDivider {
-  uint64_t divisor = 1;
   uint64_t magic = 0;  // floor((2^64 - 1) / divisor) + 1
   int shift = -1;      // log2(divisor) for powers of two
+  uint64_t divisor = 1;
 
   explicit UnitDivider(uint64_t d = 1) : divisor(d) {
     if (std::has_single_bit(d)) {
@@ -42,31 +42,43 @@ struct UnitDivider {
     }
     return x / divisor;
   }
+  // x < 2^32 (an offset inside a slab): no range branch.
+  uint64_t divideSmall(uint64_t x) const noexcept {
+    if (shift >= 0) return x >> shift;
+    return static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * x) >> 64);
+  }
 };
 
 }  // namespace
 
+// Field order: everything the single-unit alloc/free fast paths touch sits in the first cache
+// line (the struct is line-aligned).
 struct SlabAllocator::Slab {
-  // Written by the owner only while the slab holds no live unit; read by freeRemote().
-  SlabState state = SlabState::Free;
-  uint64_t hint = 0;
-  uint32_t unitsPerSlab = 0;
-  uint32_t wordCount = 0;
-  std::atomic<uint64_t>* remoteWords = nullptr;    // wordCount words, then the summary words
-  std::atomic<uint64_t>* remoteSummary = nullptr;  // bit w set: remoteWords[w] may be non-zero
+  // [R]: written by the owner only while the slab holds no live unit; read by freeRemote().
+  alignas(64) SlabState state = SlabState::Free;  // [R]
+  uint32_t unitsPerSlab = 0;          // [R]
+  uint64_t hint = 0;                  // [R]
 
-  // Owner only.
-  HintClass* hintClass = nullptr;
+  // Owner only (hot).
+  std::unique_ptr<uint64_t[]> used;
+  HintClass* hintClass = nullptr;    // [R] for its divider
   uint32_t usedUnits = 0;
-  uint32_t cursorWord = 0;        // every word before it is fully used
+  uint32_t cursorWord = 0;           // every word before it is fully used
   uint32_t noRunAtLeast = kNoBound;  // no free run of this many units exists (search cache)
+  uint32_t wordCount = 0;            // [R]
+  UnitDivider divider;               // copy of hintClass->divider (one load less on free)
+
+  // Owner only (cold).
   uint32_t posInHint = 0;         // index in hintClass->slabs
   uint32_t bigSlabs = 0;          // BigHead: slabs in the run
   uint64_t bigUnits = 0;          // BigHead: units in the run
-  std::unique_ptr<uint64_t[]> used;
   uint32_t usedCapacityWords = 0;
-  std::unique_ptr<std::atomic<uint64_t>[]> remoteStorage;
   uint32_t remoteCapacityWords = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> remoteStorage;
+
+  // [R]
+  std::atomic<uint64_t>* remoteWords = nullptr;    // wordCount words, then the summary words
+  std::atomic<uint64_t>* remoteSummary = nullptr;  // bit w set: remoteWords[w] may be non-zero
 
   // Shared with freeRemote().
   std::atomic<bool> remoteQueued{false};
@@ -153,8 +165,12 @@ Result<uint64_t> SlabAllocator::validateRequest(uint64_t bytes, uint64_t hint) c
   return units;
 }
 
-SlabAllocator::HintClass& SlabAllocator::hintClass(uint64_t hint) {
-  if (lastHint_ && lastHint_->hint == hint) return *lastHint_;
+inline SlabAllocator::HintClass& SlabAllocator::hintClass(uint64_t hint) {
+  if (lastHint_ && lastHint_->hint == hint) [[likely]] return *lastHint_;
+  return hintClassSlow(hint);
+}
+
+SlabAllocator::HintClass& SlabAllocator::hintClassSlow(uint64_t hint) {
   for (auto& hc : hintClasses_) {
     if (hc->hint == hint) return *(lastHint_ = hc.get());
   }
@@ -167,8 +183,53 @@ SlabAllocator::HintClass& SlabAllocator::hintClass(uint64_t hint) {
   return *lastHint_;
 }
 
+// The single-unit fast path: one unit from the hint's current slab, found at its cursor word
+// (every word before the cursor is full, so this is usually one load and one ctz). Returns false
+// when that slab is absent or has no free unit at or after its cursor word; the caller then
+// takes the general path.
+inline bool SlabAllocator::allocateOneFast(HintClass& hc, Allocation& out) {
+  if (hc.current == kNoSlab) return false;
+  Slab& slab = slabs_[hc.current];
+  if (slab.usedUnits >= slab.unitsPerSlab) return false;
+  uint64_t* used = slab.used.get();
+  const uint32_t w0 = slab.cursorWord;
+  uint64_t word = used[w0];
+  if (word == bitmap::kAllUsed) [[unlikely]] return false;
+  const auto bit = static_cast<unsigned>(std::countr_one(word));
+  word |= uint64_t{1} << bit;
+  used[w0] = word;
+  if (word == bitmap::kAllUsed) {
+    uint32_t w = w0;
+    do {
+      ++w;
+    } while (w < slab.wordCount && used[w] == bitmap::kAllUsed);
+    slab.cursorWord = w;
+  }
+  if (slab.usedUnits++ == 0) --hc.emptySlabs;
+  ++hc.unitsUsed;
+  ++hc.allocations;
+  usedBytes_ += hc.hint;
+  const uint64_t unit = uint64_t{w0} * 64 + bit;
+  out = Allocation{baseOffset_ + (uint64_t{hc.current} << slabShift_) + unit * hc.hint, hc.hint,
+                   1, hc.hint};
+  return true;
+}
+
 Result<Allocation> SlabAllocator::tryAllocate(uint64_t bytes, uint64_t hint) {
-  if (!remoteFrees_.empty()) [[unlikely]] drainRemoteFrees();
+  // Fast path: one unit (0 < bytes <= hint) of the last hint used, nothing to drain, nobody
+  // waiting. A hint class exists only for a hint that passed validation (0 < hint <= capacity),
+  // so the match also validates the hint. Kept free of the slow path's stack frame.
+  HintClass* hc = lastHint_;
+  if (bytes - 1 < hint && hc && hc->hint == hint && !waitHead_ && remoteFrees_.empty())
+      [[likely]] {
+    Allocation a;
+    if (allocateOneFast(*hc, a)) [[likely]] return a;
+  }
+  return tryAllocateSlow(bytes, hint);
+}
+
+Result<Allocation> SlabAllocator::tryAllocateSlow(uint64_t bytes, uint64_t hint) {
+  if (!remoteFrees_.empty()) drainRemoteFrees();
   // One compare each rejects 0 and anything larger than the arena; validateRequest explains.
   if (bytes - 1 >= capacityBytes_ || hint - 1 >= capacityBytes_) [[unlikely]] {
     return validateRequest(bytes, hint).error();
@@ -308,6 +369,7 @@ uint32_t SlabAllocator::carveSlab(HintClass& hc) {
   slab.remoteWords = slab.remoteStorage.get();
   slab.remoteSummary = slab.remoteStorage.get() + words;
   slab.hintClass = &hc;
+  slab.divider = hc.divider;
   slab.usedUnits = 0;
   slab.cursorWord = 0;
   slab.noRunAtLeast = kNoBound;
@@ -412,6 +474,42 @@ void SlabAllocator::freeBigRun(uint32_t slabIndex) {
 }
 
 Result<void> SlabAllocator::free(const Allocation& a) {
+  // Fast path: a live single unit of a carved slab. Every check of freeSlow() that applies to
+  // one unit is made here too (consistent sizes, in range, carved slab of this hint, on a unit
+  // boundary, unit in use); anything else, including every invalid free, takes freeSlow(),
+  // which reports it without touching state.
+  const uint64_t rel = a.offset - baseOffset_;  // wraps past capacityBytes_ when below the base
+  if (a.units == 1 && a.sizeBytes == a.hint && rel < capacityBytes_) [[likely]] {
+    Slab& slab = slabs_[rel >> slabShift_];
+    // A carved slab's hint is never 0, so this also rejects a.hint == 0.
+    if (slab.state == SlabState::Carved && slab.hint == a.hint) [[likely]] {
+      const uint64_t within = rel & (slabSizeBytes_ - 1);
+      const uint64_t unit = slab.divider.divideSmall(within);
+      if (unit * a.hint == within && unit < slab.unitsPerSlab) [[likely]] {
+        uint64_t& word = slab.used[unit / 64];
+        const uint64_t bit = uint64_t{1} << (unit % 64);
+        if (word & bit) [[likely]] {
+          word &= ~bit;
+          HintClass& hc = *slab.hintClass;
+          ++hc.frees;
+          --hc.unitsUsed;
+          usedBytes_ -= a.hint;
+          slab.cursorWord = std::min(slab.cursorWord, static_cast<uint32_t>(unit / 64));
+          slab.noRunAtLeast = kNoBound;
+          if (--slab.usedUnits == 0) [[unlikely]] {
+            ++hc.emptySlabs;
+            if (hc.emptySlabs > 1) releaseSlab(hc, static_cast<uint32_t>(&slab - slabs_.get()));
+          }
+          if (waitHead_) [[unlikely]] serveWaiters();
+          return {};
+        }
+      }
+    }
+  }
+  return freeSlow(a);
+}
+
+Result<void> SlabAllocator::freeSlow(const Allocation& a) {
   auto invalid = [&](const std::string& why) {
     return ShmError{ShmErrc::InvalidFree,
                     "invalid free of " + formatBytes(a.sizeBytes) + " at offset " +

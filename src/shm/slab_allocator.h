@@ -38,9 +38,9 @@
 // - expireWaiters(now) fails every waiter whose deadline has passed with ArenaFull naming the
 //   sizes and how long it waited.
 //
-// Costs (measured in docs/PERFORMANCE.md, "Slab allocator"): single-unit alloc+free is a
-// word scan from a cursor plus bit sets; a run of u units scans ~u/64 words; a big run scans
-// the slab bitmap (one bit per slab). stats() and checkInvariants() walk all metadata.
+// Costs (measured in docs/PERFORMANCE.md, "Slab allocator"): single-unit alloc+free of the last
+// hint used is an inline fast path (one word at the slab's cursor; an inline validated free);
+// a run of u units scans ~u/64 words; a big run scans the slab bitmap (one bit per slab). stats() and checkInvariants() walk all metadata.
 #pragma once
 
 #include <atomic>
@@ -198,6 +198,10 @@ class SlabAllocator {
 
   Result<uint64_t> validateRequest(uint64_t bytes, uint64_t hint) const;
   HintClass& hintClass(uint64_t hint);
+  HintClass& hintClassSlow(uint64_t hint);
+  bool allocateOneFast(HintClass& hc, Allocation& out);
+  [[gnu::noinline]] Result<Allocation> tryAllocateSlow(uint64_t bytes, uint64_t hint);
+  [[gnu::noinline]] Result<void> freeSlow(const Allocation& allocation);
   std::optional<Allocation> allocateUnits(HintClass& hc, uint64_t units);
   std::optional<Allocation> allocateInSlab(HintClass& hc, uint32_t slabIndex, uint32_t units);
   std::optional<Allocation> allocateBig(HintClass& hc, uint64_t units);

@@ -262,6 +262,98 @@ TEST(ShmSlabAllocator, InvalidFreesAreRejectedAndChangeNothing) {
   expectConsistent(*a);
 }
 
+// The single-unit fast paths (tryAllocate of one unit of the last hint, free of one unit) must
+// reject exactly what the general paths reject and keep every counter exact.
+TEST(ShmSlabAllocator, SingleUnitFastPathsValidateLikeTheGeneralPaths) {
+  auto a = makeAllocator(8 * kMiB, 2 * kMiB, nullptr, /*baseOffset=*/kGiB);
+  for (uint64_t hint : {uint64_t{64}, uint64_t{3000}, uint64_t{4096}}) {
+    std::vector<Allocation> live;
+    for (int i = 0; i < 130; ++i) {  // crosses two 64-unit words of the current slab
+      Result<Allocation> r = a->tryAllocate(hint, hint);
+      ASSERT_TRUE(r.ok()) << r.error().message;
+      EXPECT_EQ(r->units, 1u);
+      EXPECT_EQ(r->sizeBytes, hint);
+      if (!live.empty()) {
+        EXPECT_EQ(r->offset, live.back().offset + hint) << "first fit";
+      }
+      live.push_back(*r);
+    }
+    const Allocation x = live[70];
+    Allocation bad = x;
+    bad.hint = 0;
+    bad.sizeBytes = 0;
+    EXPECT_EQ(a->free(bad).code(), ShmErrc::InvalidFree);
+    bad = x;
+    bad.sizeBytes = hint + 1;
+    EXPECT_EQ(a->free(bad).code(), ShmErrc::InvalidFree);
+    bad = x;
+    bad.offset += 1;  // not on a unit boundary
+    EXPECT_EQ(a->free(bad).code(), ShmErrc::InvalidFree);
+    bad = x;
+    bad.offset = kGiB - hint;  // below the base: the relative offset wraps
+    EXPECT_EQ(a->free(bad).code(), ShmErrc::InvalidFree);
+    bad = x;
+    bad.hint = bad.sizeBytes = hint / 2;
+    EXPECT_EQ(a->free(bad).code(), ShmErrc::InvalidFree);
+    bad = x;
+    bad.offset = live.back().offset + hint;  // a free unit of this slab
+    EXPECT_EQ(a->free(bad).code(), ShmErrc::InvalidFree);
+    expectConsistent(*a);
+    ASSERT_TRUE(a->free(x).ok());
+    Result<void> twice = a->free(x);
+    ASSERT_EQ(twice.code(), ShmErrc::InvalidFree);
+    EXPECT_NE(twice.error().message.find("double free"), std::string::npos)
+        << twice.error().message;
+    // The freed unit is the lowest free one: the next single unit reuses it.
+    Result<Allocation> again = a->tryAllocate(1, hint);
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(again->offset, x.offset);
+    std::optional<HintStats> h = findHint(a->stats(), hint);
+    ASSERT_TRUE(h.has_value());
+    EXPECT_EQ(h->unitsUsed, 130u);
+    EXPECT_EQ(h->allocations, 131u);
+    EXPECT_EQ(h->frees, 1u);
+    expectConsistent(*a);
+    for (const Allocation& y : live) ASSERT_TRUE(a->free(y).ok());
+    EXPECT_EQ(a->stats().usedBytes, 0u);
+    expectConsistent(*a);
+  }
+  // A one-unit request of a hint larger than a slab is a big run, not a fast-path unit.
+  Result<Allocation> huge = a->tryAllocate(1, 3 * kMiB);
+  ASSERT_TRUE(huge.ok()) << huge.error().message;
+  EXPECT_EQ(a->stats().slabsInBigRuns, 2u);
+  ASSERT_TRUE(a->free(*huge).ok());
+  EXPECT_EQ(a->free(*huge).code(), ShmErrc::InvalidFree);
+  expectConsistent(*a);
+}
+
+TEST(ShmSlabAllocator, SingleUnitFastPathsDrainRemoteFreesAndRespectWaiters) {
+  ManualShmClock clock;
+  auto a = makeAllocator(2 * kMiB, 2 * kMiB, &clock);
+  std::vector<Allocation> all;
+  for (int i = 0; i < 32; ++i) all.push_back(*a->tryAllocate(64 * kKiB, 64 * kKiB));
+  EXPECT_EQ(a->tryAllocate(1, 64 * kKiB).code(), ShmErrc::ArenaFull);
+  std::thread([&] { a->freeRemote(all[5]); }).join();
+  Result<Allocation> one = a->tryAllocate(1, 64 * kKiB);  // drains, then takes the unit
+  ASSERT_TRUE(one.ok()) << one.error().message;
+  EXPECT_EQ(one->offset, all[5].offset);
+  // With a waiter queued, a one-unit tryAllocate must not jump the line, and a one-unit free
+  // serves the waiter.
+  std::vector<Result<Allocation>> log;
+  struct Rec final : AllocationWaiter {
+    std::vector<Result<Allocation>>* log;
+    void complete(Result<Allocation> r) override { log->push_back(std::move(r)); }
+  } w;
+  w.log = &log;
+  ASSERT_TRUE(a->allocateOrWait(64 * kKiB, 64 * kKiB, clock.now() + milliseconds(100), w).ok());
+  ASSERT_TRUE(a->free(all[9]).ok());
+  ASSERT_EQ(log.size(), 1u);
+  ASSERT_TRUE(log[0].ok());
+  EXPECT_EQ(log[0]->offset, all[9].offset);
+  ASSERT_TRUE(a->free(*log[0]).ok());
+  expectConsistent(*a);
+}
+
 // --- statistics ---------------------------------------------------------------------------
 
 TEST(ShmSlabAllocator, StatsReportFragmentation) {
