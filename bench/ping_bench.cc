@@ -110,9 +110,10 @@ void BM_PingSidecard(benchmark::State& state, bool tcp) {
 // ---- stock Cap'n Proto on KJ's epoll port ----------------------------------------------------
 
 struct FakeNode final : sidecar::rpc::NodeState {
-  void fillInfo(sidecar::proto::NodeInfo::Builder info) override {
+  kj::Promise<void> fillInfo(sidecar::proto::NodeInfo::Builder info) override {
     info.setProtocolVersion(sidecar::proto::PROTOCOL_VERSION);
     info.setVersion("stock");
+    return kj::READY_NOW;
   }
 };
 

@@ -2,8 +2,9 @@
 // libsidecar: the client side of Sidecar. A Client is one connection to a node's sidecard, over
 // the node's unix socket (local executors) or TCP (operators, remote tools).
 //
-// Threading: a Client runs its own small event loop on the thread that created it and must be
-// used from that thread only. Calls block until the daemon answers or the connection fails.
+// Threading: a Client runs on an event loop that belongs to the thread that created it (shared by
+// all Clients of that thread) and must be used and destroyed on that thread only. Calls block
+// until the daemon answers or the connection fails.
 
 #include <sidecar/error.h>
 

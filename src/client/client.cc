@@ -50,9 +50,38 @@ Error translate(const kj::Exception& e, const std::string& where) {
 
 }  // namespace
 
+// One event loop per thread, shared by every Client on that thread (KJ allows one loop per
+// thread), created with the first and destroyed with the last.
+class ThreadLoop {
+ public:
+  ThreadLoop() {
+    if (current_ == nullptr) current_ = new Shared;
+    current_->users++;
+  }
+  ~ThreadLoop() {
+    if (--current_->users == 0) {
+      delete current_;
+      current_ = nullptr;
+    }
+  }
+  ThreadLoop(const ThreadLoop&) = delete;
+  ThreadLoop& operator=(const ThreadLoop&) = delete;
+
+  reactor::ReactorLoop& get() { return current_->loop; }
+
+ private:
+  struct Shared {
+    // A client sleeps at once when it waits (no spin): executors are busy with their own work.
+    reactor::ReactorLoop loop{reactor::ReactorOptions{64}, 0};
+    unsigned users = 0;
+  };
+  static thread_local Shared* current_;
+};
+thread_local ThreadLoop::Shared* ThreadLoop::current_ = nullptr;
+
 struct Client::Impl {
   explicit Impl(kj::AutoCloseFd fd, bool unix)
-      : loop(reactor::ReactorOptions{64}, 0),
+      : loop(threadLoop.get()),
         stream(kj::heap<reactor::UringStream>(loop.reactor(), kj::mv(fd))),
         rpc(unix ? kj::heap<capnp::TwoPartyClient>(
                        static_cast<kj::AsyncCapabilityStream&>(*stream), 4)
@@ -66,7 +95,8 @@ struct Client::Impl {
     stream = nullptr;
   }
 
-  reactor::ReactorLoop loop;
+  ThreadLoop threadLoop;  // first: destroyed last
+  reactor::ReactorLoop& loop;
   kj::Own<reactor::UringStream> stream;
   kj::Own<capnp::TwoPartyClient> rpc;
   proto::Sidecar::Client sidecar;

@@ -20,8 +20,12 @@ namespace {
 // The accept loop of one listening socket.
 class Listener {
  public:
-  Listener(reactor::Reactor& reactor, kj::AutoCloseFd fd, bool unixSocket, Core::Dispatch dispatch)
-      : acceptor_(reactor, kj::mv(fd)), unixSocket_(unixSocket), dispatch_(std::move(dispatch)) {}
+  Listener(reactor::Reactor& reactor, kj::Timer& timer, kj::AutoCloseFd fd, bool unixSocket,
+           Core::Dispatch dispatch)
+      : acceptor_(reactor, kj::mv(fd)),
+        timer_(timer),
+        unixSocket_(unixSocket),
+        dispatch_(std::move(dispatch)) {}
 
   kj::Promise<void> run() {
     return acceptor_.accept().then(
@@ -31,15 +35,18 @@ class Listener {
           return run();
         },
         [this](kj::Exception&& e) -> kj::Promise<void> {
-          // Out of fds or similar: keep serving the connections we have and try again soon.
-          spdlog::error("accept on the {} socket failed: {}", unixSocket_ ? "unix" : "tcp",
-                        e.getDescription().cStr());
-          return run();
+          // Out of fds or similar: keep serving the connections we have and try again after a
+          // pause (retrying at once would spin while the condition lasts).
+          spdlog::error("accept on the {} socket failed: {}; retrying in {} ms",
+                        unixSocket_ ? "unix" : "tcp", e.getDescription().cStr(), kRetryMs);
+          return timer_.afterDelay(kRetryMs * kj::MILLISECONDS).then([this]() { return run(); });
         });
   }
 
  private:
+  static constexpr int64_t kRetryMs = 100;
   reactor::Acceptor acceptor_;
+  kj::Timer& timer_;
   bool unixSocket_;
   Core::Dispatch dispatch_;
 };
@@ -82,7 +89,8 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
   }
 
   void listen(kj::AutoCloseFd fd, bool unixSocket, Dispatch dispatch) {
-    auto listener = kj::heap<Listener>(loop.reactor(), kj::mv(fd), unixSocket, std::move(dispatch));
+    auto listener = kj::heap<Listener>(loop.reactor(), loop.timer(), kj::mv(fd), unixSocket,
+                                      std::move(dispatch));
     auto running = listener->run();
     listeners->add(running.attach(kj::mv(listener)));
   }
@@ -124,6 +132,7 @@ void Core::start() {
     pthread_setname_np(pthread_self(), name.c_str());
     Loop loop(*this);
     stats_.store(&loop.loop.reactor().stats());
+    executor_ = kj::getCurrentThreadExecutor().addRef();
     loop_.store(&loop);
     ready.count_down();
     run();
@@ -131,7 +140,10 @@ void Core::start() {
     // unreachable.
     loop.listeners = nullptr;
     loop.connections = nullptr;
-    loop_.store(nullptr);
+    {
+      std::unique_lock<std::shared_mutex> lock(loopMutex_);
+      loop_.store(nullptr);
+    }
     stats_.store(nullptr);
   });
   ready.wait();
@@ -144,6 +156,7 @@ void Core::run() {
 }
 
 void Core::post(std::function<void()> task) {
+  std::shared_lock<std::shared_mutex> lock(loopMutex_);
   Loop* loop = loop_.load();
   if (loop != nullptr) loop->mailbox.post(std::move(task));
 }

@@ -4,11 +4,13 @@
 // connections it serves. Connections are sharded over cores by the acceptor on core 0; each
 // connection then lives on its core alone, so no locks guard its state.
 
+#include <kj/async.h>
 #include <kj/io.h>
 
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <shared_mutex>
 #include <thread>
 
 #include "reactor/reactor.h"
@@ -53,6 +55,9 @@ class Core {
   uint32_t connections() const { return connections_.load(std::memory_order_relaxed); }
   // Null until start() returned.
   const reactor::ReactorStats* reactorStats() const { return stats_.load(); }
+  // Runs work on this core from another core's event loop and returns its result there
+  // (kj::Executor::executeAsync). Valid between start() and join().
+  const kj::Executor& executor() const { return *executor_; }
 
  private:
   struct Loop;
@@ -61,9 +66,13 @@ class Core {
   CoreOptions options_;
   rpc::NodeState& node_;
   std::thread thread_;
+  // Posting takes this shared; the core's thread takes it exclusively to tear its loop down, so a
+  // post never reaches a mailbox being destroyed (posts after that are dropped).
+  std::shared_mutex loopMutex_;
   std::atomic<Loop*> loop_{nullptr};
   std::atomic<const reactor::ReactorStats*> stats_{nullptr};
   std::atomic<uint32_t> connections_{0};
+  kj::Own<const kj::Executor> executor_;
 };
 
 }  // namespace sidecar::daemon

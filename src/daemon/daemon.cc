@@ -8,6 +8,8 @@
 
 #include "base/clock.h"
 #include "reactor/socket.h"
+#include "shm/shm_stats.h"
+#include "shm/sizes.h"
 #include "sidecar_build_config.h"
 
 namespace sidecar::daemon {
@@ -33,7 +35,30 @@ Daemon::Daemon(Config config)
 Daemon::~Daemon() { stop(); }
 
 void Daemon::start() {
-  // Bind first, so a taken socket or port fails before any thread starts.
+  // The arena first: it is the largest resource and the likeliest to be refused.
+  shm::ArenaOptions arenaOptions;
+  arenaOptions.sizeBytes =
+      config_.arenaBytes != 0 ? config_.arenaBytes : shm::defaultArenaSizeBytes();
+  auto kind = shm::parsePageKind(config_.arenaPages);
+  if (!(kind.ok())) KJ_FAIL_REQUIRE(kj::str("arena pages: ", kind.error().message.c_str()));
+  arenaOptions.pageKind = *kind;
+  arenaOptions.lockMemory = config_.arenaLock;
+  auto arena = shm::Arena::create(arenaOptions);
+  if (!(arena.ok())) KJ_FAIL_REQUIRE(kj::str("cannot create the arena of ",
+                                 shm::formatBytes(arenaOptions.sizeBytes).c_str(), ": ",
+                                 arena.error().message.c_str()));
+  arena_.emplace(std::move(arena).value());
+  shm::SlabAllocatorOptions allocatorOptions;
+  allocatorOptions.capacityBytes = arena_->sizeBytes();
+  auto allocator = shm::SlabAllocator::create(allocatorOptions);
+  if (!(allocator.ok())) KJ_FAIL_REQUIRE(kj::str("cannot create the slab allocator: ",
+                                     allocator.error().message.c_str()));
+  allocator_ = std::move(allocator).value();
+  spdlog::info("arena: {} of {} pages{}; {}", shm::formatBytes(arena_->sizeBytes()),
+               shm::pageKindName(arena_->pageKind()), arena_->mlocked() ? ", locked in RAM" : "",
+               arena_->pageKindReason());
+
+  // Bind next, so a taken socket or port fails before any thread starts.
   kj::AutoCloseFd unixFd = reactor::listenUnix(config_.socketPath, 0660);
   kj::AutoCloseFd tcpFd;
   if (!config_.tcpListen.empty()) {
@@ -66,7 +91,7 @@ void Daemon::start() {
 }
 
 void Daemon::stop() {
-  if (stopped_.exchange(true)) return;
+  if (stopped_.exchange(true) || cores_.empty()) return;
   // Core 0 first: it owns the listeners, so nothing new arrives while the others stop.
   for (auto& core : cores_) {
     core->requestStop();
@@ -77,7 +102,7 @@ void Daemon::stop() {
   spdlog::info("sidecard stopped");
 }
 
-void Daemon::fillInfo(proto::NodeInfo::Builder info) {
+kj::Promise<void> Daemon::fillInfo(proto::NodeInfo::Builder info) {
   info.setProtocolVersion(proto::PROTOCOL_VERSION);
   info.setVersion(SIDECAR_VERSION);
   info.setNodeId(config_.nodeId);
@@ -100,6 +125,35 @@ void Daemon::fillInfo(proto::NodeInfo::Builder info) {
   }
   info.setCudaAvailable(false);  // the CUDA copy engine arrives with the GPU issue
   info.setUcxAvailable(false);   // the UCX transport arrives with the cross-node issue
+  if (allocator_ == nullptr || cores_.empty()) return kj::READY_NOW;
+
+  // The allocator belongs to core 0: take its statistics there and fill them in here.
+  return cores_[0]->executor()
+      .executeAsync([this]() { return shm::collectShmStats(*arena_, *allocator_); })
+      .then([info](shm::ShmStats stats) mutable {
+        auto arena = info.initArena();
+        arena.setSizeBytes(stats.arenaBytes);
+        arena.setPageKind(stats.pageKind);
+        arena.setPageKindReason(stats.pageKindReason);
+        arena.setLocked(stats.mlocked);
+        arena.setSlabBytes(stats.slabSizeBytes);
+        arena.setSlabsTotal(static_cast<uint32_t>(stats.slabsTotal));
+        arena.setSlabsFree(static_cast<uint32_t>(stats.slabsFree));
+        arena.setUsedBytes(stats.usedBytes);
+        auto hints = arena.initHints(static_cast<unsigned>(stats.hints.size()));
+        for (size_t i = 0; i < stats.hints.size(); ++i) {
+          const auto& h = stats.hints[i];
+          auto out = hints[static_cast<unsigned>(i)];
+          out.setHintBytes(h.hint);
+          out.setSlabs(static_cast<uint32_t>(h.slabs));
+          out.setUnitsUsed(h.unitsUsed);
+          out.setUnitsFree(h.unitsFree);
+          out.setLargestFreeRunUnits(h.largestFreeRunUnits);
+          out.setFragmentation(h.fragmentation);
+          out.setAllocationWaits(h.waits);
+          out.setAllocationFailures(h.failures);
+        }
+      });
 }
 
 }  // namespace sidecar::daemon

@@ -4,12 +4,15 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "daemon/config.h"
 #include "daemon/core.h"
 #include "rpc/node_state.h"
+#include "shm/arena.h"
+#include "shm/slab_allocator.h"
 
 namespace sidecar::daemon {
 
@@ -18,8 +21,9 @@ class Daemon final : public rpc::NodeState {
   explicit Daemon(Config config);
   ~Daemon();
 
-  // Binds the sockets and starts the cores. Throws with a message naming the socket or address
-  // and the reason when that fails (the caller prints it and exits non-zero).
+  // Creates the arena, binds the sockets and starts the cores. Throws with a message naming the
+  // arena setting, socket or address and the reason when that fails (the caller prints it and
+  // exits non-zero).
   void start();
 
   // Thread-safe: closes the listeners and every connection, and stops the cores.
@@ -29,7 +33,10 @@ class Daemon final : public rpc::NodeState {
   uint16_t tcpPort() const { return tcpPort_; }
   uint64_t incarnation() const { return incarnation_; }
 
-  void fillInfo(proto::NodeInfo::Builder info) override;
+  kj::Promise<void> fillInfo(proto::NodeInfo::Builder info) override;
+
+  // The node's transfer memory. The allocator is owned by core 0: call it only there.
+  const shm::Arena& arena() const { return *arena_; }
 
  private:
   Config config_;
@@ -38,6 +45,8 @@ class Daemon final : public rpc::NodeState {
   uint64_t startedAtNs_;
   uint16_t tcpPort_ = 0;
   std::string tcpAddress_;
+  std::optional<shm::Arena> arena_;
+  std::unique_ptr<shm::SlabAllocator> allocator_;
   std::vector<std::unique_ptr<Core>> cores_;
   std::atomic<bool> stopped_{false};
 };

@@ -25,8 +25,7 @@ namespace {
 sockaddr_un unixAddress(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  KJ_REQUIRE(!path.empty() && path.size() < sizeof(addr.sun_path),
-             kj::str("unix socket path '", path.c_str(), "' must be 1 to ",
+  if (!(!path.empty() && path.size() < sizeof(addr.sun_path))) KJ_FAIL_REQUIRE(kj::str("unix socket path '", path.c_str(), "' must be 1 to ",
                      sizeof(addr.sun_path) - 1, " bytes long"));
   memcpy(addr.sun_path, path.data(), path.size());
   return addr;
@@ -51,7 +50,7 @@ ResolvedAddress resolve(const HostPort& address, bool passive) {
   std::string port = std::to_string(address.port);
   const char* host = address.host.empty() ? nullptr : address.host.c_str();
   int rc = getaddrinfo(host, port.c_str(), &hints, &result);
-  KJ_REQUIRE(rc == 0, kj::str("cannot resolve '", address.host.c_str(), "': ", gai_strerror(rc)));
+  if (!(rc == 0)) KJ_FAIL_REQUIRE(kj::str("cannot resolve '", address.host.c_str(), "': ", gai_strerror(rc)));
   ResolvedAddress out;
   memcpy(&out.storage, result->ai_addr, result->ai_addrlen);
   out.length = result->ai_addrlen;
@@ -63,8 +62,7 @@ ResolvedAddress resolve(const HostPort& address, bool passive) {
 
 HostPort parseHostPort(const std::string& text) {
   auto colon = text.rfind(':');
-  KJ_REQUIRE(colon != std::string::npos,
-             kj::str("'", text.c_str(), "' is not host:port (e.g. 0.0.0.0:7650 or [::1]:7650)"));
+  if (!(colon != std::string::npos)) KJ_FAIL_REQUIRE(kj::str("'", text.c_str(), "' is not host:port (e.g. 0.0.0.0:7650 or [::1]:7650)"));
   HostPort out;
   out.host = text.substr(0, colon);
   if (out.host.size() >= 2 && out.host.front() == '[' && out.host.back() == ']') {
@@ -74,8 +72,7 @@ HostPort parseHostPort(const std::string& text) {
   char* end = nullptr;
   errno = 0;
   long value = std::strtol(port.c_str(), &end, 10);
-  KJ_REQUIRE(!port.empty() && *end == '\0' && errno == 0 && value >= 0 && value <= 65535,
-             kj::str("'", text.c_str(), "': port must be a number from 0 to 65535"));
+  if (!(!port.empty() && *end == '\0' && errno == 0 && value >= 0 && value <= 65535)) KJ_FAIL_REQUIRE(kj::str("'", text.c_str(), "': port must be a number from 0 to 65535"));
   out.port = static_cast<uint16_t>(value);
   return out;
 }
@@ -86,7 +83,7 @@ kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog) 
   if (!parent.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(parent, ec);
-    KJ_REQUIRE(!ec, kj::str("cannot create directory '", parent.c_str(), "' for the socket: ",
+    if (!(!ec)) KJ_FAIL_REQUIRE(kj::str("cannot create directory '", parent.c_str(), "' for the socket: ",
                             ec.message().c_str()));
   }
   // Refuse to steal the socket of a live daemon; remove a stale one.

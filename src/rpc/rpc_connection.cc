@@ -5,9 +5,9 @@ namespace sidecar::rpc {
 namespace {
 capnp::ReaderOptions readerOptions() {
   capnp::ReaderOptions options;
-  // 64 Mi words: a generous bound for control messages that still stops a hostile peer from
-  // making the daemon allocate without limit.
-  options.traversalLimitInWords = 64ull << 20;
+  // 8 Mi words (64 MiB): far above any control message (bodies of transfers never travel here)
+  // and a bound on what one hostile peer can make the daemon read per message.
+  options.traversalLimitInWords = 8ull << 20;
   return options;
 }
 }  // namespace

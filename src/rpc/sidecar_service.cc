@@ -13,8 +13,7 @@ kj::Promise<void> SidecarService::ping(PingContext context) {
 }
 
 kj::Promise<void> SidecarService::info(InfoContext context) {
-  node_.fillInfo(context.getResults().initInfo());
-  return kj::READY_NOW;
+  return node_.fillInfo(context.getResults().initInfo());
 }
 
 }  // namespace sidecar::rpc
