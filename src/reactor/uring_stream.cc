@@ -110,7 +110,7 @@ class UringStream::ReadOp final : public RingOp {
     // stream's buffer, so the next small reads (Cap'n Proto reads a message's header, then its
     // segment table, then its segments) cost no trip through the ring.
     size_t wanted = max - got;
-    direct = wanted >= kDirectReadBytes;
+    direct = !readAhead->enabled || wanted >= kDirectReadBytes;
     if (direct) {
       iov.iov_base = buffer + got;
       iov.iov_len = wanted;

@@ -65,6 +65,13 @@ class UringStream final : public kj::AsyncCapabilityStream {
   void getpeername(struct sockaddr* addr, kj::uint* length) override;
   kj::Maybe<int> getFd() const override { return fd_.get(); }
 
+  // Read-ahead (on by default) may take the next message's bytes, and the fds attached to them,
+  // in one recvmsg: the kernel glues a message carrying fds onto the bytes before it, so those
+  // fds would arrive with the wrong read. Turn it off while the peer may send fds that matter
+  // (a client before its registration answer arrives); the daemon keeps it on, since clients
+  // never send it fds.
+  void setReadAhead(bool enabled) { readAhead_.enabled = enabled; }
+
   Reactor& reactor() { return reactor_; }
 
  private:
@@ -83,6 +90,7 @@ class UringStream final : public kj::AsyncCapabilityStream {
                                   kj::ArrayPtr<const int> fds);
 
   struct ReadAhead {
+    bool enabled = true;
     std::unique_ptr<kj::byte[]> data;
     size_t start = 0;  // next byte to hand out
     size_t end = 0;    // end of valid bytes
