@@ -6,6 +6,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
+#include <memory>
 #include <vector>
 
 #include <kj/debug.h>
@@ -88,22 +90,35 @@ class UringStream::ReadOp final : public RingOp {
  public:
   using RingOp::RingOp;
 
+  // `alreadyGot` bytes were served from the read-ahead buffer before the ring was needed.
   void start(kj::PromiseFulfiller<ReadResult>& f, void* buf, size_t minBytes, size_t maxBytes,
-             kj::AutoCloseFd* fds, size_t maxFds) {
+             kj::AutoCloseFd* fds, size_t maxFds, size_t alreadyGot, ReadAhead& ahead) {
     fulfiller = &f;
     buffer = static_cast<kj::byte*>(buf);
     min = minBytes;
     max = maxBytes;
-    got = 0;
+    got = alreadyGot;
     fdBuffer = fds;
     fdMax = maxFds;
     fdCount = 0;
+    readAhead = &ahead;
     submit();
   }
 
   void submit() {
-    iov.iov_base = buffer + got;
-    iov.iov_len = max - got;
+    // A large read goes straight into the caller's buffer; a small one reads ahead into the
+    // stream's buffer, so the next small reads (Cap'n Proto reads a message's header, then its
+    // segment table, then its segments) cost no trip through the ring.
+    size_t wanted = max - got;
+    direct = !readAhead->enabled || wanted >= kDirectReadBytes;
+    if (direct) {
+      iov.iov_base = buffer + got;
+      iov.iov_len = wanted;
+    } else {
+      readAhead->start = readAhead->end = 0;
+      iov.iov_base = readAhead->data.get();
+      iov.iov_len = kReadAheadBytes;
+    }
     msg = {};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
@@ -132,8 +147,18 @@ class UringStream::ReadOp final : public RingOp {
       fulfiller = nullptr;
       return;
     }
+    // Fds belong to the first byte of what this recvmsg returned, which this read consumes.
     takeFds();
-    got += static_cast<size_t>(result);
+    auto n = static_cast<size_t>(result);
+    if (direct) {
+      got += n;
+    } else {
+      size_t take = std::min(n, max - got);
+      memcpy(buffer + got, readAhead->data.get(), take);
+      got += take;
+      readAhead->start = take;
+      readAhead->end = n;
+    }
     if (result == 0 || got >= min) return finish();
     submit();
   }
@@ -166,6 +191,8 @@ class UringStream::ReadOp final : public RingOp {
   size_t min = 0, max = 0, got = 0;
   kj::AutoCloseFd* fdBuffer = nullptr;
   size_t fdMax = 0, fdCount = 0;
+  ReadAhead* readAhead = nullptr;
+  bool direct = false;
   iovec iov{};
   msghdr msg{};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerRead)];
@@ -282,11 +309,13 @@ static Op* takeOp(Op*& slot, Reactor& reactor, int fd) {
 class UringStream::ReadAdapter {
  public:
   ReadAdapter(kj::PromiseFulfiller<ReadResult>& fulfiller, UringStream& stream, void* buffer,
-              size_t minBytes, size_t maxBytes, kj::AutoCloseFd* fds, size_t maxFds)
+              size_t minBytes, size_t maxBytes, kj::AutoCloseFd* fds, size_t maxFds,
+              size_t alreadyGot)
       : op_(takeOp<ReadOp, ReadResult>(stream.readOp_, stream.reactor_, stream.fd_.get())),
         fulfiller_(fulfiller) {
     op_->attached = true;
-    op_->start(fulfiller, buffer, minBytes, maxBytes, fds, maxFds);
+    op_->start(fulfiller, buffer, minBytes, maxBytes, fds, maxFds, alreadyGot,
+               stream.readAhead_);
   }
   ~ReadAdapter() {
     if (op_->fulfiller == &fulfiller_) {
@@ -349,7 +378,9 @@ UringStream::UringStream(Reactor& reactor, kj::AutoCloseFd fd)
       fd_(kj::mv(fd)),
       readOp_(new ReadOp(reactor, fd_.get())),
       writeOp_(new WriteOp(reactor, fd_.get())),
-      hangupOp_(new HangupOp(reactor, fd_.get())) {}
+      hangupOp_(new HangupOp(reactor, fd_.get())) {
+  readAhead_.data = std::make_unique<kj::byte[]>(kReadAheadBytes);
+}
 
 UringStream::~UringStream() noexcept(false) {
   hangup_ = nullptr;
@@ -368,8 +399,16 @@ kj::Promise<UringStream::ReadResult> UringStream::tryReadWithFds(void* buffer, s
                                                                  kj::AutoCloseFd* fdBuffer,
                                                                  size_t maxFds) {
   if (maxBytes == 0) return ReadResult{0, 0};
+  // Serve what was read ahead first; its fds were delivered with the read that took its first
+  // byte.
+  size_t got = std::min(readAhead_.end - readAhead_.start, maxBytes);
+  if (got > 0) {
+    memcpy(buffer, readAhead_.data.get() + readAhead_.start, got);
+    readAhead_.start += got;
+    if (got >= minBytes) return ReadResult{got, 0};
+  }
   return kj::newAdaptedPromise<ReadResult, ReadAdapter>(*this, buffer, minBytes, maxBytes,
-                                                         fdBuffer, maxFds);
+                                                         fdBuffer, maxFds, got);
 }
 
 kj::Promise<UringStream::ReadResult> UringStream::tryReadWithStreams(

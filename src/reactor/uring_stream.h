@@ -17,6 +17,8 @@
 #include <kj/async-io.h>
 #include <kj/io.h>
 
+#include <memory>
+
 #include "reactor/reactor.h"
 
 namespace sidecar::reactor {
@@ -29,6 +31,12 @@ class UringStream final : public kj::AsyncCapabilityStream {
 
   // At most this many fds are accepted per read; more are closed by the kernel (MSG_CTRUNC).
   static constexpr size_t kMaxFdsPerRead = 16;
+  // Reads of at least this many bytes go straight into the caller's buffer; smaller ones read
+  // ahead up to kReadAheadBytes into the stream's buffer and are served from it. Cost: one
+  // buffer per stream and one copy of small messages; gain: one ring trip per message instead of
+  // one per piece of it.
+  static constexpr size_t kDirectReadBytes = 16 * 1024;
+  static constexpr size_t kReadAheadBytes = 64 * 1024;
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
   kj::Promise<ReadResult> tryReadWithFds(void* buffer, size_t minBytes, size_t maxBytes,
@@ -57,6 +65,13 @@ class UringStream final : public kj::AsyncCapabilityStream {
   void getpeername(struct sockaddr* addr, kj::uint* length) override;
   kj::Maybe<int> getFd() const override { return fd_.get(); }
 
+  // Read-ahead (on by default) may take the next message's bytes, and the fds attached to them,
+  // in one recvmsg: the kernel glues a message carrying fds onto the bytes before it, so those
+  // fds would arrive with the wrong read. Turn it off while the peer may send fds that matter
+  // (a client before its registration answer arrives); the daemon keeps it on, since clients
+  // never send it fds.
+  void setReadAhead(bool enabled) { readAhead_.enabled = enabled; }
+
   Reactor& reactor() { return reactor_; }
 
  private:
@@ -74,8 +89,16 @@ class UringStream final : public kj::AsyncCapabilityStream {
                                   kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> rest,
                                   kj::ArrayPtr<const int> fds);
 
+  struct ReadAhead {
+    bool enabled = true;
+    std::unique_ptr<kj::byte[]> data;
+    size_t start = 0;  // next byte to hand out
+    size_t end = 0;    // end of valid bytes
+  };
+
   Reactor& reactor_;
   kj::AutoCloseFd fd_;
+  ReadAhead readAhead_;
   ReadOp* readOp_;
   WriteOp* writeOp_;
   HangupOp* hangupOp_;
