@@ -60,6 +60,113 @@ struct NodeInfo {
   ucxAvailable @12 :Bool;    # this daemon can reach other nodes over UCX
 }
 
+# ---- Transfers -------------------------------------------------------------------------------
+#
+# Errors: a failed call raises a Cap'n Proto exception whose description starts with the error's
+# kind in brackets, then a message a person can act on, e.g.
+#   "[already-done] chunk 3 of id 'ab12' was already marked done by group [2,3]".
+# Kinds: invalid-argument, chunk-out-of-range, num-chunks-mismatch, already-sent, already-done,
+# not-receiver, not-available, too-large, expired, cancelled, timeout, arena-full,
+# already-registered, not-registered.
+
+enum Dtype {
+  bool @0; uint8 @1; int8 @2; int16 @3; int32 @4; int64 @5;
+  float16 @6; bfloat16 @7; float32 @8; float64 @9;
+}
+
+struct MemoryHint {
+  # The unit of allocation: one row, prod(rowShape) elements of dtype, e.g. (4096,) bfloat16 is
+  # 8 KiB. A tensor of n rows then occupies n contiguous units.
+  dtype @0 :Dtype;
+  rowShape @1 :List(Int64);
+}
+
+struct Registration {
+  rank @0 :Int32;
+  group @1 :List(Int32);      # sorted, contains `rank`
+  sendHint @2 :MemoryHint;
+  recvHint @3 :MemoryHint;
+  concurrentCopy @4 :Bool;
+}
+
+struct Tensor {
+  dtype @0 :Dtype;
+  shape @1 :List(Int64);
+  offset @2 :UInt64;          # in the arena
+  sizeBytes @3 :UInt64;       # prod(shape) * size of dtype
+}
+
+struct Object {
+  typeTag @0 :UInt32;         # the client's meaning (the Python layer: str, bytes, int, ...)
+  bytes @1 :Data;
+}
+
+struct Payload {
+  union {
+    tensor @0 :Tensor;        # offset must be an allocation of this session (Session.allocate)
+    object @1 :Object;
+  }
+}
+
+struct RecvResult {
+  union {
+    tensor @0 :Tensor;        # valid until this receiver's group marks the chunk done
+    object @1 :Object;
+    endOfStream @2 :Void;     # chunkId >= numChunks
+  }
+}
+
+struct Destination {
+  ranks @0 :List(Int32);      # one destination group, sorted
+}
+
+interface ArenaHandle {
+  # Carries the arena's memfd (Capability::Client::getFd()); map it read/write, whole.
+}
+
+interface Session {
+  # One registered rank. Dropping the session (or the connection) unregisters the rank: its
+  # unsent allocations are freed and its pending recvs fail.
+
+  allocate @0 (sizeBytes :UInt64, timeoutMs :UInt32) -> (offset :UInt64, sizeBytes :UInt64);
+  # A writable region of the arena in units of this rank's send hint, owned by the session until
+  # it is sent or released. When the arena is full, waits up to timeoutMs (0: the daemon's
+  # default) for space, then fails with [arena-full].
+
+  release @1 (offset :UInt64) -> ();
+  # Gives back an allocation that will not be sent.
+
+  send @2 (dataId :Text, chunkId :UInt32, numChunks :UInt32, destinations :List(Destination),
+           payload :Payload) -> ();
+  # numChunks 0: a stream whose length closeStream fixes later. A tensor payload's allocation
+  # passes to the daemon (also when the call fails, it is then freed).
+
+  closeStream @3 (dataId :Text, numChunks :UInt32, destinations :List(Destination)) -> ();
+
+  recv @4 (dataId :Text, chunkId :UInt32, timeoutMs :UInt32) -> (result :RecvResult);
+  # Waits until the chunk is there (timeoutMs 0: no limit). Idempotent until markDone.
+
+  markDone @5 (dataId :Text, chunkId :UInt32) -> ();
+}
+
+struct TransferSummary {
+  dataIds @0 :List(Text);
+  items @1 :UInt64;
+  chunks @2 :UInt64;
+  bytesHeld @3 :UInt64;
+  waiters @4 :UInt64;
+  duplicatesDropped @5 :UInt64;
+  expiredHolds @6 :UInt64;
+  chunksCompleted @7 :UInt64;
+  ranks @8 :List(RankInfo);
+}
+
+struct RankInfo {
+  rank @0 :Int32;
+  group @1 :List(Int32);
+  bytesAllocated @2 :UInt64;  # allocated and not yet sent
+}
+
 interface Sidecar {
   # The bootstrap interface every connection gets.
 
@@ -68,4 +175,15 @@ interface Sidecar {
 
   info @1 () -> (info :NodeInfo);
   # Who this daemon is and how it is doing.
+
+  register @2 (registration :Registration) -> (session :Session, arena :ArenaHandle,
+                                              arenaBytes :UInt64);
+  # Registers a rank (unix socket only: the arena travels as a file descriptor). Fails with
+  # [already-registered] while another live client holds the rank.
+
+  transfers @3 () -> (summary :TransferSummary);
+  # What is in flight, for sidecarctl.
+
+  inspect @4 (dataId :Text) -> (description :Text);
+  # A readable description of one data id; [invalid-argument] when unknown.
 }

@@ -69,6 +69,24 @@ struct NodeStatus {
   bool ucxAvailable = false;
 };
 
+struct RankStatus {
+  int32_t rank = 0;
+  std::vector<int32_t> group;
+  uint64_t bytesAllocated = 0;  // allocated in the arena and not yet sent
+};
+
+struct TransferStatus {
+  std::vector<std::string> dataIds;  // in flight
+  uint64_t items = 0;
+  uint64_t chunks = 0;
+  uint64_t bytesHeld = 0;
+  uint64_t waiters = 0;
+  uint64_t duplicatesDropped = 0;
+  uint64_t expiredHolds = 0;
+  uint64_t chunksCompleted = 0;
+  std::vector<RankStatus> ranks;  // registered
+};
+
 class Client {
  public:
   // $SIDECAR_SOCKET when set, else /run/sidecar/sidecar.sock.
@@ -88,6 +106,12 @@ class Client {
   std::string ping(std::string_view payload = {});
 
   NodeStatus status();
+
+  // What is in flight: registered ranks, data ids, bytes held, waiters.
+  TransferStatus transfers();
+  // A readable description of one data id (chunks, holds, waiters). Throws kInvalidArgument
+  // when the id is not in flight.
+  std::string inspect(const std::string& dataId);
 
  private:
   struct Impl;

@@ -8,11 +8,24 @@
 namespace sidecar {
 
 enum class ErrorCode {
-  kUnavailable,       // could not reach the daemon (not running, wrong socket path or address)
-  kDisconnected,      // the connection to the daemon broke during a call
-  kInvalidArgument,   // the daemon refused the request's arguments
-  kProtocolMismatch,  // the daemon speaks another protocol version
-  kInternal,          // anything else; the message says what
+  kUnavailable,        // could not reach the daemon (not running, wrong socket path or address)
+  kDisconnected,       // the connection to the daemon broke during a call
+  kInvalidArgument,    // the daemon refused the request's arguments
+  kProtocolMismatch,   // the daemon speaks another protocol version
+  kInternal,           // anything else; the message says what
+  kChunkOutOfRange,    // chunk id >= the data id's number of chunks
+  kNumChunksMismatch,  // a chunk or closeStream disagrees with the known number of chunks
+  kAlreadySent,        // this rank already sent this chunk
+  kAlreadyDone,        // this receiver's group already marked the chunk done
+  kNotReceiver,        // this rank is not a destination of the data id
+  kNotAvailable,       // markDone of a chunk that has not arrived
+  kTooLarge,           // an object over the daemon's limit, or a tensor over the arena
+  kExpired,            // the data's time-to-live passed
+  kCancelled,          // the request was cancelled (e.g. the rank unregistered)
+  kTimeout,            // a recv deadline passed
+  kArenaFull,          // no space in the arena within the send timeout
+  kAlreadyRegistered,  // another live client holds this rank
+  kNotRegistered,      // the session's rank is no longer registered
 };
 
 const char* toString(ErrorCode code);

@@ -5,6 +5,8 @@
 
 #include <cstdlib>
 
+#include "client/errors.h"
+#include "client/thread_loop.h"
 #include "reactor/kj_event_port.h"
 #include "reactor/socket.h"
 #include "reactor/uring_stream.h"
@@ -13,71 +15,8 @@
 
 namespace sidecar {
 
-const char* toString(ErrorCode code) {
-  switch (code) {
-    case ErrorCode::kUnavailable: return "unavailable";
-    case ErrorCode::kDisconnected: return "disconnected";
-    case ErrorCode::kInvalidArgument: return "invalid argument";
-    case ErrorCode::kProtocolMismatch: return "protocol mismatch";
-    case ErrorCode::kInternal: return "internal";
-  }
-  return "unknown";
-}
-
 uint32_t protocolVersion() { return proto::PROTOCOL_VERSION; }
 const char* libraryVersion() { return SIDECAR_VERSION; }
-
-namespace {
-
-// KJ exceptions carry the file and line of the daemon's check; the person reading the message
-// needs the description only.
-Error translate(const kj::Exception& e, const std::string& where) {
-  std::string description(e.getDescription().cStr());
-  // Remote exceptions arrive as "remote exception: <what the daemon said>".
-  const std::string remote = "remote exception: ";
-  if (description.rfind(remote, 0) == 0) description = description.substr(remote.size());
-  switch (e.getType()) {
-    case kj::Exception::Type::DISCONNECTED:
-      return Error(ErrorCode::kDisconnected, where + ": connection to sidecard lost: " + description);
-    case kj::Exception::Type::UNIMPLEMENTED:
-      return Error(ErrorCode::kProtocolMismatch,
-                   where + ": the daemon does not implement this call (older version?): " +
-                       description);
-    default:
-      return Error(ErrorCode::kInvalidArgument, where + ": " + description);
-  }
-}
-
-}  // namespace
-
-// One event loop per thread, shared by every Client on that thread (KJ allows one loop per
-// thread), created with the first and destroyed with the last.
-class ThreadLoop {
- public:
-  ThreadLoop() {
-    if (current_ == nullptr) current_ = new Shared;
-    current_->users++;
-  }
-  ~ThreadLoop() {
-    if (--current_->users == 0) {
-      delete current_;
-      current_ = nullptr;
-    }
-  }
-  ThreadLoop(const ThreadLoop&) = delete;
-  ThreadLoop& operator=(const ThreadLoop&) = delete;
-
-  reactor::ReactorLoop& get() { return current_->loop; }
-
- private:
-  struct Shared {
-    // A client sleeps at once when it waits (no spin): executors are busy with their own work.
-    reactor::ReactorLoop loop{reactor::ReactorOptions{64}, 0};
-    unsigned users = 0;
-  };
-  static thread_local Shared* current_;
-};
-thread_local ThreadLoop::Shared* ThreadLoop::current_ = nullptr;
 
 struct Client::Impl {
   explicit Impl(kj::AutoCloseFd fd, bool unix)
@@ -95,7 +34,7 @@ struct Client::Impl {
     stream = nullptr;
   }
 
-  ThreadLoop threadLoop;  // first: destroyed last
+  client::ThreadLoop threadLoop;  // first: destroyed last
   reactor::ReactorLoop& loop;
   kj::Own<reactor::UringStream> stream;
   kj::Own<capnp::TwoPartyClient> rpc;
@@ -152,7 +91,7 @@ std::string Client::ping(std::string_view payload) {
     auto data = response.getPayload();
     echo.assign(reinterpret_cast<const char*>(data.begin()), data.size());
   })) {
-    throw translate(*e, "ping");
+    throw client::translate(*e, "ping");
   }
   return echo;
 }
@@ -197,8 +136,42 @@ NodeStatus Client::status() {
     out.cudaAvailable = info.getCudaAvailable();
     out.ucxAvailable = info.getUcxAvailable();
   })) {
-    throw translate(*e, "status");
+    throw client::translate(*e, "status");
   }
+  return out;
+}
+
+TransferStatus Client::transfers() {
+  TransferStatus out;
+  client::call("transfers", [&]() {
+    auto response = impl_->sidecar.transfersRequest().send().wait(impl_->loop.waitScope());
+    auto s = response.getSummary();
+    for (auto id : s.getDataIds()) out.dataIds.emplace_back(id.cStr());
+    out.items = s.getItems();
+    out.chunks = s.getChunks();
+    out.bytesHeld = s.getBytesHeld();
+    out.waiters = s.getWaiters();
+    out.duplicatesDropped = s.getDuplicatesDropped();
+    out.expiredHolds = s.getExpiredHolds();
+    out.chunksCompleted = s.getChunksCompleted();
+    for (auto r : s.getRanks()) {
+      RankStatus rank;
+      rank.rank = r.getRank();
+      for (int32_t g : r.getGroup()) rank.group.push_back(g);
+      rank.bytesAllocated = r.getBytesAllocated();
+      out.ranks.push_back(std::move(rank));
+    }
+  });
+  return out;
+}
+
+std::string Client::inspect(const std::string& dataId) {
+  std::string out;
+  client::call("inspect", [&]() {
+    auto request = impl_->sidecar.inspectRequest();
+    request.setDataId(dataId);
+    out = request.send().wait(impl_->loop.waitScope()).getDescription().cStr();
+  });
   return out;
 }
 

@@ -126,6 +126,7 @@ enum Key : size_t {
   kSocket, kTcp,
   kCores, kCpus, kSpinUs, kRingEntries,
   kArenaSize, kArenaPages, kArenaLock,
+  kSendTimeoutMs, kObjectBytesMax, kTtlMs, kWorldSize,
   kKeyCount
 };
 
@@ -243,6 +244,33 @@ void applySpinUs(Config& c, std::string_view v) {
   c.spinUs = parseU32(v, 0, kSpinUsMax, kSpinAccepted);
 }
 
+constexpr std::string_view kTimeoutAccepted = "must be an integer from 1 to 3600000 (milliseconds)";
+constexpr std::string_view kObjectAccepted = "must be a size from 1 KiB to 64 MiB, e.g. 1MiB";
+constexpr std::string_view kWorldAccepted = "must be an integer from 0 (no limit) to 1000000000";
+
+void applySendTimeoutMs(Config& c, std::string_view v) {
+  c.sendTimeoutMs = parseU32(v, 1, 3'600'000, kTimeoutAccepted);
+}
+
+void applyObjectBytesMax(Config& c, std::string_view v) {
+  uint64_t bytes = 0;
+  try {
+    bytes = parseSize(v);
+  } catch (const std::invalid_argument&) {
+    throw ValueError(std::string(kObjectAccepted));
+  }
+  if (bytes < 1024 || bytes > (64u << 20)) throw ValueError(std::string(kObjectAccepted));
+  c.objectBytesMax = bytes;
+}
+
+void applyTtlMs(Config& c, std::string_view v) {
+  c.transferTtlMs = parseU32(v, 1, 2'000'000'000, "must be an integer from 1 to 2000000000 (milliseconds)");
+}
+
+void applyWorldSize(Config& c, std::string_view v) {
+  c.worldSize = static_cast<int32_t>(parseU32(v, 0, 1'000'000'000, kWorldAccepted));
+}
+
 void applyRingEntries(Config& c, std::string_view v) {
   uint32_t n = parseU32(v, kRingEntriesMin, kRingEntriesMax, kRingAccepted);
   if ((n & (n - 1)) != 0) throw ValueError(std::string(kRingAccepted));
@@ -300,9 +328,20 @@ const std::array<Setting, kKeyCount> kSettings{{
      "auto|hugetlb-1g|hugetlb-2m|thp|plain", "KIND", applyArenaPages},
     {"arena", "lock", "SIDECAR_ARENA_LOCK", "arena-lock", Kind::kBool, "must be true or false",
      "mlock the arena (--no-arena-lock to override the file or env)", "BOOL", applyArenaLock},
+    {"transfer", "send_timeout_ms", "SIDECAR_SEND_TIMEOUT_MS", "send-timeout-ms", Kind::kInteger,
+     kTimeoutAccepted, "How long a send waits for arena space before failing", "MS",
+     applySendTimeoutMs},
+    {"transfer", "object_bytes_max", "SIDECAR_OBJECT_BYTES_MAX", "object-bytes-max", Kind::kSize,
+     kObjectAccepted, "Largest small object carried in a control message", "SIZE",
+     applyObjectBytesMax},
+    {"transfer", "ttl_ms", "SIDECAR_TTL_MS", "ttl-ms", Kind::kInteger,
+     "must be an integer from 1 to 2000000000 (milliseconds)",
+     "Data for ranks that never register is released after this", "MS", applyTtlMs},
+    {"transfer", "world_size", "SIDECAR_WORLD_SIZE", "world-size", Kind::kInteger, kWorldAccepted,
+     "Ranks must be below this (0: no limit)", "N", applyWorldSize},
 }};
 
-constexpr std::array<std::string_view, 3> kTables{"listen", "reactor", "arena"};
+constexpr std::array<std::string_view, 4> kTables{"listen", "reactor", "arena", "transfer"};
 
 std::string knownKeys(std::string_view table) {
   std::string out;
@@ -625,7 +664,8 @@ LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
       "(host name)", defaults.logLevel, defaults.logFormat, defaults.socketPath,
       defaults.tcpListen, std::to_string(defaults.cores), "(affinity mask)",
       std::to_string(defaults.spinUs), std::to_string(defaults.ringEntries), "auto",
-      defaults.arenaPages, "false"};
+      defaults.arenaPages, "false", std::to_string(defaults.sendTimeoutMs), "1MiB",
+      std::to_string(defaults.transferTtlMs), std::to_string(defaults.worldSize)};
 
   std::array<std::string, kKeyCount> flagText;
   std::array<CLI::Option*, kKeyCount> flagOpt{};

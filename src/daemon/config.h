@@ -42,6 +42,11 @@ struct Config {
   uint64_t arenaBytes = 0;  // 0 = default sized for the machine (decided by the arena module)
   std::string arenaPages = "auto";  // auto|hugetlb-1g|hugetlb-2m|thp|plain
   bool arenaLock = false;           // mlock the arena
+  // Transfers.
+  uint32_t sendTimeoutMs = 30'000;     // a send waits this long for arena space, then fails
+  uint64_t objectBytesMax = 1 << 20;   // largest small object (rides in a control message)
+  uint32_t transferTtlMs = 600'000;    // data for ranks that never register is released after this
+  int32_t worldSize = 0;               // ranks must be below this; 0 = no limit
 };
 
 // "Stop and exit with this code": --help and --version (code 0, text for stdout) or an error

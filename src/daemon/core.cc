@@ -4,6 +4,8 @@
 #include <sched.h>
 #include <spdlog/spdlog.h>
 
+#include <sys/socket.h>
+
 #include <latch>
 
 #include "reactor/kj_event_port.h"
@@ -59,7 +61,6 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
       : core(core),
         loop(core.options_.reactor, core.options_.spinUs),
         mailbox(loop.reactor()),
-        service(kj::heap<rpc::SidecarService>(core.node_)),
         connections(kj::heap<kj::TaskSet>(*this)), listeners(kj::heap<kj::TaskSet>(*this)) {
     auto paf = kj::newPromiseAndFulfiller<void>();
     stopped = kj::mv(paf.promise);
@@ -72,12 +73,23 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
   }
 
   void adopt(kj::AutoCloseFd fd, bool unixSocket) {
+    int32_t peerPid = 0;
+    if (unixSocket) {
+      ucred credentials{};
+      socklen_t length = sizeof credentials;
+      if (getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0) {
+        peerPid = credentials.pid;
+      }
+    }
+    // One bootstrap service per connection: it knows whether its connection carries fds.
+    capnp::Capability::Client service =
+        kj::heap<rpc::SidecarService>(core.node_, core.transfers_, unixSocket, peerPid);
     auto stream = kj::heap<reactor::UringStream>(loop.reactor(), kj::mv(fd));
     kj::Own<rpc::RpcConnection> connection =
         unixSocket ? kj::heap<rpc::RpcConnection>(
-                         kj::Own<kj::AsyncCapabilityStream>(kj::mv(stream)), service)
+                         kj::Own<kj::AsyncCapabilityStream>(kj::mv(stream)), kj::mv(service))
                    : kj::heap<rpc::RpcConnection>(kj::Own<kj::AsyncIoStream>(kj::mv(stream)),
-                                                  service);
+                                                  kj::mv(service));
     uint32_t now = core.connections_.fetch_add(1, std::memory_order_relaxed) + 1;
     spdlog::debug("core {}: {} connection opened ({} open)", core.options_.index,
                   unixSocket ? "unix" : "tcp", now);
@@ -98,14 +110,16 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
   Core& core;
   reactor::ReactorLoop loop;
   reactor::Mailbox mailbox;
-  capnp::Capability::Client service;
   kj::Own<kj::TaskSet> connections;
   kj::Own<kj::TaskSet> listeners;
   kj::Promise<void> stopped = nullptr;
   kj::Own<kj::PromiseFulfiller<void>> stopFulfiller;
 };
 
-Core::Core(CoreOptions options, rpc::NodeState& node) : options_(options), node_(node) {}
+Core::Core(CoreOptions options, rpc::NodeState& node, rpc::TransferBackend* transfers)
+    : options_(options), node_(node), transfers_(transfers) {}
+
+kj::Timer& Core::timer() { return loop_.load()->loop.timer(); }
 
 Core::~Core() {
   if (thread_.joinable()) {

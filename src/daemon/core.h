@@ -5,6 +5,7 @@
 // connection then lives on its core alone, so no locks guard its state.
 
 #include <kj/async.h>
+#include <kj/timer.h>
 #include <kj/io.h>
 
 #include <atomic>
@@ -15,6 +16,7 @@
 
 #include "reactor/reactor.h"
 #include "rpc/node_state.h"
+#include "rpc/transfer_backend.h"
 
 namespace sidecar::daemon {
 
@@ -27,7 +29,8 @@ struct CoreOptions {
 
 class Core {
  public:
-  Core(CoreOptions options, rpc::NodeState& node);
+  // `transfers` may be null (no transfer service: register fails clearly).
+  Core(CoreOptions options, rpc::NodeState& node, rpc::TransferBackend* transfers = nullptr);
   ~Core();  // stops and joins
 
   // Starts the thread and returns once its reactor and mailbox exist.
@@ -55,6 +58,8 @@ class Core {
   uint32_t connections() const { return connections_.load(std::memory_order_relaxed); }
   // Null until start() returned.
   const reactor::ReactorStats* reactorStats() const { return stats_.load(); }
+  // The core's timer; use only on the core's own thread (e.g. inside a posted task).
+  kj::Timer& timer();
   // Runs work on this core from another core's event loop and returns its result there
   // (kj::Executor::executeAsync). Valid between start() and join().
   const kj::Executor& executor() const { return *executor_; }
@@ -65,6 +70,7 @@ class Core {
 
   CoreOptions options_;
   rpc::NodeState& node_;
+  rpc::TransferBackend* transfers_;
   std::thread thread_;
   // Posting takes this shared; the core's thread takes it exclusively to tear its loop down, so a
   // post never reaches a mailbox being destroyed (posts after that are dropped).

@@ -35,7 +35,9 @@ Daemon::Daemon(Config config)
 Daemon::~Daemon() { stop(); }
 
 void Daemon::start() {
-  // The arena first: it is the largest resource and the likeliest to be refused.
+  // The socket's lock first: a second daemon on the same path must fail before it takes an arena.
+  socketLock_ = reactor::lockUnixSocketPath(config_.socketPath);
+  // The arena next: it is the largest resource and the likeliest to be refused.
   shm::ArenaOptions arenaOptions;
   arenaOptions.sizeBytes =
       config_.arenaBytes != 0 ? config_.arenaBytes : shm::defaultArenaSizeBytes();
@@ -54,12 +56,18 @@ void Daemon::start() {
   if (!(allocator.ok())) KJ_FAIL_REQUIRE(kj::str("cannot create the slab allocator: ",
                                      allocator.error().message.c_str()));
   allocator_ = std::move(allocator).value();
+  TransferOptions transferOptions;
+  transferOptions.sendTimeoutMs = config_.sendTimeoutMs;
+  transferOptions.limits.objectBytesMax = config_.objectBytesMax;
+  transferOptions.limits.ttlMs = config_.transferTtlMs;
+  transferOptions.limits.worldSize = config_.worldSize;
+  transfers_ = std::make_unique<NodeTransfers>(*arena_, *allocator_, transferOptions);
   spdlog::info("arena: {} of {} pages{}; {}", shm::formatBytes(arena_->sizeBytes()),
                shm::pageKindName(arena_->pageKind()), arena_->mlocked() ? ", locked in RAM" : "",
                arena_->pageKindReason());
 
   // Bind next, so a taken socket or port fails before any thread starts.
-  kj::AutoCloseFd unixFd = reactor::listenUnix(config_.socketPath, 0660);
+  kj::AutoCloseFd unixFd = reactor::listenUnix(config_.socketPath, 0660, 512, /*pathLocked=*/true);
   kj::AutoCloseFd tcpFd;
   if (!config_.tcpListen.empty()) {
     auto address = reactor::parseHostPort(config_.tcpListen);
@@ -75,9 +83,11 @@ void Daemon::start() {
     options.cpu = i < cpus.size() ? cpus[i] : -1;
     options.reactor.ringEntries = config_.ringEntries;
     options.spinUs = config_.spinUs;
-    cores_.push_back(std::make_unique<Core>(options, *this));
+    cores_.push_back(std::make_unique<Core>(options, *this, transfers_.get()));
     cores_.back()->start();
   }
+  // Core 0 owns the allocator and the transfer table.
+  cores_[0]->post([this]() { transfers_->attachOwner(cores_[0]->timer()); });
   // Core 0 accepts on both sockets and deals connections out to the cores in turn.
   auto dispatch = [this, next = size_t{0}](kj::AutoCloseFd fd, bool unixSocket) mutable {
     cores_[next++ % cores_.size()]->adopt(kj::mv(fd), unixSocket);
@@ -92,7 +102,9 @@ void Daemon::start() {
 
 void Daemon::stop() {
   if (stopped_.exchange(true) || cores_.empty()) return;
-  // Core 0 first: it owns the listeners, so nothing new arrives while the others stop.
+  // Core 0 first: it owns the listeners, so nothing new arrives while the others stop; it frees
+  // what the transfer service holds before its loop ends.
+  cores_[0]->post([this]() { transfers_->detachOwner(); });
   for (auto& core : cores_) {
     core->requestStop();
     core->join();

@@ -8,8 +8,11 @@
 #include <string>
 #include <vector>
 
+#include <kj/io.h>
+
 #include "daemon/config.h"
 #include "daemon/core.h"
+#include "daemon/node_transfers.h"
 #include "rpc/node_state.h"
 #include "shm/arena.h"
 #include "shm/slab_allocator.h"
@@ -40,6 +43,7 @@ class Daemon final : public rpc::NodeState {
 
  private:
   Config config_;
+  kj::AutoCloseFd socketLock_;  // flock on "<socket>.lock" for the daemon's life
   uint64_t incarnation_;
   int64_t startedAtUnixMs_;
   uint64_t startedAtNs_;
@@ -47,6 +51,7 @@ class Daemon final : public rpc::NodeState {
   std::string tcpAddress_;
   std::optional<shm::Arena> arena_;
   std::unique_ptr<shm::SlabAllocator> allocator_;
+  std::unique_ptr<NodeTransfers> transfers_;
   std::vector<std::unique_ptr<Core>> cores_;
   std::atomic<bool> stopped_{false};
 };

@@ -34,8 +34,13 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   Daemon daemon(config);
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { daemon.start(); })) {
-    std::fprintf(stderr, "sidecard: cannot start: %s\n", e->getDescription().cStr());
+  try {
+    daemon.start();
+  } catch (const kj::Exception& e) {
+    std::fprintf(stderr, "sidecard: cannot start: %s\n", e.getDescription().cStr());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "sidecard: cannot start: %s\n", e.what());
     return 1;
   }
   spdlog::info("ready; stop with SIGINT or SIGTERM");

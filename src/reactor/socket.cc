@@ -7,6 +7,7 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/file.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -77,7 +78,32 @@ HostPort parseHostPort(const std::string& text) {
   return out;
 }
 
-kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog) {
+kj::AutoCloseFd lockUnixSocketPath(const std::string& path) {
+  auto parent = std::filesystem::path(path).parent_path();
+  if (!parent.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(parent, ec);
+    if (ec) {
+      KJ_FAIL_REQUIRE(kj::str("cannot create directory '", parent.c_str(), "' for the socket: ",
+                              ec.message().c_str()));
+    }
+  }
+  std::string lockPath = path + ".lock";
+  int fd = open(lockPath.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0660);
+  if (fd < 0) fail("cannot open lock file '" + lockPath + "'", errno);
+  kj::AutoCloseFd owned(fd);
+  if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+    if (errno == EWOULDBLOCK) {
+      KJ_FAIL_REQUIRE(kj::str("another process is already serving unix socket '", path.c_str(),
+                              "' (it holds ", lockPath.c_str(),
+                              "); stop it or choose another path (--socket)"));
+    }
+    fail("cannot lock '" + lockPath + "'", errno);
+  }
+  return owned;
+}
+
+kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog, bool pathLocked) {
   sockaddr_un addr = unixAddress(path);
   auto parent = std::filesystem::path(path).parent_path();
   if (!parent.empty()) {
@@ -86,8 +112,11 @@ kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog) 
     if (!(!ec)) KJ_FAIL_REQUIRE(kj::str("cannot create directory '", parent.c_str(), "' for the socket: ",
                             ec.message().c_str()));
   }
-  // Refuse to steal the socket of a live daemon; remove a stale one.
-  {
+  struct stat existing {};
+  if (pathLocked) {
+    if (lstat(path.c_str(), &existing) == 0 && S_ISSOCK(existing.st_mode)) unlink(path.c_str());
+  } else {
+    // Refuse to steal the socket of a live daemon; remove a stale one.
     int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     KJ_SYSCALL(probe);
     kj::AutoCloseFd probeFd(probe);

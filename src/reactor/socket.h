@@ -27,7 +27,16 @@ HostPort parseHostPort(const std::string& text);
 // Binds and listens on a unix socket at `path` with permissions `mode`. A stale socket file left by
 // a dead daemon is replaced; a live one (something accepts connections on it) is an error, so two
 // daemons never share a path. The parent directory is created when missing.
-kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog = 512);
+// `pathLocked`: the caller holds lockUnixSocketPath(path), so any socket file there is stale
+// (its daemon is dead, although the kernel may still accept on it for a few milliseconds while
+// it tears the old process's rings down) and is replaced without probing.
+kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog = 512,
+                           bool pathLocked = false);
+
+// Takes an exclusive flock on "<path>.lock" (created when missing), held as long as the returned
+// fd is open: the one reliable test that no other daemon serves `path`. Throws "already
+// serving" when another process holds it.
+kj::AutoCloseFd lockUnixSocketPath(const std::string& path);
 
 // Binds and listens on TCP (SO_REUSEADDR). Port 0 picks a free port; see localPort().
 kj::AutoCloseFd listenTcp(const HostPort& address, int backlog = 512);

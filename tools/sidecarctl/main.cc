@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 #include <sidecar/client.h>
 
@@ -132,6 +133,14 @@ int main(int argc, char** argv) {
   ping->add_option("--bytes", payloadBytes, "payload bytes per ping (at most 65536)")
       ->check(CLI::Range(0, 65536));
 
+  bool transfersJson = false;
+  auto* transfers = app.add_subcommand("transfers", "list registered ranks and data ids in flight");
+  transfers->add_flag("--json", transfersJson, "print JSON instead of a table");
+
+  std::string inspectId;
+  auto* inspect = app.add_subcommand("inspect", "describe one data id in flight");
+  inspect->add_option("id", inspectId, "the data id")->required();
+
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -144,6 +153,35 @@ int main(int argc, char** argv) {
       } else {
         printTable(s);
       }
+    } else if (transfers->parsed()) {
+      auto t = client.transfers();
+      if (transfersJson) {
+        nlohmann::json j = {{"dataIds", t.dataIds}, {"items", t.items}, {"chunks", t.chunks},
+                            {"bytesHeld", t.bytesHeld}, {"waiters", t.waiters},
+                            {"duplicatesDropped", t.duplicatesDropped},
+                            {"expiredHolds", t.expiredHolds},
+                            {"chunksCompleted", t.chunksCompleted}};
+        j["ranks"] = nlohmann::json::array();
+        for (const auto& r : t.ranks) {
+          j["ranks"].push_back({{"rank", r.rank}, {"group", r.group},
+                                {"bytesAllocated", r.bytesAllocated}});
+        }
+        std::puts(j.dump(2).c_str());
+      } else {
+        fmt::print("in flight    {} data id(s), {} chunk(s), {} held, {} waiting recv(s)\n",
+                   t.items, t.chunks, humanBytes(t.bytesHeld), t.waiters);
+        fmt::print("completed    {} chunk(s); {} duplicate replica(s) dropped; {} hold(s) expired\n",
+                   t.chunksCompleted, t.duplicatesDropped, t.expiredHolds);
+        fmt::print("\n{:<8}{:<20}{:>14}\n", "RANK", "GROUP", "ALLOCATED");
+        for (const auto& r : t.ranks) {
+          fmt::print("{:<8}{:<20}{:>14}\n", r.rank, fmt::format("[{}]", fmt::join(r.group, ",")),
+                     humanBytes(r.bytesAllocated));
+        }
+        if (!t.dataIds.empty()) fmt::print("\nDATA IDS\n");
+        for (const auto& id : t.dataIds) fmt::print("  {}\n", id);
+      }
+    } else if (inspect->parsed()) {
+      std::fputs(client.inspect(inspectId).c_str(), stdout);
     } else if (ping->parsed()) {
       std::string payload(payloadBytes, 'x');
       std::vector<double> us;

@@ -1,0 +1,177 @@
+#pragma once
+// libsidecar's transfer API: an executor registers as a rank on its node's sidecard and sends,
+// receives and releases tensors and small objects. The same concepts as Cornserve's
+// `cornserve.sidecar.api` (the Python package of this project mirrors it).
+//
+//   sidecar::RankConfig config{.rank = 0, .group = {0}, .sendHint = {Dtype::kBFloat16, {4096}}};
+//   auto sidecar = sidecar::Sidecar::connect(config);
+//   sidecar.send("id-1", tensorRef, {{2}}).wait();          // to rank 2
+//   ...                                                     // on rank 2:
+//   sidecar::Received r = sidecar.recv("id-1");             // a view into the node's arena
+//   sidecar.markDone("id-1");                               // r's memory is released
+//
+// Threading: like sidecar::Client, a Sidecar belongs to the thread that created it.
+// Errors: every failure throws sidecar::Error with a code (see error.h).
+
+#include <sidecar/client.h>
+#include <sidecar/error.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sidecar {
+
+enum class Dtype : uint8_t {
+  kBool, kUint8, kInt8, kInt16, kInt32, kInt64, kFloat16, kBFloat16, kFloat32, kFloat64,
+};
+// Size of one element in bytes.
+uint32_t dtypeBytes(Dtype dtype);
+const char* dtypeName(Dtype dtype);
+
+// The unit of allocation: one row of prod(rowShape) elements, e.g. {kBFloat16, {4096}} for a
+// hidden state of 4096 (the reference's shape (-1, 4096) without its -1).
+struct MemoryHint {
+  Dtype dtype = Dtype::kUint8;
+  std::vector<int64_t> rowShape;
+};
+
+struct RankConfig {
+  int32_t rank = 0;
+  std::vector<int32_t> group;  // sorted, contains rank; empty means {rank}
+  MemoryHint sendHint;
+  MemoryHint recvHint;         // empty rowShape: the send hint
+  bool concurrentCopy = false;
+  std::string socketPath = Client::defaultSocketPath();
+};
+
+// Destinations: a list of groups, each the sorted ranks of one receiving executor.
+using Groups = std::vector<std::vector<int32_t>>;
+
+// A CPU tensor to send; read (copied into the arena) during send().
+struct TensorRef {
+  Dtype dtype = Dtype::kUint8;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // in elements; empty: contiguous (row-major)
+  const void* data = nullptr;
+};
+
+// A small object: bytes with a tag saying what they are (the Python layer: str, bytes, int,
+// float, bool, dict). Rides in the control message.
+struct Object {
+  uint32_t typeTag = 0;
+  std::string bytes;
+};
+
+struct TensorView {
+  Dtype dtype = Dtype::kUint8;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;  // in the node's arena; valid until this rank's group marks it done
+  uint64_t sizeBytes = 0;
+};
+
+struct Received {
+  enum class Kind { kTensor, kObject, kEndOfStream };
+  Kind kind = Kind::kEndOfStream;
+  TensorView tensor;
+  Object object;
+};
+
+// A writable tensor inside the arena: fill it, then send it without any copy.
+class ArenaTensor {
+ public:
+  ArenaTensor() = default;
+  void* data() const { return data_; }
+  uint64_t sizeBytes() const { return sizeBytes_; }
+  Dtype dtype() const { return dtype_; }
+  const std::vector<int64_t>& shape() const { return shape_; }
+
+ private:
+  friend class Sidecar;
+  Dtype dtype_ = Dtype::kUint8;
+  std::vector<int64_t> shape_;
+  void* data_ = nullptr;
+  uint64_t sizeBytes_ = 0;
+  uint64_t offset_ = 0;
+};
+
+// The outcome of an asynchronous call; wait() returns when the daemon answered and throws its
+// error. Destroying an unwaited handle lets the call finish in the background (its failure is
+// then reported by the next call on that data id, never lost silently: see the daemon log).
+class SendHandle {
+ public:
+  SendHandle();
+  SendHandle(SendHandle&&) noexcept;
+  SendHandle& operator=(SendHandle&&) noexcept;
+  ~SendHandle();
+  void wait();
+
+ private:
+  friend class Sidecar;
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+class RecvHandle {
+ public:
+  RecvHandle();
+  RecvHandle(RecvHandle&&) noexcept;
+  RecvHandle& operator=(RecvHandle&&) noexcept;
+  ~RecvHandle();
+  Received wait();
+
+ private:
+  friend class Sidecar;
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+class Sidecar {
+ public:
+  // Connects to the node's daemon, registers the rank and maps the arena. Throws Error
+  // (kUnavailable, kAlreadyRegistered, kInvalidArgument).
+  static Sidecar connect(const RankConfig& config);
+
+  Sidecar(Sidecar&&) noexcept;
+  Sidecar& operator=(Sidecar&&) noexcept;
+  ~Sidecar();  // unregisters the rank
+
+  int32_t rank() const;
+
+  // Copies `tensor` into the arena (waiting for space when it is full, up to the daemon's send
+  // timeout) and sends it. Returns once the bytes are copied; the handle tells when the daemon
+  // has the chunk. numChunks 0: a stream whose length closeStream() fixes.
+  SendHandle send(const std::string& dataId, const TensorRef& tensor, const Groups& destinations,
+                  uint32_t chunkId = 0, uint32_t numChunks = 1);
+  SendHandle send(const std::string& dataId, const Object& object, const Groups& destinations,
+                  uint32_t chunkId = 0, uint32_t numChunks = 1);
+  // Zero copy: a tensor allocated in the arena and filled by the caller.
+  ArenaTensor allocateTensor(Dtype dtype, const std::vector<int64_t>& shape,
+                             uint32_t timeoutMs = 0);
+  SendHandle send(const std::string& dataId, ArenaTensor&& tensor, const Groups& destinations,
+                  uint32_t chunkId = 0, uint32_t numChunks = 1);
+  // Gives back an arena tensor that will not be sent.
+  void release(ArenaTensor&& tensor);
+
+  void closeStream(const std::string& dataId, uint32_t numChunks, const Groups& destinations);
+
+  // Waits for the chunk (timeoutMs 0: no limit). Idempotent until markDone.
+  Received recv(const std::string& dataId, uint32_t chunkId = 0, uint32_t timeoutMs = 0);
+  RecvHandle recvAsync(const std::string& dataId, uint32_t chunkId = 0, uint32_t timeoutMs = 0);
+
+  void markDone(const std::string& dataId, uint32_t chunkId = 0);
+
+  // The arena as this process maps it (for tests and tools).
+  const void* arenaBase() const;
+  uint64_t arenaBytes() const;
+
+ private:
+  friend class SendHandle;
+  friend class RecvHandle;
+  struct Impl;
+  explicit Sidecar(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sidecar

@@ -1,0 +1,412 @@
+#include "sidecar/sidecar.h"
+
+#include <capnp/rpc-twoparty.h>
+#include <kj/debug.h>
+#include <sys/mman.h>
+
+#include <cstring>
+#include <map>
+
+#include "client/errors.h"
+#include "client/thread_loop.h"
+#include "reactor/socket.h"
+#include "reactor/uring_stream.h"
+#include "sidecar.capnp.h"
+
+namespace sidecar {
+
+uint32_t dtypeBytes(Dtype dtype) {
+  switch (dtype) {
+    case Dtype::kBool: case Dtype::kUint8: case Dtype::kInt8: return 1;
+    case Dtype::kInt16: case Dtype::kFloat16: case Dtype::kBFloat16: return 2;
+    case Dtype::kInt32: case Dtype::kFloat32: return 4;
+    case Dtype::kInt64: case Dtype::kFloat64: return 8;
+  }
+  return 0;
+}
+
+const char* dtypeName(Dtype dtype) {
+  switch (dtype) {
+    case Dtype::kBool: return "bool";
+    case Dtype::kUint8: return "uint8";
+    case Dtype::kInt8: return "int8";
+    case Dtype::kInt16: return "int16";
+    case Dtype::kInt32: return "int32";
+    case Dtype::kInt64: return "int64";
+    case Dtype::kFloat16: return "float16";
+    case Dtype::kBFloat16: return "bfloat16";
+    case Dtype::kFloat32: return "float32";
+    case Dtype::kFloat64: return "float64";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// The wire enum has the same order as ours (schema/sidecar.capnp).
+proto::Dtype toProto(Dtype dtype) { return static_cast<proto::Dtype>(static_cast<uint16_t>(dtype)); }
+
+Dtype fromProto(proto::Dtype dtype) {
+  auto value = static_cast<uint16_t>(dtype);
+  if (value > static_cast<uint16_t>(Dtype::kFloat64)) {
+    throw Error(ErrorCode::kProtocolMismatch, "the daemon sent an unknown dtype " + std::to_string(value));
+  }
+  return static_cast<Dtype>(value);
+}
+
+Error invalid(const std::string& message) { return Error(ErrorCode::kInvalidArgument, message); }
+
+// Bytes of a tensor of `shape`; throws for a negative dimension or an overflow.
+uint64_t tensorBytes(Dtype dtype, const std::vector<int64_t>& shape) {
+  uint64_t bytes = dtypeBytes(dtype);
+  if (bytes == 0) throw invalid("unknown dtype " + std::to_string(static_cast<int>(dtype)));
+  for (int64_t dim : shape) {
+    if (dim < 0) throw invalid("tensor dimensions must be >= 0, got " + std::to_string(dim));
+    if (dim != 0 && bytes > UINT64_MAX / static_cast<uint64_t>(dim)) throw invalid("tensor too large");
+    bytes *= static_cast<uint64_t>(dim);
+  }
+  return bytes;
+}
+
+void setDestinations(capnp::List<proto::Destination>::Builder out, const Groups& groups) {
+  for (size_t i = 0; i < groups.size(); ++i) {
+    auto ranks = out[static_cast<unsigned>(i)].initRanks(static_cast<unsigned>(groups[i].size()));
+    for (size_t r = 0; r < groups[i].size(); ++r) ranks.set(static_cast<unsigned>(r), groups[i][r]);
+  }
+}
+
+void setHint(proto::MemoryHint::Builder out, const MemoryHint& hint) {
+  out.setDtype(toProto(hint.dtype));
+  auto shape = out.initRowShape(static_cast<unsigned>(hint.rowShape.size()));
+  for (size_t i = 0; i < hint.rowShape.size(); ++i) shape.set(static_cast<unsigned>(i), hint.rowShape[i]);
+}
+
+// Copies a strided tensor into contiguous memory, innermost dimension first.
+void copyStrided(kj::byte* out, const kj::byte* in, const std::vector<int64_t>& shape,
+                 const std::vector<int64_t>& strides, size_t elementBytes, size_t dim) {
+  if (dim + 1 == shape.size()) {
+    if (strides[dim] == 1) {
+      memcpy(out, in, static_cast<size_t>(shape[dim]) * elementBytes);
+      return;
+    }
+    for (int64_t i = 0; i < shape[dim]; ++i) {
+      memcpy(out + static_cast<size_t>(i) * elementBytes,
+             in + static_cast<ptrdiff_t>(i * strides[dim]) * static_cast<ptrdiff_t>(elementBytes),
+             elementBytes);
+    }
+    return;
+  }
+  size_t innerBytes = elementBytes;
+  for (size_t d = dim + 1; d < shape.size(); ++d) innerBytes *= static_cast<size_t>(shape[d]);
+  for (int64_t i = 0; i < shape[dim]; ++i) {
+    copyStrided(out + static_cast<size_t>(i) * innerBytes,
+                in + static_cast<ptrdiff_t>(i * strides[dim]) * static_cast<ptrdiff_t>(elementBytes),
+                shape, strides, elementBytes, dim + 1);
+  }
+}
+
+bool isContiguous(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides) {
+  if (strides.empty()) return true;
+  int64_t expected = 1;
+  for (size_t d = shape.size(); d-- > 0;) {
+    if (shape[d] != 1 && strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+}  // namespace
+
+struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
+  Impl(const RankConfig& config, kj::AutoCloseFd fd)
+      : loop(threadLoop.get()),
+        stream(makeStream(loop, kj::mv(fd))),
+        rpc(kj::heap<capnp::TwoPartyClient>(static_cast<kj::AsyncCapabilityStream&>(*stream), 4)),
+        bootstrap(rpc->bootstrap().castAs<proto::Sidecar>()),
+        rank(config.rank),
+        background(*this) {}
+
+  // The registration answer carries the arena's fd: no read-ahead until it has arrived (see
+  // UringStream::setReadAhead).
+  static kj::Own<reactor::UringStream> makeStream(reactor::ReactorLoop& loop, kj::AutoCloseFd fd) {
+    auto stream = kj::heap<reactor::UringStream>(loop.reactor(), kj::mv(fd));
+    stream->setReadAhead(false);
+    return stream;
+  }
+
+  ~Impl() {
+    session = nullptr;
+    bootstrap = nullptr;
+    rpc = nullptr;
+    stream = nullptr;
+    if (arenaBase != nullptr) munmap(arenaBase, arenaBytes);
+  }
+
+  void taskFailed(kj::Exception&& exception) override {
+    // An unwaited send failed: keep the error for the next call on its data id.
+    failedSends.emplace_back(client::translate(exception, "send"));
+  }
+
+  void throwDeferred() {
+    if (failedSends.empty()) return;
+    Error error = failedSends.front();
+    failedSends.erase(failedSends.begin());
+    throw Error(error.code(), std::string(error.what()) + " (from an earlier send whose handle was dropped)");
+  }
+
+  kj::WaitScope& ws() { return loop.waitScope(); }
+
+  client::ThreadLoop threadLoop;  // first: destroyed last
+  reactor::ReactorLoop& loop;
+  kj::Own<reactor::UringStream> stream;
+  kj::Own<capnp::TwoPartyClient> rpc;
+  proto::Sidecar::Client bootstrap;
+  proto::Session::Client session = nullptr;
+  int32_t rank;
+  void* arenaBase = nullptr;
+  uint64_t arenaBytes = 0;
+  kj::TaskSet background;
+  std::vector<Error> failedSends;
+};
+
+struct SendHandle::State {
+  Sidecar::Impl* impl;
+  kj::Promise<void> promise;
+};
+
+SendHandle::SendHandle() = default;
+SendHandle::SendHandle(SendHandle&&) noexcept = default;
+SendHandle& SendHandle::operator=(SendHandle&&) noexcept = default;
+SendHandle::~SendHandle() {
+  // Not waited: let it finish in the background; a failure surfaces on a later call.
+  if (state_) state_->impl->background.add(kj::mv(state_->promise));
+}
+
+void SendHandle::wait() {
+  if (!state_) return;
+  auto state = std::move(state_);
+  client::call("send", [&]() { state->promise.wait(state->impl->ws()); });
+}
+
+struct RecvHandle::State {
+  Sidecar::Impl* impl;
+  kj::Promise<Received> promise;
+};
+
+RecvHandle::RecvHandle() = default;
+RecvHandle::RecvHandle(RecvHandle&&) noexcept = default;
+RecvHandle& RecvHandle::operator=(RecvHandle&&) noexcept = default;
+RecvHandle::~RecvHandle() = default;
+
+Received RecvHandle::wait() {
+  if (!state_) throw invalid("recv: this handle was already waited on");
+  auto state = std::move(state_);
+  Received out;
+  client::call("recv", [&]() { out = state->promise.wait(state->impl->ws()); });
+  return out;
+}
+
+Sidecar::Sidecar(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Sidecar::Sidecar(Sidecar&&) noexcept = default;
+Sidecar& Sidecar::operator=(Sidecar&&) noexcept = default;
+Sidecar::~Sidecar() = default;
+
+int32_t Sidecar::rank() const { return impl_->rank; }
+const void* Sidecar::arenaBase() const { return impl_->arenaBase; }
+uint64_t Sidecar::arenaBytes() const { return impl_->arenaBytes; }
+
+Sidecar Sidecar::connect(const RankConfig& config) {
+  kj::AutoCloseFd fd;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { fd = reactor::connectUnix(config.socketPath); })) {
+    throw Error(ErrorCode::kUnavailable, e->getDescription().cStr());
+  }
+  auto impl = std::make_unique<Impl>(config, kj::mv(fd));
+  client::call("register", [&]() {
+    auto request = impl->bootstrap.registerRequest();
+    auto r = request.initRegistration();
+    r.setRank(config.rank);
+    std::vector<int32_t> group = config.group.empty() ? std::vector<int32_t>{config.rank} : config.group;
+    auto g = r.initGroup(static_cast<unsigned>(group.size()));
+    for (size_t i = 0; i < group.size(); ++i) g.set(static_cast<unsigned>(i), group[i]);
+    setHint(r.initSendHint(), config.sendHint);
+    setHint(r.initRecvHint(), config.recvHint.rowShape.empty() ? config.sendHint : config.recvHint);
+    r.setConcurrentCopy(config.concurrentCopy);
+    auto response = request.send().wait(impl->ws());
+    impl->session = response.getSession();
+    impl->arenaBytes = response.getArenaBytes();
+    auto arenaFd = response.getArena().getFd().wait(impl->ws());
+    KJ_IF_MAYBE(raw, arenaFd) {
+      void* base = mmap(nullptr, impl->arenaBytes, PROT_READ | PROT_WRITE, MAP_SHARED, *raw, 0);
+      if (base == MAP_FAILED) {
+        throw Error(ErrorCode::kInternal,
+                    "cannot map the node's arena (" + std::to_string(impl->arenaBytes) +
+                        " bytes): " + strerror(errno));
+      }
+      impl->arenaBase = base;
+      impl->stream->setReadAhead(true);  // no more fds will come
+    } else {
+      throw Error(ErrorCode::kInternal, "the daemon did not pass the arena's file descriptor");
+    }
+  });
+  return Sidecar(std::move(impl));
+}
+
+ArenaTensor Sidecar::allocateTensor(Dtype dtype, const std::vector<int64_t>& shape,
+                                    uint32_t timeoutMs) {
+  impl_->throwDeferred();
+  ArenaTensor out;
+  out.dtype_ = dtype;
+  out.shape_ = shape;
+  out.sizeBytes_ = tensorBytes(dtype, shape);
+  client::call("allocate", [&]() {
+    auto request = impl_->session.allocateRequest();
+    request.setSizeBytes(std::max<uint64_t>(out.sizeBytes_, 1));
+    request.setTimeoutMs(timeoutMs);
+    auto response = request.send().wait(impl_->ws());
+    out.offset_ = response.getOffset();
+    if (out.offset_ + response.getSizeBytes() > impl_->arenaBytes) {
+      throw Error(ErrorCode::kInternal, "the daemon allocated outside the arena");
+    }
+    out.data_ = static_cast<kj::byte*>(impl_->arenaBase) + out.offset_;
+  });
+  return out;
+}
+
+void Sidecar::release(ArenaTensor&& tensor) {
+  client::call("release", [&]() {
+    auto request = impl_->session.releaseRequest();
+    request.setOffset(tensor.offset_);
+    request.send().wait(impl_->ws());
+  });
+  tensor.data_ = nullptr;
+}
+
+SendHandle Sidecar::send(const std::string& dataId, const TensorRef& tensor,
+                         const Groups& destinations, uint32_t chunkId, uint32_t numChunks) {
+  uint64_t bytes = tensorBytes(tensor.dtype, tensor.shape);
+  if (!tensor.strides.empty() && tensor.strides.size() != tensor.shape.size()) {
+    throw invalid("tensor strides must be empty or one per dimension");
+  }
+  if (bytes > 0 && tensor.data == nullptr) throw invalid("tensor data is null");
+  ArenaTensor arena = allocateTensor(tensor.dtype, tensor.shape);
+  if (bytes > 0) {
+    if (isContiguous(tensor.shape, tensor.strides)) {
+      memcpy(arena.data_, tensor.data, bytes);
+    } else {
+      copyStrided(static_cast<kj::byte*>(arena.data_), static_cast<const kj::byte*>(tensor.data),
+                  tensor.shape, tensor.strides, dtypeBytes(tensor.dtype), 0);
+    }
+  }
+  return send(dataId, std::move(arena), destinations, chunkId, numChunks);
+}
+
+SendHandle Sidecar::send(const std::string& dataId, ArenaTensor&& tensor,
+                         const Groups& destinations, uint32_t chunkId, uint32_t numChunks) {
+  if (tensor.data_ == nullptr) throw invalid("send: the arena tensor was already sent or released");
+  impl_->throwDeferred();
+  SendHandle handle;
+  client::call("send", [&]() {
+    auto request = impl_->session.sendRequest();
+    request.setDataId(dataId);
+    request.setChunkId(chunkId);
+    request.setNumChunks(numChunks);
+    setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
+    auto t = request.initPayload().initTensor();
+    t.setDtype(toProto(tensor.dtype_));
+    auto shape = t.initShape(static_cast<unsigned>(tensor.shape_.size()));
+    for (size_t i = 0; i < tensor.shape_.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape_[i]);
+    t.setOffset(tensor.offset_);
+    t.setSizeBytes(tensor.sizeBytes_);
+    handle.state_ = std::make_unique<SendHandle::State>(
+        SendHandle::State{impl_.get(), request.send().ignoreResult()});
+  });
+  tensor.data_ = nullptr;
+  return handle;
+}
+
+SendHandle Sidecar::send(const std::string& dataId, const Object& object,
+                         const Groups& destinations, uint32_t chunkId, uint32_t numChunks) {
+  impl_->throwDeferred();
+  SendHandle handle;
+  client::call("send", [&]() {
+    auto request = impl_->session.sendRequest();
+    request.setDataId(dataId);
+    request.setChunkId(chunkId);
+    request.setNumChunks(numChunks);
+    setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
+    auto o = request.initPayload().initObject();
+    o.setTypeTag(object.typeTag);
+    o.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(object.bytes.data()), object.bytes.size()));
+    handle.state_ = std::make_unique<SendHandle::State>(
+        SendHandle::State{impl_.get(), request.send().ignoreResult()});
+  });
+  return handle;
+}
+
+void Sidecar::closeStream(const std::string& dataId, uint32_t numChunks, const Groups& destinations) {
+  impl_->throwDeferred();
+  client::call("closeStream", [&]() {
+    auto request = impl_->session.closeStreamRequest();
+    request.setDataId(dataId);
+    request.setNumChunks(numChunks);
+    setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
+    request.send().wait(impl_->ws());
+  });
+}
+
+RecvHandle Sidecar::recvAsync(const std::string& dataId, uint32_t chunkId, uint32_t timeoutMs) {
+  RecvHandle handle;
+  client::call("recv", [&]() {
+    auto request = impl_->session.recvRequest();
+    request.setDataId(dataId);
+    request.setChunkId(chunkId);
+    request.setTimeoutMs(timeoutMs);
+    Impl* impl = impl_.get();
+    auto promise = request.send().then([impl](capnp::Response<proto::Session::RecvResults> response) {
+      auto result = response.getResult();
+      Received out;
+      switch (result.which()) {
+        case proto::RecvResult::TENSOR: {
+          auto t = result.getTensor();
+          out.kind = Received::Kind::kTensor;
+          out.tensor.dtype = fromProto(t.getDtype());
+          for (int64_t dim : t.getShape()) out.tensor.shape.push_back(dim);
+          out.tensor.sizeBytes = t.getSizeBytes();
+          if (t.getOffset() > impl->arenaBytes || out.tensor.sizeBytes > impl->arenaBytes - t.getOffset()) {
+            throw Error(ErrorCode::kInternal, "the daemon pointed outside the arena");
+          }
+          out.tensor.data = static_cast<const kj::byte*>(impl->arenaBase) + t.getOffset();
+          break;
+        }
+        case proto::RecvResult::OBJECT: {
+          auto o = result.getObject();
+          out.kind = Received::Kind::kObject;
+          out.object.typeTag = o.getTypeTag();
+          auto bytes = o.getBytes();
+          out.object.bytes.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+          break;
+        }
+        default:
+          out.kind = Received::Kind::kEndOfStream;
+      }
+      return out;
+    });
+    handle.state_ = std::make_unique<RecvHandle::State>(RecvHandle::State{impl, kj::mv(promise)});
+  });
+  return handle;
+}
+
+Received Sidecar::recv(const std::string& dataId, uint32_t chunkId, uint32_t timeoutMs) {
+  return recvAsync(dataId, chunkId, timeoutMs).wait();
+}
+
+void Sidecar::markDone(const std::string& dataId, uint32_t chunkId) {
+  client::call("markDone", [&]() {
+    auto request = impl_->session.markDoneRequest();
+    request.setDataId(dataId);
+    request.setChunkId(chunkId);
+    request.send().wait(impl_->ws());
+  });
+}
+
+}  // namespace sidecar

@@ -1,0 +1,170 @@
+#include "rpc/session_service.h"
+
+#include <kj/debug.h>
+
+namespace sidecar::rpc {
+
+namespace {
+
+std::string text(capnp::Text::Reader t) { return std::string(t.cStr(), t.size()); }
+
+void writeTensor(proto::Tensor::Builder out, const TensorDescriptor& tensor) {
+  out.setDtype(toProto(tensor.dtype));
+  auto shape = out.initShape(static_cast<unsigned>(tensor.shape.size()));
+  for (size_t i = 0; i < tensor.shape.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape[i]);
+  out.setOffset(tensor.offset);
+  out.setSizeBytes(tensor.sizeBytes);
+}
+
+}  // namespace
+
+kj::Exception transferError(const char* kind, const std::string& message) {
+  return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                       kj::str("[", kind, "] ", message.c_str()));
+}
+
+kj::Exception transferError(const transfer::Error& error) {
+  using transfer::Errc;
+  const char* kind = "invalid-argument";
+  switch (error.code) {
+    case Errc::kInvalidArgument: kind = "invalid-argument"; break;
+    case Errc::kChunkOutOfRange: kind = "chunk-out-of-range"; break;
+    case Errc::kNumChunksMismatch: kind = "num-chunks-mismatch"; break;
+    case Errc::kAlreadySent: kind = "already-sent"; break;
+    case Errc::kAlreadyDone: kind = "already-done"; break;
+    case Errc::kNotReceiver: kind = "not-receiver"; break;
+    case Errc::kNotAvailable: kind = "not-available"; break;
+    case Errc::kTooLarge: kind = "too-large"; break;
+    case Errc::kExpired: kind = "expired"; break;
+    case Errc::kCancelled: kind = "cancelled"; break;
+    case Errc::kTimeout: kind = "timeout"; break;
+  }
+  return transferError(kind, error.message);
+}
+
+transfer::Dtype fromProto(proto::Dtype dtype) {
+  using D = transfer::Dtype;
+  switch (dtype) {
+    case proto::Dtype::BOOL: return D::kBool;
+    case proto::Dtype::UINT8: return D::kUint8;
+    case proto::Dtype::INT8: return D::kInt8;
+    case proto::Dtype::INT16: return D::kInt16;
+    case proto::Dtype::INT32: return D::kInt32;
+    case proto::Dtype::INT64: return D::kInt64;
+    case proto::Dtype::FLOAT16: return D::kFloat16;
+    case proto::Dtype::BFLOAT16: return D::kBFloat16;
+    case proto::Dtype::FLOAT32: return D::kFloat32;
+    case proto::Dtype::FLOAT64: return D::kFloat64;
+  }
+  throw transferError("invalid-argument",
+                      "unknown dtype " + std::to_string(static_cast<int>(dtype)) +
+                          "; the client is newer than this daemon");
+}
+
+proto::Dtype toProto(transfer::Dtype dtype) {
+  using D = transfer::Dtype;
+  switch (dtype) {
+    case D::kBool: return proto::Dtype::BOOL;
+    case D::kUint8: return proto::Dtype::UINT8;
+    case D::kInt8: return proto::Dtype::INT8;
+    case D::kInt16: return proto::Dtype::INT16;
+    case D::kInt32: return proto::Dtype::INT32;
+    case D::kInt64: return proto::Dtype::INT64;
+    case D::kFloat16: return proto::Dtype::FLOAT16;
+    case D::kBFloat16: return proto::Dtype::BFLOAT16;
+    case D::kFloat32: return proto::Dtype::FLOAT32;
+    case D::kFloat64: return proto::Dtype::FLOAT64;
+  }
+  return proto::Dtype::UINT8;
+}
+
+std::vector<transfer::Group> readDestinations(capnp::List<proto::Destination>::Reader list) {
+  std::vector<transfer::Group> out;
+  out.reserve(list.size());
+  for (auto destination : list) {
+    transfer::Group group;
+    for (int32_t rank : destination.getRanks()) group.push_back(rank);
+    out.push_back(std::move(group));
+  }
+  return out;
+}
+
+SessionService::~SessionService() { backend_.unregister(session_); }
+
+kj::Promise<void> SessionService::allocate(AllocateContext context) {
+  auto params = context.getParams();
+  return backend_.allocate(session_, params.getSizeBytes(), params.getTimeoutMs())
+      .then([context](shm::Allocation allocation) mutable {
+        auto results = context.getResults();
+        results.setOffset(allocation.offset);
+        results.setSizeBytes(allocation.sizeBytes);
+      });
+}
+
+kj::Promise<void> SessionService::release(ReleaseContext context) {
+  return backend_.release(session_, context.getParams().getOffset());
+}
+
+kj::Promise<void> SessionService::send(SendContext context) {
+  auto params = context.getParams();
+  SendRequest request;
+  request.dataId = text(params.getDataId());
+  request.chunkId = params.getChunkId();
+  request.numChunks = params.getNumChunks();
+  request.destinations = readDestinations(params.getDestinations());
+  auto payload = params.getPayload();
+  switch (payload.which()) {
+    case proto::Payload::TENSOR: {
+      auto t = payload.getTensor();
+      TensorDescriptor tensor;
+      tensor.dtype = fromProto(t.getDtype());
+      for (int64_t dim : t.getShape()) tensor.shape.push_back(dim);
+      tensor.offset = t.getOffset();
+      tensor.sizeBytes = t.getSizeBytes();
+      request.payload = std::move(tensor);
+      break;
+    }
+    case proto::Payload::OBJECT: {
+      auto o = payload.getObject();
+      auto bytes = o.getBytes();
+      request.payload = transfer::ObjectChunk{
+          o.getTypeTag(), std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size())};
+      break;
+    }
+    default:
+      return transferError("invalid-argument", "the payload is neither a tensor nor an object");
+  }
+  return backend_.send(session_, std::move(request));
+}
+
+kj::Promise<void> SessionService::closeStream(CloseStreamContext context) {
+  auto params = context.getParams();
+  return backend_.closeStream(session_, text(params.getDataId()), params.getNumChunks(),
+                              readDestinations(params.getDestinations()));
+}
+
+kj::Promise<void> SessionService::recv(RecvContext context) {
+  auto params = context.getParams();
+  return backend_
+      .recv(session_, text(params.getDataId()), params.getChunkId(), params.getTimeoutMs())
+      .then([context](RecvReply reply) mutable {
+        auto result = context.getResults().initResult();
+        if (auto* tensor = std::get_if<TensorDescriptor>(&reply)) {
+          writeTensor(result.initTensor(), *tensor);
+        } else if (auto* object = std::get_if<transfer::ObjectChunk>(&reply)) {
+          auto out = result.initObject();
+          out.setTypeTag(object->typeTag);
+          out.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(object->bytes.data()),
+                                    object->bytes.size()));
+        } else {
+          result.setEndOfStream();
+        }
+      });
+}
+
+kj::Promise<void> SessionService::markDone(MarkDoneContext context) {
+  auto params = context.getParams();
+  return backend_.markDone(session_, text(params.getDataId()), params.getChunkId());
+}
+
+}  // namespace sidecar::rpc

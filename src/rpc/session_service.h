@@ -1,0 +1,46 @@
+#pragma once
+// The Session capability of one registered rank: translates schema/sidecar.capnp's Session calls
+// into TransferBackend calls. Lives on the core that serves the client's connection; when the
+// client drops it (or the connection breaks) the destructor unregisters the rank.
+
+#include "rpc/transfer_backend.h"
+#include "sidecar.capnp.h"
+
+namespace sidecar::rpc {
+
+class SessionService final : public proto::Session::Server {
+ public:
+  SessionService(TransferBackend& backend, SessionId session, transfer::Rank rank)
+      : backend_(backend), session_(session), rank_(rank) {}
+  ~SessionService();
+
+ protected:
+  kj::Promise<void> allocate(AllocateContext context) override;
+  kj::Promise<void> release(ReleaseContext context) override;
+  kj::Promise<void> send(SendContext context) override;
+  kj::Promise<void> closeStream(CloseStreamContext context) override;
+  kj::Promise<void> recv(RecvContext context) override;
+  kj::Promise<void> markDone(MarkDoneContext context) override;
+
+ private:
+  TransferBackend& backend_;
+  SessionId session_;
+  transfer::Rank rank_;
+};
+
+// Carries the arena's memfd to the client (Capability::Client::getFd()).
+class ArenaHandleService final : public proto::ArenaHandle::Server {
+ public:
+  explicit ArenaHandleService(int fd) : fd_(fd) {}
+  kj::Maybe<int> getFd() override { return fd_; }
+
+ private:
+  int fd_;  // owned by the arena, which outlives every connection
+};
+
+// Conversions shared with the Sidecar service.
+transfer::Dtype fromProto(proto::Dtype dtype);
+proto::Dtype toProto(transfer::Dtype dtype);
+std::vector<transfer::Group> readDestinations(capnp::List<proto::Destination>::Reader list);
+
+}  // namespace sidecar::rpc

@@ -1,0 +1,89 @@
+#pragma once
+// What the RPC services need from the node's transfer machinery. The daemon implements it on the
+// core that owns the arena's allocator and the transfer table; every method may be called from any
+// core's event loop and answers there. Failures are kj exceptions whose description starts with
+// "[kind] " (see schema/sidecar.capnp), made by transferError().
+
+#include <kj/async.h>
+#include <kj/exception.h>
+
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "transfer/transfer_table.h"
+
+namespace sidecar::rpc {
+
+struct RankRegistration {
+  transfer::Rank rank = 0;
+  transfer::Group group;
+  uint64_t sendHintBytes = 0;  // unit of allocation for this rank's sends
+  uint64_t recvHintBytes = 0;
+  bool concurrentCopy = false;
+  int32_t peerPid = 0;  // the client's process (SO_PEERCRED); 0 when unknown
+};
+
+struct TensorDescriptor {
+  transfer::Dtype dtype = transfer::Dtype::kUint8;
+  std::vector<int64_t> shape;
+  uint64_t offset = 0;
+  uint64_t sizeBytes = 0;
+};
+
+struct SendRequest {
+  std::string dataId;
+  uint32_t chunkId = 0;
+  uint32_t numChunks = 1;
+  std::vector<transfer::Group> destinations;
+  std::variant<TensorDescriptor, transfer::ObjectChunk> payload;
+};
+
+using RecvReply = std::variant<TensorDescriptor, transfer::ObjectChunk, transfer::EndOfStream>;
+
+struct RankSummary {
+  transfer::Rank rank = 0;
+  transfer::Group group;
+  uint64_t bytesAllocated = 0;
+};
+
+struct TransferSummary {
+  std::vector<std::string> dataIds;
+  transfer::TransferStats stats;
+  std::vector<RankSummary> ranks;
+};
+
+using SessionId = uint64_t;
+
+class TransferBackend {
+ public:
+  virtual kj::Promise<SessionId> registerRank(RankRegistration registration) = 0;
+  // Fire and forget, from any thread: the session's rank is gone (client closed or died).
+  virtual void unregister(SessionId session) = 0;
+
+  virtual kj::Promise<shm::Allocation> allocate(SessionId session, uint64_t sizeBytes,
+                                                uint32_t timeoutMs) = 0;
+  virtual kj::Promise<void> release(SessionId session, uint64_t offset) = 0;
+  virtual kj::Promise<void> send(SessionId session, SendRequest request) = 0;
+  virtual kj::Promise<void> closeStream(SessionId session, std::string dataId, uint32_t numChunks,
+                                        std::vector<transfer::Group> destinations) = 0;
+  virtual kj::Promise<RecvReply> recv(SessionId session, std::string dataId, uint32_t chunkId,
+                                      uint32_t timeoutMs) = 0;
+  virtual kj::Promise<void> markDone(SessionId session, std::string dataId, uint32_t chunkId) = 0;
+
+  virtual kj::Promise<TransferSummary> summary() = 0;
+  virtual kj::Promise<std::string> inspect(std::string dataId) = 0;
+
+  virtual int arenaFd() const = 0;
+  virtual uint64_t arenaBytes() const = 0;
+
+ protected:
+  ~TransferBackend() = default;
+};
+
+// "[kind] message" as a kj exception (FAILED), the one shape clients parse.
+kj::Exception transferError(const char* kind, const std::string& message);
+kj::Exception transferError(const transfer::Error& error);
+
+}  // namespace sidecar::rpc
