@@ -128,6 +128,10 @@ void expectDefaults(const Config& c) {
   EXPECT_EQ(c.arenaBytes, d.arenaBytes);
   EXPECT_EQ(c.arenaPages, d.arenaPages);
   EXPECT_EQ(c.arenaLock, d.arenaLock);
+  EXPECT_EQ(c.sendTimeoutMs, d.sendTimeoutMs);
+  EXPECT_EQ(c.objectBytesMax, d.objectBytesMax);
+  EXPECT_EQ(c.transferTtlMs, d.transferTtlMs);
+  EXPECT_EQ(c.worldSize, d.worldSize);
 }
 
 constexpr const char* kFullFile = R"(node_id = "file-node"
@@ -497,7 +501,7 @@ TEST(ConfigErrors, UnknownTopLevelKeyAndTable) {
   EXPECT_EQ(error(load({"--config", key.path()})),
             "sidecard: config error: " + key.path() +
                 ":1: unknown key 'nodeid'; known top-level keys: node_id, log_level, "
-                "log_format, [listen], [reactor], [arena]");
+                "log_format, [listen], [reactor], [arena], [transfer]");
   TempToml table("\n[reacter]\ncores = 2\n");
   std::string line = error(load({"--config", table.path()}));
   EXPECT_NE(line.find(table.path() + ":2: unknown key 'reacter'"), std::string::npos) << line;
@@ -641,11 +645,33 @@ TEST(ConfigExample, UncommentedKeysAreExactlyTheDefaults) {
     }
     content += line + "\n";
   }
-  EXPECT_EQ(keys, 12);  // every key of Config but configPath
+  EXPECT_EQ(keys, 16);  // every key of Config but configPath
   TempToml file(content);
   Config c = ok(load({"--config", file.path()}));
   expectDefaults(c);
   EXPECT_EQ(c.nodeId, "gpu-node-17");
+}
+
+// ---- [transfer].
+
+TEST(ConfigTransfer, FileEnvAndFlags) {
+  TempToml file("[transfer]\nsend_timeout_ms = 500\nobject_bytes_max = \"64KiB\"\nttl_ms = 2000\n"
+                "world_size = 8\n");
+  Config c = ok(load({"--config", file.path()}));
+  EXPECT_EQ(c.sendTimeoutMs, 500u);
+  EXPECT_EQ(c.objectBytesMax, 64u << 10);
+  EXPECT_EQ(c.transferTtlMs, 2000u);
+  EXPECT_EQ(c.worldSize, 8);
+  Config f = ok(load({"--config", file.path(), "--send-timeout-ms", "750", "--world-size", "0"}));
+  EXPECT_EQ(f.sendTimeoutMs, 750u);
+  EXPECT_EQ(f.worldSize, 0);
+}
+
+TEST(ConfigTransfer, BadValuesNameTheKey) {
+  EXPECT_NE(error(load({"--send-timeout-ms", "0"})).find("--send-timeout-ms"), std::string::npos);
+  EXPECT_NE(error(load({"--object-bytes-max", "1"})).find("1 KiB to 64 MiB"), std::string::npos);
+  EXPECT_NE(error(load({"--ttl-ms", "soon"})).find("--ttl-ms"), std::string::npos);
+  EXPECT_NE(error(load({"--world-size", "-1"})).find("--world-size"), std::string::npos);
 }
 
 // ---- parseSize.
