@@ -19,6 +19,15 @@ std::string groupText(const transfer::Group& group) {
   return out + "]";
 }
 
+// The error kind a client sees for an allocator failure.
+const char* allocationErrorKind(shm::ShmErrc code) {
+  switch (code) {
+    case shm::ShmErrc::ArenaFull: return "arena-full";
+    case shm::ShmErrc::TooLarge: return "too-large";
+    default: return "invalid-argument";
+  }
+}
+
 bool processAlive(int32_t pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
 
 template <typename T>
@@ -37,9 +46,7 @@ class NodeTransfers::AllocateWaiter final : public shm::AllocationWaiter {
       : fulfiller_(fulfiller), allocator_(allocator) {
     auto now = allocator_.allocateOrWait(bytes, hint, deadline, *this);
     if (!now.ok()) {
-      fulfiller_.reject(transferError(now.code() == shm::ShmErrc::ArenaFull ? "arena-full"
-                                                                            : "invalid-argument",
-                                      now.error().message));
+      fulfiller_.reject(transferError(allocationErrorKind(now.code()), now.error().message));
     } else if (now.value()) {
       fulfiller_.fulfill(kj::cp(*now.value()));
     }  // else queued: complete() runs when a free makes room or the deadline passes
@@ -51,7 +58,7 @@ class NodeTransfers::AllocateWaiter final : public shm::AllocationWaiter {
     if (result.ok()) {
       fulfiller_.fulfill(kj::cp(result.value()));
     } else {
-      fulfiller_.reject(transferError("arena-full", result.error().message));
+      fulfiller_.reject(transferError(allocationErrorKind(result.code()), result.error().message));
     }
   }
 
@@ -152,6 +159,16 @@ NodeTransfers::Session& NodeTransfers::session(rpc::SessionId id) {
 
 kj::Promise<rpc::SessionId> NodeTransfers::registerRank(rpc::RankRegistration registration) {
   return onOwner([this, registration = std::move(registration)]() mutable {
+    int32_t worldSize = options_.limits.worldSize;
+    if (worldSize > 0) {
+      for (transfer::Rank r : registration.group) {
+        if (r >= worldSize) {
+          throw transferError("invalid-argument",
+                              "rank " + std::to_string(r) + " is outside the world of " +
+                                  std::to_string(worldSize) + " ranks (world_size)");
+        }
+      }
+    }
     auto it = ranks_.find(registration.rank);
     if (it != ranks_.end()) {
       Session& existing = sessions_.at(it->second);
