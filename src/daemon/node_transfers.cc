@@ -223,7 +223,12 @@ void NodeTransfers::unregister(rpc::SessionId id) {
     return;
   }
   // Fire and forget on the owner; the promise is owned by the requesting loop, so detach it.
-  ownerExecutor_->executeAsync([this, id]() { dropSession(id); }).detach([](kj::Exception&&) {});
+  // While the daemon stops, the owner's loop may be gone already (it freed everything then).
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    ownerExecutor_->executeAsync([this, id]() { dropSession(id); }).detach([](kj::Exception&&) {});
+  })) {
+    spdlog::debug("session {} ended while the daemon stops: {}", id, e->getDescription().cStr());
+  }
 }
 
 kj::Promise<shm::Allocation> NodeTransfers::allocate(rpc::SessionId id, uint64_t sizeBytes,
