@@ -165,6 +165,7 @@ struct RankInfo {
   rank @0 :Int32;
   group @1 :List(Int32);
   bytesAllocated @2 :UInt64;  # allocated and not yet sent
+  bytesHeld @3 :UInt64;       # received data its group has not marked done yet
 }
 
 interface Sidecar {

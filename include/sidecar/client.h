@@ -73,6 +73,7 @@ struct RankStatus {
   int32_t rank = 0;
   std::vector<int32_t> group;
   uint64_t bytesAllocated = 0;  // allocated in the arena and not yet sent
+  uint64_t bytesHeld = 0;       // received data its group has not marked done yet
 };
 
 struct TransferStatus {

@@ -159,6 +159,7 @@ TransferStatus Client::transfers() {
       rank.rank = r.getRank();
       for (int32_t g : r.getGroup()) rank.group.push_back(g);
       rank.bytesAllocated = r.getBytesAllocated();
+      rank.bytesHeld = r.getBytesHeld();
       out.ranks.push_back(std::move(rank));
     }
   });

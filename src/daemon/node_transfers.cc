@@ -350,9 +350,12 @@ kj::Promise<rpc::TransferSummary> NodeTransfers::summary() {
     rpc::TransferSummary out;
     out.dataIds = table_.dataIds();
     out.stats = table_.stats();
+    auto held = table_.heldBytesByRank();
     for (auto& [id, s] : sessions_) {
-      out.ranks.push_back(
-          rpc::RankSummary{s.registration.rank, s.registration.group, s.bytesAllocated});
+      transfer::Rank rank = s.registration.rank;
+      auto h = held.find(rank);
+      out.ranks.push_back(rpc::RankSummary{rank, s.registration.group, s.bytesAllocated,
+                                           h == held.end() ? 0 : h->second});
     }
     std::sort(out.ranks.begin(), out.ranks.end(),
               [](const auto& a, const auto& b) { return a.rank < b.rank; });

@@ -105,6 +105,7 @@ kj::Promise<void> SidecarService::transfers(TransfersContext context) {
       auto group = rank.initGroup(static_cast<unsigned>(summary.ranks[i].group.size()));
       for (size_t g = 0; g < summary.ranks[i].group.size(); ++g) group.set(static_cast<unsigned>(g), summary.ranks[i].group[g]);
       rank.setBytesAllocated(summary.ranks[i].bytesAllocated);
+      rank.setBytesHeld(summary.ranks[i].bytesHeld);
     }
   });
 }

@@ -45,7 +45,8 @@ using RecvReply = std::variant<TensorDescriptor, transfer::ObjectChunk, transfer
 struct RankSummary {
   transfer::Rank rank = 0;
   transfer::Group group;
-  uint64_t bytesAllocated = 0;
+  uint64_t bytesAllocated = 0;  // allocated, not yet sent
+  uint64_t bytesHeld = 0;       // received data its group has not marked done
 };
 
 struct TransferSummary {

@@ -17,6 +17,7 @@
 #include "transfer/transfer_table.h"
 
 #include <algorithm>
+#include <map>
 #include <limits>
 #include <memory>
 #include <span>
@@ -1177,6 +1178,25 @@ std::optional<std::string> TransferTable::describe(const std::string& dataId) co
   auto it = impl_->items.find(dataId);
   if (it == impl_->items.end()) return std::nullopt;
   return impl_->describe(it->second);
+}
+
+std::map<Rank, uint64_t> TransferTable::heldBytesByRank() const {
+  std::map<Rank, uint64_t> out;
+  for (const auto& [id, item] : impl_->items) {
+    if (item.tombstone) continue;
+    for (const ChunkSlot& slot : item.chunks) {
+      if (!slot.held()) continue;
+      const auto* tensor = std::get_if<TensorChunk>(slot.payload.get());
+      if (tensor == nullptr) continue;
+      item.topo.forEachDest([&](size_t index, auto group) {
+        if (!slot.done.test(index) && !slot.expired.test(index)) {
+          for (Rank rank : group) out[rank] += tensor->allocation.sizeBytes;
+        }
+        return true;
+      });
+    }
+  }
+  return out;
 }
 
 std::vector<std::string> TransferTable::dataIds() const {

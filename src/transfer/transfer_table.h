@@ -62,6 +62,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -232,7 +233,10 @@ class TransferTable {
   // For `sidecarctl inspect`: a readable summary of one data id (chunks, sizes, holds, waiters),
   // or nullopt when unknown.
   std::optional<std::string> describe(const std::string& dataId) const;
-  std::vector<std::string> dataIds() const;  // live ids (not tombstones), sorted
+  std::vector<std::string> dataIds() const;
+  // Arena bytes of tensor chunks each destination rank's group still holds (not marked done,
+  // not expired). Walks every item: for status reports, not the data path.
+  std::map<Rank, uint64_t> heldBytesByRank() const;  // live ids (not tombstones), sorted
 
   // Added: walks every item and aborts (SIDECAR_CHECK) on a broken internal invariant (counters
   // that disagree with the contents, a waiter queued on a chunk that is there, ...). O(all state):

@@ -109,6 +109,35 @@ void printTable(const sidecar::NodeStatus& s) {
   }
 }
 
+nlohmann::json transfersJson_(const sidecar::TransferStatus& t) {
+  nlohmann::json j = {{"dataIds", t.dataIds}, {"items", t.items}, {"chunks", t.chunks},
+                      {"bytesHeld", t.bytesHeld}, {"waiters", t.waiters},
+                      {"duplicatesDropped", t.duplicatesDropped}, {"expiredHolds", t.expiredHolds},
+                      {"chunksCompleted", t.chunksCompleted}};
+  j["ranks"] = nlohmann::json::array();
+  for (const auto& r : t.ranks) {
+    j["ranks"].push_back({{"rank", r.rank}, {"group", r.group},
+                          {"bytesAllocated", r.bytesAllocated}, {"bytesHeld", r.bytesHeld}});
+  }
+  return j;
+}
+
+void printTransfers(const sidecar::TransferStatus& t) {
+  fmt::print("in flight    {} data id(s), {} chunk(s), {} held, {} waiting recv(s)\n", t.items,
+             t.chunks, humanBytes(t.bytesHeld), t.waiters);
+  fmt::print("completed    {} chunk(s); {} duplicate replica(s) dropped; {} hold(s) expired\n",
+             t.chunksCompleted, t.duplicatesDropped, t.expiredHolds);
+  if (!t.ranks.empty()) {
+    fmt::print("\n{:<8}{:<20}{:>14}{:>14}\n", "RANK", "GROUP", "ALLOCATED", "HELD");
+  }
+  for (const auto& r : t.ranks) {
+    fmt::print("{:<8}{:<20}{:>14}{:>14}\n", r.rank, fmt::format("[{}]", fmt::join(r.group, ",")),
+               humanBytes(r.bytesAllocated), humanBytes(r.bytesHeld));
+  }
+  if (!t.dataIds.empty()) fmt::print("\nDATA IDS\n");
+  for (const auto& id : t.dataIds) fmt::print("  {}\n", id);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -148,37 +177,22 @@ int main(int argc, char** argv) {
                                              : sidecar::Client::connectTcp(connect);
     if (status->parsed()) {
       auto s = client.status();
+      auto t = client.transfers();
       if (json) {
-        std::puts(toJson(s).dump(2).c_str());
+        auto j = toJson(s);
+        j["transfers"] = transfersJson_(t);
+        std::puts(j.dump(2).c_str());
       } else {
         printTable(s);
+        fmt::print("\n");
+        printTransfers(t);
       }
     } else if (transfers->parsed()) {
       auto t = client.transfers();
       if (transfersJson) {
-        nlohmann::json j = {{"dataIds", t.dataIds}, {"items", t.items}, {"chunks", t.chunks},
-                            {"bytesHeld", t.bytesHeld}, {"waiters", t.waiters},
-                            {"duplicatesDropped", t.duplicatesDropped},
-                            {"expiredHolds", t.expiredHolds},
-                            {"chunksCompleted", t.chunksCompleted}};
-        j["ranks"] = nlohmann::json::array();
-        for (const auto& r : t.ranks) {
-          j["ranks"].push_back({{"rank", r.rank}, {"group", r.group},
-                                {"bytesAllocated", r.bytesAllocated}});
-        }
-        std::puts(j.dump(2).c_str());
+        std::puts(transfersJson_(t).dump(2).c_str());
       } else {
-        fmt::print("in flight    {} data id(s), {} chunk(s), {} held, {} waiting recv(s)\n",
-                   t.items, t.chunks, humanBytes(t.bytesHeld), t.waiters);
-        fmt::print("completed    {} chunk(s); {} duplicate replica(s) dropped; {} hold(s) expired\n",
-                   t.chunksCompleted, t.duplicatesDropped, t.expiredHolds);
-        fmt::print("\n{:<8}{:<20}{:>14}\n", "RANK", "GROUP", "ALLOCATED");
-        for (const auto& r : t.ranks) {
-          fmt::print("{:<8}{:<20}{:>14}\n", r.rank, fmt::format("[{}]", fmt::join(r.group, ",")),
-                     humanBytes(r.bytesAllocated));
-        }
-        if (!t.dataIds.empty()) fmt::print("\nDATA IDS\n");
-        for (const auto& id : t.dataIds) fmt::print("  {}\n", id);
+        printTransfers(t);
       }
     } else if (inspect->parsed()) {
       std::fputs(client.inspect(inspectId).c_str(), stdout);
