@@ -92,6 +92,9 @@ std::vector<transfer::Group> readDestinations(capnp::List<proto::Destination>::R
 SessionService::~SessionService() { backend_.unregister(session_); }
 
 kj::Promise<void> SessionService::allocate(AllocateContext context) {
+  // A waiting call must end when its client goes away (or gives up), so that the session it holds
+  // is released and the rank unregistered at once, not when space or data finally comes.
+  context.allowCancellation();
   auto params = context.getParams();
   return backend_.allocate(session_, params.getSizeBytes(), params.getTimeoutMs())
       .then([context](shm::Allocation allocation) mutable {
@@ -144,6 +147,7 @@ kj::Promise<void> SessionService::closeStream(CloseStreamContext context) {
 }
 
 kj::Promise<void> SessionService::recv(RecvContext context) {
+  context.allowCancellation();  // see allocate()
   auto params = context.getParams();
   return backend_
       .recv(session_, text(params.getDataId()), params.getChunkId(), params.getTimeoutMs())
