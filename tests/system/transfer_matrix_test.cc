@@ -10,7 +10,8 @@
 //   Sidecar::connect(RankConfig{...}) and, for each direction, sends (each member of a sending
 //   group sends its full replica) or receives (each member of a receiving group receives every
 //   chunk; the group's lowest rank marks a chunk done after every other member posted that it has
-//   verified it). Directions run in order: sender->receiver, then the same clients swapped.
+//   verified it). Directions run in order: sender->receiver, then the same clients swapped (every
+//   rank finishes one direction before any starts the next; see runPlanRank).
 // - Tensors are filled from a seed derived from (scenario, item, chunk); receivers regenerate
 //   and compare dtype, shape and bytes exactly (bf16/f16/f64 are compared as bytes).
 // - The parent waits (bounded) for every rank, prints every rank's failure line, and checks that
@@ -211,16 +212,38 @@ void recvDirection(Sidecar& sc, const Direction& d, Signal& barrier) {
   }
 }
 
-// The body of one rank process of a plan.
-void runPlanRank(const Plan& plan, int32_t rank, const std::string& socket,
-                 const std::vector<Signal*>& barriers) {
+// Signals of one plan: per direction, the receiving group's chunk barrier, and the phase barrier
+// every rank passes before the next direction starts.
+struct PlanSignals {
+  std::vector<Signal*> groupBarrier;  // per direction
+  std::vector<Signal*> arrived;       // per direction: every rank but the lowest posts when done
+  std::vector<Signal*> proceed;       // per direction: the lowest rank posts once all arrived
+};
+
+// The body of one rank process of a plan. Directions are phases: a rank starts direction i+1 only
+// after every rank finished direction i. Without that, a group member still sending its (to be
+// dropped) replica in direction i can sit in the arena's allocation queue while the space is held
+// by direction i+1's chunks, which that same member must receive: a deadlock of the test, not of
+// the daemon.
+void runPlanRank(const Plan& plan, int32_t rank, const std::string& socket, const PlanSignals& signals) {
   RankConfig config = plan.config(rank);
   config.socketPath = socket;
   Sidecar sc = Sidecar::connect(config);
+  std::set<int32_t> ranks = plan.ranks();
+  bool lowest = rank == *ranks.begin();
   for (size_t i = 0; i < plan.directions.size(); ++i) {
     const Direction& d = plan.directions[i];
     if (member(d.from, rank)) sendDirection(sc, d);
-    if (member(d.to, rank)) recvDirection(sc, d, *barriers[i]);
+    if (member(d.to, rank)) recvDirection(sc, d, *signals.groupBarrier[i]);
+    if (i + 1 == plan.directions.size()) break;
+    std::string what = "every rank finished direction " + std::to_string(i);
+    if (lowest) {
+      signals.arrived[i]->wait(what, ranks.size() - 1, 120'000);
+      signals.proceed[i]->post(ranks.size() - 1);
+    } else {
+      signals.arrived[i]->post();
+      signals.proceed[i]->wait(what, 1, 120'000);
+    }
   }
 }
 
@@ -418,12 +441,16 @@ class TransferMatrixTest : public ::testing::Test {
 
   // Forks every rank of `plan`, waits for all, checks the daemon is empty afterwards.
   void runPlan(const Plan& plan) {
-    std::vector<Signal*> barriers;
-    for (size_t i = 0; i < plan.directions.size(); ++i) barriers.push_back(&newSignal());
+    PlanSignals signals;
+    for (size_t i = 0; i < plan.directions.size(); ++i) {
+      signals.groupBarrier.push_back(&newSignal());
+      signals.arrived.push_back(&newSignal());
+      signals.proceed.push_back(&newSignal());
+    }
     for (int32_t rank : plan.ranks()) {
       std::string socket = socket_;
       forkRank(plan.name + " rank " + std::to_string(rank),
-               [&plan, rank, socket, barriers] { runPlanRank(plan, rank, socket, barriers); });
+               [&plan, rank, socket, signals] { runPlanRank(plan, rank, socket, signals); });
     }
     expectRanksSucceed();
     expectDaemonEmpty();
@@ -856,6 +883,55 @@ TEST_F(TransferMatrixTest, SenderAndReceiverInSameExecutor) {
       expectError(ErrorCode::kAlreadyDone, "the other member after its group marked done",
                   [&] { b.recv(groupItem.id, i, 1000); });
     }
+  });
+  expectRanksSucceed();
+  expectDaemonEmpty();
+}
+
+// CPU sources that are not a plain contiguous buffer: a strided (transposed) view arrives
+// contiguous with the view's shape; an arena tensor filled in place is sent without a copy.
+TEST_F(TransferMatrixTest, StridedAndZeroCopySources) {
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
+  MemoryHint hint{Dtype::kInt32, {6}};
+  std::string strided = id("strided"), zeroCopy = id("zero-copy");
+  constexpr int64_t kRows = 6, kCols = 8;
+  auto source = [] {  // a (6, 8) int32 matrix from the seed
+    std::vector<int32_t> m(kRows * kCols);
+    fillBytes(m.data(), m.size() * 4, seedOf("strided", 0, 0));
+    return m;
+  };
+  ChunkPlan z;
+  z.dtype = Dtype::kInt32;
+  z.shape = {100, 6};
+  z.seed = seedOf("zero-copy", 0, 0);
+  ItemPlan zeroItem{zeroCopy, {z}};
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  forkRank("sender", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<int32_t> m = source();
+    // Its transpose: shape (8, 6), strides (1, 8) elements.
+    sc.send(strided, TensorRef{Dtype::kInt32, {kCols, kRows}, {1, kCols}, m.data()}, {{2}}).wait();
+    sidecar::ArenaTensor t = sc.allocateTensor(z.dtype, z.shape);
+    require(t.sizeBytes() == z.bytes(), "arena tensor of the wrong size");
+    fillBytes(t.data(), t.sizeBytes(), z.seed);
+    sc.send(zeroCopy, std::move(t), {{2}}).wait();
+  });
+  forkRank("receiver", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    std::vector<int32_t> m = source();
+    Received r = sc.recv(strided, 0, kRecvTimeoutMs);
+    require(r.kind == Received::Kind::kTensor && r.tensor.dtype == Dtype::kInt32, "strided: not an int32 tensor");
+    require(r.tensor.shape == std::vector<int64_t>{kCols, kRows}, "strided: shape " + shapeText(r.tensor.shape));
+    const auto* got = static_cast<const int32_t*>(r.tensor.data);
+    for (int64_t i = 0; i < kCols; ++i) {
+      for (int64_t j = 0; j < kRows; ++j) {
+        require(got[i * kRows + j] == m[j * kCols + i],
+                "strided: element (" + std::to_string(i) + "," + std::to_string(j) + ") differs");
+      }
+    }
+    sc.markDone(strided);
+    verifyChunk(sc.recv(zeroCopy, 0, kRecvTimeoutMs), zeroItem, 0);
+    sc.markDone(zeroCopy);
   });
   expectRanksSucceed();
   expectDaemonEmpty();
