@@ -12,6 +12,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 
 namespace sidecar::shm {
 
@@ -35,6 +36,10 @@ class MpscList {
   }
 
   bool empty() const noexcept { return head_.load(std::memory_order_relaxed) == nullptr; }
+  // The head as an integer (0 when empty), for callers that fold it into one test with others.
+  uintptr_t headBits() const noexcept {
+    return reinterpret_cast<uintptr_t>(head_.load(std::memory_order_relaxed));
+  }
 
  private:
   std::atomic<T*> head_{nullptr};

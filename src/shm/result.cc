@@ -19,6 +19,15 @@ const char* errcName(ShmErrc code) noexcept {
   return "unknown";
 }
 
+namespace detail {
+
+ShmError* newError(ShmError&& error) { return new ShmError(std::move(error)); }
+ShmError* copyError(const ShmError& error) { return new ShmError(error); }
+void deleteError(ShmError* error) noexcept { delete error; }
+const ShmError kNoError{ShmErrc::ArenaFull, {}};
+
+}  // namespace detail
+
 void checkFailed(const char* file, int line, const char* expr, const std::string& why) {
   std::fprintf(stderr, "%s:%d: shm invariant broken: %s: %s\n", file, line, expr, why.c_str());
   std::fflush(stderr);

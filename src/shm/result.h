@@ -9,9 +9,10 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <string>
+#include <type_traits>
 #include <utility>
-#include <variant>
 
 namespace sidecar::shm {
 
@@ -37,44 +38,119 @@ struct ShmError {
   std::string message;
 };
 
-// A value or a ShmError. Cheap to return on the success path (a variant tag and the value).
+// Failures keep their ShmError out of line (one heap object, made only on failure), so a
+// Result is the value plus one pointer that is null on success: building and destroying a
+// successful Result costs a store and a test, never a std::string. These helpers are out of
+// line and cold; they are not part of the interface.
+namespace detail {
+[[gnu::cold, gnu::returns_nonnull]] ShmError* newError(ShmError&& error);
+[[gnu::cold, gnu::returns_nonnull]] ShmError* copyError(const ShmError& error);
+[[gnu::cold]] void deleteError(ShmError* error) noexcept;
+// What error() gives on a successful Result: ArenaFull with an empty message (as before).
+extern const ShmError kNoError;
+}  // namespace detail
+
+// A value or a ShmError. Cheap to return on the success path (the value and a null pointer).
+// Copyable when T is; moving a failed Result copies its code and moves its message (the
+// moved-from Result stays failed, with an empty message), as a std::variant would.
 template <class T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}
-  Result(ShmError error) : v_(std::in_place_index<1>, std::move(error)) {}
+  Result(T value) : value_(std::move(value)) {}
+  Result(ShmError error) : error_(detail::newError(std::move(error))) {}
 
-  bool ok() const noexcept { return v_.index() == 0; }
+  Result(const Result& other)
+    requires std::is_copy_constructible_v<T>
+      : error_(other.error_ ? detail::copyError(*other.error_) : nullptr) {
+    if (!error_) ::new (static_cast<void*>(&value_)) T(other.value_);
+  }
+  Result(Result&& other)
+      : error_(other.error_ ? detail::newError(std::move(*other.error_)) : nullptr) {
+    if (!error_) ::new (static_cast<void*>(&value_)) T(std::move(other.value_));
+  }
+  Result& operator=(const Result& other)
+    requires std::is_copy_constructible_v<T>
+  {
+    if (this != &other) assign(other.error_ ? detail::copyError(*other.error_) : nullptr, other);
+    return *this;
+  }
+  Result& operator=(Result&& other) {
+    if (this != &other) {
+      assign(other.error_ ? detail::newError(std::move(*other.error_)) : nullptr,
+             std::move(other));
+    }
+    return *this;
+  }
+  ~Result() { destroy(); }
+
+  bool ok() const noexcept { return error_ == nullptr; }
   explicit operator bool() const noexcept { return ok(); }
 
-  T& value() & { return *std::get_if<0>(&v_); }
-  const T& value() const& { return *std::get_if<0>(&v_); }
-  T&& value() && { return std::move(*std::get_if<0>(&v_)); }
-  T* operator->() { return std::get_if<0>(&v_); }
-  const T* operator->() const { return std::get_if<0>(&v_); }
+  T& value() & { return value_; }
+  const T& value() const& { return value_; }
+  T&& value() && { return std::move(value_); }
+  T* operator->() { return &value_; }
+  const T* operator->() const { return &value_; }
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
 
-  const ShmError& error() const { return *std::get_if<1>(&v_); }
+  const ShmError& error() const { return error_ ? *error_ : detail::kNoError; }
   ShmErrc code() const { return error().code; }
 
  private:
-  std::variant<T, ShmError> v_;
+  void destroy() noexcept {
+    if (error_) [[unlikely]] {
+      detail::deleteError(error_);
+    } else if constexpr (!std::is_trivially_destructible_v<T>) {
+      value_.~T();
+    }
+  }
+  // `error` is already built from `other` (the only step that may throw), so *this is never
+  // left destroyed.
+  template <class R>
+  void assign(ShmError* error, R&& other) {
+    destroy();
+    error_ = error;
+    if (!error_) ::new (static_cast<void*>(&value_)) T(std::forward<R>(other).value_);
+  }
+
+  union {
+    T value_;  // live iff error_ == nullptr
+  };
+  ShmError* error_ = nullptr;  // owned
 };
 
 template <>
 class [[nodiscard]] Result<void> {
  public:
   Result() = default;
-  Result(ShmError error) : error_(std::move(error)), ok_(false) {}
-  bool ok() const noexcept { return ok_; }
-  explicit operator bool() const noexcept { return ok_; }
-  const ShmError& error() const { return error_; }
-  ShmErrc code() const { return error_.code; }
+  Result(ShmError error) : error_(detail::newError(std::move(error))) {}
+  Result(const Result& other) : error_(other.error_ ? detail::copyError(*other.error_) : nullptr) {}
+  Result(Result&& other)
+      : error_(other.error_ ? detail::newError(std::move(*other.error_)) : nullptr) {}
+  Result& operator=(const Result& other) {
+    if (this != &other) reset(other.error_ ? detail::copyError(*other.error_) : nullptr);
+    return *this;
+  }
+  Result& operator=(Result&& other) {
+    if (this != &other) reset(other.error_ ? detail::newError(std::move(*other.error_)) : nullptr);
+    return *this;
+  }
+  ~Result() {
+    if (error_) [[unlikely]] detail::deleteError(error_);
+  }
+
+  bool ok() const noexcept { return error_ == nullptr; }
+  explicit operator bool() const noexcept { return ok(); }
+  const ShmError& error() const { return error_ ? *error_ : detail::kNoError; }
+  ShmErrc code() const { return error().code; }
 
  private:
-  ShmError error_{ShmErrc::ArenaFull, {}};
-  bool ok_ = true;
+  void reset(ShmError* error) noexcept {
+    if (error_) detail::deleteError(error_);
+    error_ = error;
+  }
+  ShmError* error_ = nullptr;  // owned
 };
 
 [[noreturn]] void checkFailed(const char* file, int line, const char* expr, const std::string& why);

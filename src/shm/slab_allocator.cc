@@ -10,97 +10,19 @@
 namespace sidecar::shm {
 namespace {
 
-constexpr uint32_t kNoSlab = UINT32_MAX;
-constexpr uint32_t kNoBound = UINT32_MAX;
-
-enum class SlabState : unsigned char { Free, Carved, BigHead, BigTail };
+using detail::kNoBound;
+using detail::kNoSlab;
+using detail::SlabState;
+using detail::UnitDivider;
 
 std::string unitsText(uint64_t units, uint64_t hint) {
   return std::to_string(units) + (units == 1 ? " unit (" : " units (") +
          formatBytes(units * hint) + ")";
 }
 
-// Division by a hint without a divide instruction (20-40 cycles each on x86-64): a shift for
-// powers of two, else Lemire's multiply-high method, exact for dividends < 2^32 (offsets inside
-// a slab are, since slabs are at most 1 GiB); larger dividends take the hardware divide.
-struct UnitDivider {
-  uint64_t magic = 0;  // floor((2^64 - 1) / divisor) + 1
-  int shift = -1;      // log2(divisor) for powers of two
-  uint64_t divisor = 1;
-
-  explicit UnitDivider(uint64_t d = 1) : divisor(d) {
-    if (std::has_single_bit(d)) {
-      shift = std::countr_zero(d);
-    } else {
-      magic = UINT64_MAX / d + 1;
-    }
-  }
-  uint64_t divide(uint64_t x) const noexcept {
-    if (shift >= 0) return x >> shift;
-    if (x < (uint64_t{1} << 32)) {
-      return static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * x) >> 64);
-    }
-    return x / divisor;
-  }
-  // x < 2^32 (an offset inside a slab): no range branch.
-  uint64_t divideSmall(uint64_t x) const noexcept {
-    if (shift >= 0) return x >> shift;
-    return static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * x) >> 64);
-  }
-};
-
 }  // namespace
 
-// Field order: everything the single-unit alloc/free fast paths touch sits in the first cache
-// line (the struct is line-aligned).
-struct SlabAllocator::Slab {
-  // [R]: written by the owner only while the slab holds no live unit; read by freeRemote().
-  alignas(64) SlabState state = SlabState::Free;  // [R]
-  uint32_t unitsPerSlab = 0;          // [R]
-  uint64_t hint = 0;                  // [R]
-
-  // Owner only (hot).
-  std::unique_ptr<uint64_t[]> used;
-  HintClass* hintClass = nullptr;    // [R] for its divider
-  uint32_t usedUnits = 0;
-  uint32_t cursorWord = 0;           // every word before it is fully used
-  uint32_t noRunAtLeast = kNoBound;  // no free run of this many units exists (search cache)
-  uint32_t wordCount = 0;            // [R]
-  UnitDivider divider;               // copy of hintClass->divider (one load less on free)
-
-  // Owner only (cold).
-  uint32_t posInHint = 0;         // index in hintClass->slabs
-  uint32_t bigSlabs = 0;          // BigHead: slabs in the run
-  uint64_t bigUnits = 0;          // BigHead: units in the run
-  uint32_t usedCapacityWords = 0;
-  uint32_t remoteCapacityWords = 0;
-  std::unique_ptr<std::atomic<uint64_t>[]> remoteStorage;
-
-  // [R]
-  std::atomic<uint64_t>* remoteWords = nullptr;    // wordCount words, then the summary words
-  std::atomic<uint64_t>* remoteSummary = nullptr;  // bit w set: remoteWords[w] may be non-zero
-
-  // Shared with freeRemote().
-  std::atomic<bool> remoteQueued{false};
-  std::atomic<bool> bigFreePending{false};
-  Slab* mpscNext = nullptr;
-};
-
-struct SlabAllocator::HintClass {
-  uint64_t hint = 0;
-  UnitDivider divider;
-  uint32_t unitsPerSlab = 0;  // 0 when the hint is larger than a slab: every run is big
-  std::vector<uint32_t> slabs;
-  uint32_t current = kNoSlab;
-  uint32_t emptySlabs = 0;
-  uint64_t unitsUsed = 0;
-  uint64_t bigRuns = 0;
-  uint64_t bigSlabs = 0;
-  uint64_t allocations = 0;
-  uint64_t frees = 0;
-  uint64_t waits = 0;
-  uint64_t failures = 0;
-};
+SlabAllocator::HintClass SlabAllocator::noHint_;
 
 Result<std::unique_ptr<SlabAllocator>> SlabAllocator::create(const SlabAllocatorOptions& options) {
   if (!std::has_single_bit(options.slabSizeBytes) || options.slabSizeBytes < 4096 ||
@@ -166,7 +88,7 @@ Result<uint64_t> SlabAllocator::validateRequest(uint64_t bytes, uint64_t hint) c
 }
 
 inline SlabAllocator::HintClass& SlabAllocator::hintClass(uint64_t hint) {
-  if (lastHint_ && lastHint_->hint == hint) [[likely]] return *lastHint_;
+  if (lastHint_->hint == hint) [[likely]] return *lastHint_;
   return hintClassSlow(hint);
 }
 
@@ -183,49 +105,27 @@ SlabAllocator::HintClass& SlabAllocator::hintClassSlow(uint64_t hint) {
   return *lastHint_;
 }
 
-// The single-unit fast path: one unit from the hint's current slab, found at its cursor word
-// (every word before the cursor is full, so this is usually one load and one ctz). Returns false
-// when that slab is absent or has no free unit at or after its cursor word; the caller then
-// takes the general path.
-inline bool SlabAllocator::allocateOneFast(HintClass& hc, Allocation& out) {
-  if (hc.current == kNoSlab) return false;
-  Slab& slab = slabs_[hc.current];
-  if (slab.usedUnits >= slab.unitsPerSlab) return false;
-  uint64_t* used = slab.used.get();
-  const uint32_t w0 = slab.cursorWord;
-  uint64_t word = used[w0];
-  if (word == bitmap::kAllUsed) [[unlikely]] return false;
-  const auto bit = static_cast<unsigned>(std::countr_one(word));
-  word |= uint64_t{1} << bit;
-  used[w0] = word;
-  if (word == bitmap::kAllUsed) {
-    uint32_t w = w0;
-    do {
-      ++w;
-    } while (w < slab.wordCount && used[w] == bitmap::kAllUsed);
-    slab.cursorWord = w;
-  }
-  if (slab.usedUnits++ == 0) --hc.emptySlabs;
-  ++hc.unitsUsed;
-  ++hc.allocations;
-  usedBytes_ += hc.hint;
-  const uint64_t unit = uint64_t{w0} * 64 + bit;
-  out = Allocation{baseOffset_ + (uint64_t{hc.current} << slabShift_) + unit * hc.hint, hc.hint,
-                   1, hc.hint};
-  return true;
+void SlabAllocator::setCurrent(HintClass& hc, uint32_t slabIndex) {
+  hc.current = slabIndex;
+  hc.currentSlab = slabIndex == kNoSlab ? nullptr : &slabs_[slabIndex];
 }
 
-Result<Allocation> SlabAllocator::tryAllocate(uint64_t bytes, uint64_t hint) {
-  // Fast path: one unit (0 < bytes <= hint) of the last hint used, nothing to drain, nobody
-  // waiting. A hint class exists only for a hint that passed validation (0 < hint <= capacity),
-  // so the match also validates the hint. Kept free of the slow path's stack frame.
-  HintClass* hc = lastHint_;
-  if (bytes - 1 < hint && hc && hc->hint == hint && !waitHead_ && remoteFrees_.empty())
-      [[likely]] {
-    Allocation a;
-    if (allocateOneFast(*hc, a)) [[likely]] return a;
-  }
-  return tryAllocateSlow(bytes, hint);
+// The unit just taken filled word `fullWord`: move the cursor to the next word with a free unit
+// (or past the end).
+void SlabAllocator::advanceCursor(Slab& slab, uint32_t fullWord) {
+  const uint64_t* used = slab.used.get();
+  uint32_t w = fullWord;
+  do {
+    ++w;
+  } while (w < slab.wordCount && used[w] == bitmap::kAllUsed);
+  slab.cursorWord = w;
+}
+
+// A single-unit free left the slab with no live unit: keep it as the hint's hot spare, or give
+// it back when the hint already has one.
+void SlabAllocator::slabEmptied(HintClass& hc, Slab& slab) {
+  ++hc.emptySlabs;
+  if (hc.emptySlabs > 1) releaseSlab(hc, static_cast<uint32_t>(&slab - slabs_.get()));
 }
 
 Result<Allocation> SlabAllocator::tryAllocateSlow(uint64_t bytes, uint64_t hint) {
@@ -329,7 +229,7 @@ std::optional<Allocation> SlabAllocator::allocateInSlab(HintClass& hc, uint32_t 
   while (slab.cursorWord < slab.wordCount && used[slab.cursorWord] == bitmap::kAllUsed) {
     ++slab.cursorWord;
   }
-  hc.current = slabIndex;
+  if (hc.current != slabIndex) setCurrent(hc, slabIndex);
   hc.unitsUsed += units;
   ++hc.allocations;
   const uint64_t sizeBytes = uint64_t{units} * hc.hint;
@@ -369,7 +269,9 @@ uint32_t SlabAllocator::carveSlab(HintClass& hc) {
   slab.remoteWords = slab.remoteStorage.get();
   slab.remoteSummary = slab.remoteStorage.get() + words;
   slab.hintClass = &hc;
-  slab.divider = hc.divider;
+  slab.divShift = static_cast<int8_t>(hc.divider.shift);
+  slab.divMagic = hc.divider.magic;
+  slab.offset = baseOffset_ + (uint64_t{s} << slabShift_);
   slab.usedUnits = 0;
   slab.cursorWord = 0;
   slab.noRunAtLeast = kNoBound;
@@ -387,7 +289,7 @@ void SlabAllocator::releaseSlab(HintClass& hc, uint32_t slabIndex) {
   hc.slabs[slab.posInHint] = last;
   slabs_[last].posInHint = slab.posInHint;
   hc.slabs.pop_back();
-  if (hc.current == slabIndex) hc.current = hc.slabs.empty() ? kNoSlab : hc.slabs.front();
+  if (hc.current == slabIndex) setCurrent(hc, hc.slabs.empty() ? kNoSlab : hc.slabs.front());
   --hc.emptySlabs;
   slab.state = SlabState::Free;
   slab.hintClass = nullptr;
@@ -471,42 +373,6 @@ void SlabAllocator::freeBigRun(uint32_t slabIndex) {
   ++hc.frees;
   usedBytes_ -= head.bigUnits * hc.hint;
   head.hintClass = nullptr;
-}
-
-Result<void> SlabAllocator::free(const Allocation& a) {
-  // Fast path: a live single unit of a carved slab. Every check of freeSlow() that applies to
-  // one unit is made here too (consistent sizes, in range, carved slab of this hint, on a unit
-  // boundary, unit in use); anything else, including every invalid free, takes freeSlow(),
-  // which reports it without touching state.
-  const uint64_t rel = a.offset - baseOffset_;  // wraps past capacityBytes_ when below the base
-  if (a.units == 1 && a.sizeBytes == a.hint && rel < capacityBytes_) [[likely]] {
-    Slab& slab = slabs_[rel >> slabShift_];
-    // A carved slab's hint is never 0, so this also rejects a.hint == 0.
-    if (slab.state == SlabState::Carved && slab.hint == a.hint) [[likely]] {
-      const uint64_t within = rel & (slabSizeBytes_ - 1);
-      const uint64_t unit = slab.divider.divideSmall(within);
-      if (unit * a.hint == within && unit < slab.unitsPerSlab) [[likely]] {
-        uint64_t& word = slab.used[unit / 64];
-        const uint64_t bit = uint64_t{1} << (unit % 64);
-        if (word & bit) [[likely]] {
-          word &= ~bit;
-          HintClass& hc = *slab.hintClass;
-          ++hc.frees;
-          --hc.unitsUsed;
-          usedBytes_ -= a.hint;
-          slab.cursorWord = std::min(slab.cursorWord, static_cast<uint32_t>(unit / 64));
-          slab.noRunAtLeast = kNoBound;
-          if (--slab.usedUnits == 0) [[unlikely]] {
-            ++hc.emptySlabs;
-            if (hc.emptySlabs > 1) releaseSlab(hc, static_cast<uint32_t>(&slab - slabs_.get()));
-          }
-          if (waitHead_) [[unlikely]] serveWaiters();
-          return {};
-        }
-      }
-    }
-  }
-  return freeSlow(a);
 }
 
 Result<void> SlabAllocator::freeSlow(const Allocation& a) {

@@ -39,11 +39,14 @@
 //   sizes and how long it waited.
 //
 // Costs (measured in docs/PERFORMANCE.md, "Slab allocator"): single-unit alloc+free of the last
-// hint used is an inline fast path (one word at the slab's cursor; an inline validated free);
-// a run of u units scans ~u/64 words; a big run scans the slab bitmap (one bit per slab). stats() and checkInvariants() walk all metadata.
+// hint used is a fast path inlined from this header (one word at the slab's cursor; a validated
+// free); a run of u units scans ~u/64 words; a big run scans the slab bitmap (one bit per slab).
+// stats() and checkInvariants() walk all metadata.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -51,6 +54,7 @@
 #include <string>
 #include <vector>
 
+#include "shm/bitmap.h"
 #include "shm/clock.h"
 #include "shm/mpsc_list.h"
 #include "shm/result.h"
@@ -199,9 +203,11 @@ class SlabAllocator {
   Result<uint64_t> validateRequest(uint64_t bytes, uint64_t hint) const;
   HintClass& hintClass(uint64_t hint);
   HintClass& hintClassSlow(uint64_t hint);
-  bool allocateOneFast(HintClass& hc, Allocation& out);
+  void setCurrent(HintClass& hc, uint32_t slabIndex);
   [[gnu::noinline]] Result<Allocation> tryAllocateSlow(uint64_t bytes, uint64_t hint);
   [[gnu::noinline]] Result<void> freeSlow(const Allocation& allocation);
+  [[gnu::noinline]] void advanceCursor(Slab& slab, uint32_t fullWord);
+  [[gnu::noinline]] void slabEmptied(HintClass& hc, Slab& slab);
   std::optional<Allocation> allocateUnits(HintClass& hc, uint64_t units);
   std::optional<Allocation> allocateInSlab(HintClass& hc, uint32_t slabIndex, uint32_t units);
   std::optional<Allocation> allocateBig(HintClass& hc, uint64_t units);
@@ -213,7 +219,7 @@ class SlabAllocator {
   bool drainRemoteFrees();
   void serveWaiters();
   void unlinkWaiter(AllocationWaiter& waiter) noexcept;
-  ShmError arenaFullError(const HintClass& hc, uint64_t bytes, uint64_t units,
+  [[gnu::cold]] ShmError arenaFullError(const HintClass& hc, uint64_t bytes, uint64_t units,
                           std::optional<std::chrono::milliseconds> waited) const;
 
   const uint64_t capacityBytes_;
@@ -229,7 +235,10 @@ class SlabAllocator {
   uint64_t usedBytes_ = 0;
 
   std::vector<std::unique_ptr<HintClass>> hintClasses_;
-  HintClass* lastHint_ = nullptr;  // one-entry cache for the fast path
+  // One-entry cache for the fast path; never null: until the first request it is noHint_, whose
+  // hint 0 matches no request (a request with hint 0 never reaches the comparison).
+  static HintClass noHint_;
+  HintClass* lastHint_ = &noHint_;
 
   MpscList<Slab> remoteFrees_;
 
@@ -238,5 +247,174 @@ class SlabAllocator {
   size_t waiterCount_ = 0;
   bool servingWaiters_ = false;
 };
+
+// ---- Internals shared by slab_allocator.cc and the inline fast paths below. ----
+
+namespace detail {
+
+inline constexpr uint32_t kNoSlab = UINT32_MAX;
+inline constexpr uint32_t kNoBound = UINT32_MAX;
+
+enum class SlabState : unsigned char { Free, Carved, BigHead, BigTail };
+
+// Division by a hint without a divide instruction (20-40 cycles each on x86-64): a shift for
+// powers of two, else Lemire's multiply-high method, exact for dividends < 2^32 (offsets inside
+// a slab are, since slabs are at most 1 GiB); larger dividends take the hardware divide.
+struct UnitDivider {
+  uint64_t magic = 0;  // floor((2^64 - 1) / divisor) + 1
+  int shift = -1;      // log2(divisor) for powers of two
+  uint64_t divisor = 1;
+
+  explicit UnitDivider(uint64_t d = 1) : divisor(d) {
+    if (std::has_single_bit(d)) {
+      shift = std::countr_zero(d);
+    } else {
+      magic = UINT64_MAX / d + 1;
+    }
+  }
+  uint64_t divide(uint64_t x) const noexcept {
+    if (shift >= 0) return x >> shift;
+    if (x < (uint64_t{1} << 32)) {
+      return static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * x) >> 64);
+    }
+    return x / divisor;
+  }
+};
+
+}  // namespace detail
+
+// Field order: everything the single-unit alloc/free fast paths touch sits in the first cache
+// line (the struct is line-aligned and two lines long, so indexing is a shift).
+struct SlabAllocator::Slab {
+  // [R]: written by the owner only while the slab holds no live unit; read by freeRemote().
+  alignas(64) detail::SlabState state = detail::SlabState::Free;  // [R]
+  int8_t divShift = -1;               // hintClass->divider, for offsets inside the slab:
+  uint32_t unitsPerSlab = 0;          // [R]
+  uint64_t hint = 0;                  // [R]
+
+  // Owner only (hot).
+  std::unique_ptr<uint64_t[]> used;
+  HintClass* hintClass = nullptr;    // [R] for its divider
+  uint32_t usedUnits = 0;
+  uint32_t cursorWord = 0;           // every word before it is fully used
+  uint32_t noRunAtLeast = detail::kNoBound;  // no free run of this many units exists (cache)
+  uint32_t wordCount = 0;            // [R]
+  uint64_t offset = 0;               // arena offset of the slab's first byte
+  uint64_t divMagic = 0;             // ... shift or multiply-high (see UnitDivider)
+
+  // Owner only (cold).
+  uint32_t posInHint = 0;         // index in hintClass->slabs
+  uint32_t bigSlabs = 0;          // BigHead: slabs in the run
+  uint64_t bigUnits = 0;          // BigHead: units in the run
+  uint32_t usedCapacityWords = 0;
+  uint32_t remoteCapacityWords = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> remoteStorage;
+
+  // [R]
+  std::atomic<uint64_t>* remoteWords = nullptr;    // wordCount words, then the summary words
+  std::atomic<uint64_t>* remoteSummary = nullptr;  // bit w set: remoteWords[w] may be non-zero
+
+  // Shared with freeRemote().
+  std::atomic<bool> remoteQueued{false};
+  std::atomic<bool> bigFreePending{false};
+  Slab* mpscNext = nullptr;
+
+  // within < 2^32 (an offset inside the slab).
+  uint64_t unitOf(uint64_t within) const noexcept {
+    if (divShift >= 0) return within >> divShift;
+    return static_cast<uint64_t>((static_cast<unsigned __int128>(divMagic) * within) >> 64);
+  }
+};
+static_assert(sizeof(SlabAllocator::Slab) == 128, "fast paths index slabs with a shift");
+
+struct SlabAllocator::HintClass {
+  // Hot: the single-unit fast paths.
+  uint64_t hint = 0;
+  Slab* currentSlab = nullptr;  // &slabs_[current], null when current == kNoSlab
+  uint64_t unitsUsed = 0;
+  uint64_t allocations = 0;
+  uint64_t frees = 0;
+  uint32_t emptySlabs = 0;
+  uint32_t current = detail::kNoSlab;
+
+  detail::UnitDivider divider;
+  uint32_t unitsPerSlab = 0;  // 0 when the hint is larger than a slab: every run is big
+  std::vector<uint32_t> slabs;
+  uint64_t bigRuns = 0;
+  uint64_t bigSlabs = 0;
+  uint64_t waits = 0;
+  uint64_t failures = 0;
+};
+
+// Fast path: one unit (0 < bytes <= hint) of the last hint used, nothing to drain, nobody
+// waiting, taken at the current slab's cursor word (every word before the cursor is full, so
+// this is one load and one ctz). A hint class exists only for a hint that passed validation
+// (0 < hint <= capacity), so the match also validates the hint. Everything else, including
+// every error, takes tryAllocateSlow().
+[[gnu::always_inline]] inline Result<Allocation> SlabAllocator::tryAllocate(uint64_t bytes, uint64_t hint) {
+  HintClass& hc = *lastHint_;
+  // Bitwise, not short-circuit: one branch for "nothing queued, nothing to drain".
+  const bool idle = (reinterpret_cast<uintptr_t>(waitHead_) | remoteFrees_.headBits()) == 0;
+  if (bytes - 1 < hint && hc.hint == hint && idle) [[likely]] {
+    Slab* slab = hc.currentSlab;
+    // usedUnits < unitsPerSlab also keeps the cursor inside the bitmap: when every word is
+    // full (padding bits are set), every unit is used.
+    if (slab && slab->usedUnits < slab->unitsPerSlab) [[likely]] {
+      uint64_t* used = slab->used.get();
+      const uint32_t w0 = slab->cursorWord;
+      uint64_t word = used[w0];
+      if (word != bitmap::kAllUsed) [[likely]] {
+        const auto bit = static_cast<unsigned>(std::countr_one(word));
+        word |= uint64_t{1} << bit;
+        used[w0] = word;
+        hc.emptySlabs -= slab->usedUnits == 0;  // the hint's spare is in use again
+        ++slab->usedUnits;
+        ++hc.unitsUsed;
+        ++hc.allocations;
+        usedBytes_ += hint;
+        Result<Allocation> out =
+            Allocation{slab->offset + (uint64_t{w0} * 64 + bit) * hint, hint, 1, hint};
+        // Last, so that nothing but the result is live across the (rare) call.
+        if (word == bitmap::kAllUsed) [[unlikely]] advanceCursor(*slab, w0);
+        return out;
+      }
+    }
+  }
+  return tryAllocateSlow(bytes, hint);
+}
+
+// Fast path: a live single unit of a carved slab. Every check of freeSlow() that applies to one
+// unit is made here too (consistent sizes, in range, carved slab of this hint, on a unit
+// boundary, unit in use); anything else, including every invalid free, takes freeSlow(), which
+// reports it without touching state.
+[[gnu::always_inline]] inline Result<void> SlabAllocator::free(const Allocation& a) {
+  const uint64_t rel = a.offset - baseOffset_;  // wraps past capacityBytes_ when below the base
+  if (a.units == 1 && a.sizeBytes == a.hint && rel < capacityBytes_) [[likely]] {
+    Slab& slab = slabs_[rel >> slabShift_];
+    // A carved slab's hint is never 0, so this also rejects a.hint == 0.
+    if ((slab.state == detail::SlabState::Carved) & (slab.hint == a.hint)) [[likely]] {
+      const uint64_t within = rel & (slabSizeBytes_ - 1);
+      const uint64_t unit = slab.unitOf(within);
+      // unit < unitsPerSlab: the slab's tail past its last unit maps onto set padding bits.
+      if (unit * a.hint == within && unit < slab.unitsPerSlab) [[likely]] {
+        uint64_t& word = slab.used[unit / 64];
+        const uint64_t bit = uint64_t{1} << (unit % 64);
+        if (word & bit) [[likely]] {
+          word &= ~bit;
+          HintClass& hc = *slab.hintClass;
+          ++hc.frees;
+          --hc.unitsUsed;
+          usedBytes_ -= a.hint;
+          slab.cursorWord = std::min(slab.cursorWord, static_cast<uint32_t>(unit / 64));
+          slab.noRunAtLeast = detail::kNoBound;
+          if (--slab.usedUnits == 0) [[unlikely]] slabEmptied(hc, slab);
+          if (waitHead_) [[unlikely]] serveWaiters();
+          return {};
+        }
+      }
+    }
+  }
+  return freeSlow(a);
+}
 
 }  // namespace sidecar::shm

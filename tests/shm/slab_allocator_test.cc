@@ -327,6 +327,63 @@ TEST(ShmSlabAllocator, SingleUnitFastPathsValidateLikeTheGeneralPaths) {
   expectConsistent(*a);
 }
 
+// The inline fast paths past their easy cases: the tail of a slab that its units do not fill
+// (padding bits are set there, so only the unit bound rejects it), a hint whose current slab
+// was given back, and hints taking turns (the one-entry hint cache).
+TEST(ShmSlabAllocator, SingleUnitFastPathsAtSlabTailsAndAfterRelease) {
+  auto a = makeAllocator(8 * kMiB, 2 * kMiB, nullptr, /*baseOffset=*/4096);
+  constexpr uint64_t kHint = 3000;  // 699 units per 2 MiB slab, 2152 bytes of tail
+  Result<Allocation> first = a->tryAllocate(kHint, kHint);
+  ASSERT_TRUE(first.ok()) << first.error().message;
+  const uint64_t slabStart = first->offset;
+  Allocation tail{slabStart + 699 * kHint, kHint, 1, kHint};
+  Result<void> r = a->free(tail);
+  ASSERT_EQ(r.code(), ShmErrc::InvalidFree);
+  EXPECT_NE(r.error().message.find("not on a unit boundary"), std::string::npos)
+      << r.error().message;
+  expectConsistent(*a);
+  // Fill the slab through the fast path; the next unit needs a second slab.
+  std::vector<Allocation> live{*first};
+  for (int i = 1; i < 699; ++i) {
+    Result<Allocation> u = a->tryAllocate(1, kHint);
+    ASSERT_TRUE(u.ok());
+    EXPECT_EQ(u->offset, slabStart + uint64_t(i) * kHint);
+    live.push_back(*u);
+  }
+  EXPECT_EQ(a->free(tail).code(), ShmErrc::InvalidFree);
+  Result<Allocation> next = a->tryAllocate(kHint, kHint);
+  ASSERT_TRUE(next.ok());
+  EXPECT_NE(next->offset / (2 * kMiB), slabStart / (2 * kMiB));
+  expectConsistent(*a);
+  // Free the second slab's unit (it stays as the spare), then all of the first (released).
+  ASSERT_TRUE(a->free(*next).ok());
+  for (const Allocation& u : live) ASSERT_TRUE(a->free(u).ok());
+  EXPECT_EQ(a->stats().slabsCarved, 1u);
+  EXPECT_EQ(a->free(live[5]).code(), ShmErrc::InvalidFree);
+  expectConsistent(*a);
+  // Hints take turns: each request of another hint goes through the general path once.
+  std::vector<Allocation> mixed;
+  for (int i = 0; i < 50; ++i) {
+    for (uint64_t hint : {uint64_t{64}, kHint, uint64_t{4096}}) {
+      Result<Allocation> u = a->tryAllocate(hint, hint);
+      ASSERT_TRUE(u.ok()) << u.error().message;
+      mixed.push_back(*u);
+    }
+  }
+  expectConsistent(*a);
+  for (const Allocation& u : mixed) ASSERT_TRUE(a->free(u).ok());
+  for (const Allocation& u : mixed) EXPECT_EQ(a->free(u).code(), ShmErrc::InvalidFree);
+  EXPECT_EQ(a->stats().usedBytes, 0u);
+  const uint64_t carved = a->stats().slabsCarved;
+  EXPECT_EQ(a->trim(), carved);
+  EXPECT_EQ(a->stats().slabsFree, 4u);
+  // After trim no hint has a current slab: the fast path must fall through and carve.
+  Result<Allocation> again = a->tryAllocate(4096, 4096);
+  ASSERT_TRUE(again.ok()) << again.error().message;
+  ASSERT_TRUE(a->free(*again).ok());
+  expectConsistent(*a);
+}
+
 TEST(ShmSlabAllocator, SingleUnitFastPathsDrainRemoteFreesAndRespectWaiters) {
   ManualShmClock clock;
   auto a = makeAllocator(2 * kMiB, 2 * kMiB, &clock);
