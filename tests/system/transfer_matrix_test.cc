@@ -1224,13 +1224,11 @@ TEST_F(TransferMatrixTest, KilledSenderFreesItsMemoryAndOthersCarryOn) {
   expectDaemonEmpty();
 }
 
-// KNOWN DAEMON BUG (reported; fails until src/ is fixed): a client killed while one of its calls
-// is pending in the daemon (a recv waiting for data, an allocation waiting for space) stays
-// registered, and its waiter / its unsent allocations stay, until that call completes on its own
-// (its timeout; never for a recv without one). Cap'n Proto 0.9 does not cancel a server call when
-// the connection breaks unless the method called context.allowCancellation(), and the pending
-// call keeps the SessionService (whose destructor unregisters the rank) alive. Only a restarted
-// client of the same rank takes the session over (registerRank's dead-pid check).
+// Regression tests for a daemon bug these tests found (fixed in ab4b27c): a client killed while one
+// of its calls was pending in the daemon (a recv waiting for data, an allocation waiting for
+// space) stayed registered, with its waiter / unsent allocations, until that call completed on its
+// own. Cap'n Proto 0.9 cancels a server call on disconnect only when the method allowed it, and the
+// pending call kept the SessionService (whose destructor unregisters the rank) alive.
 //
 // A receiver killed while it waits: within 1 s the daemon drops its waiter and its rank; the
 // sender and a restarted receiver carry on.
@@ -1259,8 +1257,7 @@ TEST_F(TransferMatrixTest, KilledReceiverWhileWaiting) {
   doomed.crash();
   EXPECT_TRUE(pollTransfers(
       [](const sidecar::TransferStatus& s) { return s.waiters == 0 && findRank(s, 2) == nullptr; }, 1s, &t))
-      << "KNOWN DAEMON BUG (see the comment above this test): the dead receiver's waiter or rank "
-         "is still there 1 s after kill -9: "
+      << "the dead receiver's waiter or rank is still there 1 s after kill -9: "
       << describe(t);
   forkRank("receiver restarted", [&] {
     Sidecar sc = Sidecar::connect(receiver);
@@ -1279,8 +1276,8 @@ TEST_F(TransferMatrixTest, KilledReceiverWhileWaiting) {
   expectDaemonEmpty();
 }
 
-// KNOWN DAEMON BUG (the same as KilledReceiverWhileWaiting): a sender killed while its allocation
-// waits for arena space (backpressure). Within 1 s its rank must be gone; the others carry on.
+// A sender killed while its allocation waits for arena space (backpressure; the regression test
+// beside KilledReceiverWhileWaiting). Within 1 s its rank must be gone; the others carry on.
 TEST_F(TransferMatrixTest, KilledSenderWhileWaitingForSpace) {
   ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--send-timeout-ms", "60000"}));
   MemoryHint hint{Dtype::kUint8, {4096}};
@@ -1326,8 +1323,7 @@ TEST_F(TransferMatrixTest, KilledSenderWhileWaitingForSpace) {
   sidecar::TransferStatus t;
   EXPECT_TRUE(pollTransfers(
       [](const sidecar::TransferStatus& s) { return findRank(s, 1) == nullptr; }, 1s, &t))
-      << "KNOWN DAEMON BUG (see KilledReceiverWhileWaiting): rank 1 is still registered 1 s after "
-         "kill -9 while its allocation waited: "
+      << "rank 1 is still registered 1 s after kill -9 while its allocation waited: "
       << describe(t);
   // The others carry on: a restarted rank 1 registers, the receiver reads and frees.
   forkRank("rank 1 restarted", [&] { Sidecar sc = Sidecar::connect(doomedConfig); });
