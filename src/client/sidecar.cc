@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 
+#include "base/dtype_table.h"
 #include "client/errors.h"
 #include "client/thread_loop.h"
 #include "reactor/socket.h"
@@ -15,31 +16,9 @@
 
 namespace sidecar {
 
-uint32_t dtypeBytes(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::kBool: case Dtype::kUint8: case Dtype::kInt8: return 1;
-    case Dtype::kInt16: case Dtype::kFloat16: case Dtype::kBFloat16: return 2;
-    case Dtype::kInt32: case Dtype::kFloat32: return 4;
-    case Dtype::kInt64: case Dtype::kFloat64: return 8;
-  }
-  return 0;
-}
+uint32_t dtypeBytes(Dtype dtype) { return base::dtypeBytesByValue(static_cast<uint8_t>(dtype)); }
 
-const char* dtypeName(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::kBool: return "bool";
-    case Dtype::kUint8: return "uint8";
-    case Dtype::kInt8: return "int8";
-    case Dtype::kInt16: return "int16";
-    case Dtype::kInt32: return "int32";
-    case Dtype::kInt64: return "int64";
-    case Dtype::kFloat16: return "float16";
-    case Dtype::kBFloat16: return "bfloat16";
-    case Dtype::kFloat32: return "float32";
-    case Dtype::kFloat64: return "float64";
-  }
-  return "unknown";
-}
+const char* dtypeName(Dtype dtype) { return base::dtypeNameByValue(static_cast<uint8_t>(dtype)); }
 
 namespace {
 
@@ -73,6 +52,15 @@ void setDestinations(capnp::List<proto::Destination>::Builder out, const Groups&
     auto ranks = out[static_cast<unsigned>(i)].initRanks(static_cast<unsigned>(groups[i].size()));
     for (size_t r = 0; r < groups[i].size(); ++r) ranks.set(static_cast<unsigned>(r), groups[i][r]);
   }
+}
+
+// The fields every send request starts with.
+void setSendHeader(proto::Session::SendParams::Builder request, const std::string& dataId,
+                   uint32_t chunkId, uint32_t numChunks, const Groups& destinations) {
+  request.setDataId(dataId);
+  request.setChunkId(chunkId);
+  request.setNumChunks(numChunks);
+  setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
 }
 
 void setHint(proto::MemoryHint::Builder out, const MemoryHint& hint) {
@@ -307,10 +295,7 @@ SendHandle Sidecar::send(const std::string& dataId, ArenaTensor&& tensor,
   SendHandle handle;
   client::call("send", [&]() {
     auto request = impl_->session.sendRequest();
-    request.setDataId(dataId);
-    request.setChunkId(chunkId);
-    request.setNumChunks(numChunks);
-    setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
+    setSendHeader(request, dataId, chunkId, numChunks, destinations);
     auto t = request.initPayload().initTensor();
     t.setDtype(toProto(tensor.dtype_));
     auto shape = t.initShape(static_cast<unsigned>(tensor.shape_.size()));
@@ -330,10 +315,7 @@ SendHandle Sidecar::send(const std::string& dataId, const Object& object,
   SendHandle handle;
   client::call("send", [&]() {
     auto request = impl_->session.sendRequest();
-    request.setDataId(dataId);
-    request.setChunkId(chunkId);
-    request.setNumChunks(numChunks);
-    setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
+    setSendHeader(request, dataId, chunkId, numChunks, destinations);
     auto o = request.initPayload().initObject();
     o.setTypeTag(object.typeTag);
     o.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(object.bytes.data()), object.bytes.size()));

@@ -2,45 +2,14 @@
 #include <array>
 #include <string>
 
+#include "base/dtype_table.h"
 #include "transfer/transfer_table.h"
 
 namespace sidecar::transfer {
 
-uint32_t dtypeBytes(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::kBool:
-    case Dtype::kUint8:
-    case Dtype::kInt8:
-      return 1;
-    case Dtype::kInt16:
-    case Dtype::kFloat16:
-    case Dtype::kBFloat16:
-      return 2;
-    case Dtype::kInt32:
-    case Dtype::kFloat32:
-      return 4;
-    case Dtype::kInt64:
-    case Dtype::kFloat64:
-      return 8;
-  }
-  return 0;
-}
+uint32_t dtypeBytes(Dtype dtype) { return base::dtypeBytesByValue(static_cast<uint8_t>(dtype)); }
 
-const char* dtypeName(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::kBool: return "bool";
-    case Dtype::kUint8: return "uint8";
-    case Dtype::kInt8: return "int8";
-    case Dtype::kInt16: return "int16";
-    case Dtype::kInt32: return "int32";
-    case Dtype::kInt64: return "int64";
-    case Dtype::kFloat16: return "float16";
-    case Dtype::kBFloat16: return "bfloat16";
-    case Dtype::kFloat32: return "float32";
-    case Dtype::kFloat64: return "float64";
-  }
-  return "unknown";
-}
+const char* dtypeName(Dtype dtype) { return base::dtypeNameByValue(static_cast<uint8_t>(dtype)); }
 
 std::optional<Dtype> parseDtype(std::string_view name) {
   if (name.starts_with("torch.")) name.remove_prefix(6);
