@@ -6,11 +6,13 @@
 
 #include <cstring>
 #include <map>
+#include <optional>
 
 #include "base/dtype_table.h"
 #include "client/errors.h"
 #include "client/thread_loop.h"
 #include "reactor/socket.h"
+#include "shm/arena.h"
 #include "reactor/uring_stream.h"
 #include "sidecar.capnp.h"
 
@@ -127,7 +129,7 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
     bootstrap = nullptr;
     rpc = nullptr;
     stream = nullptr;
-    if (arenaBase != nullptr) munmap(arenaBase, arenaBytes);
+    arena.reset();  // unmaps
   }
 
   void taskFailed(kj::Exception&& exception) override {
@@ -151,6 +153,7 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   proto::Sidecar::Client bootstrap;
   proto::Session::Client session = nullptr;
   int32_t rank;
+  std::optional<shm::ArenaView> arena;
   void* arenaBase = nullptr;
   uint64_t arenaBytes = 0;
   kj::TaskSet background;
@@ -224,13 +227,13 @@ Sidecar Sidecar::connect(const RankConfig& config) {
     impl->arenaBytes = response.getArenaBytes();
     auto arenaFd = response.getArena().getFd().wait(impl->ws());
     KJ_IF_MAYBE(raw, arenaFd) {
-      void* base = mmap(nullptr, impl->arenaBytes, PROT_READ | PROT_WRITE, MAP_SHARED, *raw, 0);
-      if (base == MAP_FAILED) {
-        throw Error(ErrorCode::kInternal,
-                    "cannot map the node's arena (" + std::to_string(impl->arenaBytes) +
-                        " bytes): " + strerror(errno));
+      // 2 MiB aligned, so a THP-backed arena maps with huge pages here too.
+      auto view = shm::ArenaView::map(*raw, impl->arenaBytes);
+      if (!view.ok()) {
+        throw Error(ErrorCode::kInternal, "cannot map the node's arena: " + view.error().message);
       }
-      impl->arenaBase = base;
+      impl->arena.emplace(std::move(view).value());
+      impl->arenaBase = impl->arena->base();
       impl->stream->setReadAhead(true);  // no more fds will come
     } else {
       throw Error(ErrorCode::kInternal, "the daemon did not pass the arena's file descriptor");
