@@ -27,25 +27,14 @@
 #include <string>
 #include <thread>
 
+#include "cpu_pinning.h"
 #include "daemon/daemon.h"
 #include "rpc/sidecar_service.h"
 
 namespace {
 
-void pinTo(int cpu) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu % static_cast<int>(std::thread::hardware_concurrency()), &set);
-  pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-}
-
-// Undoes pinTo() so that a daemon started next may pin its threads anywhere.
-void unpin() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  for (unsigned cpu = 0; cpu < std::thread::hardware_concurrency(); ++cpu) CPU_SET(cpu, &set);
-  pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-}
+using sidecar::bench::pinTo;
+using sidecar::bench::unpin;
 
 int serverCpu(int placement) { return placement == 0 ? 0 : 1; }
 const char* placementName(int placement) { return placement == 0 ? "same" : "cross"; }

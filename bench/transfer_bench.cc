@@ -58,6 +58,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_pinning.h"
 #include "daemon/daemon.h"
 #include "shm/arena.h"
 
@@ -78,21 +79,9 @@ constexpr Placement kPlacements[] = {
     {"spread", 0, 0, 1},
 };
 
-int cpuOf(int cpu) { return cpu % static_cast<int>(std::thread::hardware_concurrency()); }
-
-void pinTo(int cpu) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpuOf(cpu), &set);
-  pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-}
-
-void unpin() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  for (unsigned cpu = 0; cpu < std::thread::hardware_concurrency(); ++cpu) CPU_SET(cpu, &set);
-  pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-}
+using sidecar::bench::cpuOf;
+using sidecar::bench::pinTo;
+using sidecar::bench::unpin;
 
 uint64_t nowNs() {
   timespec ts;
