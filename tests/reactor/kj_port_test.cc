@@ -104,7 +104,7 @@ TEST(KjEventPort, MailboxPostWakesALoopSleepingInWait) {
 }
 
 TEST(KjEventPort, ManyProducersPostToASleepingLoopInPerProducerOrder) {
-  Watchdog watchdog("mailbox producers to a KJ loop", 60);
+  Watchdog watchdog("mailbox producers to a KJ loop", std::chrono::seconds(60));
   constexpr int kProducers = 4;
   constexpr int kTasks = 2000;
   ReactorLoop loop(ReactorOptions{}, /*spinUs=*/0);

@@ -376,7 +376,7 @@ TEST(Mailbox, PostWakesASleepingReactor) {
 }
 
 TEST(Mailbox, ManyProducersKeepPerProducerOrder) {
-  Watchdog watchdog("mailbox with many producers", 60);
+  Watchdog watchdog("mailbox with many producers", std::chrono::seconds(60));
   constexpr int kProducers = 4;
   constexpr int kTasks = 5000;
   Reactor reactor;

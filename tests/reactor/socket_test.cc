@@ -208,7 +208,7 @@ TEST(Acceptor, DroppedAcceptPromiseThenNewAccept) {
 // 200 clients on other threads connect to one reactor, each sending a message and reading the
 // echo; the reactor serves them all concurrently.
 void runManyClients(bool useUnix) {
-  Watchdog watchdog("many connections", 60);
+  Watchdog watchdog("many connections", std::chrono::seconds(60));
   constexpr int kClients = 200;
   constexpr int kThreads = 4;
   TempDir dir;

@@ -73,7 +73,7 @@ class StreamTest : public ::testing::TestWithParam<Transport> {
   ~StreamTest() noexcept override {}
   kj::WaitScope& ws() { return loop_.waitScope(); }
 
-  Watchdog watchdog_{"stream test", 30};
+  Watchdog watchdog_{"stream test", std::chrono::seconds(30)};
   ReactorLoop loop_;
   kj::Own<UringStream> a_;
   kj::Own<UringStream> b_;
@@ -344,7 +344,7 @@ class UnixStreamTest : public ::testing::Test {
   ~UnixStreamTest() noexcept override {}
   kj::WaitScope& ws() { return loop_.waitScope(); }
 
-  Watchdog watchdog_{"unix stream test", 30};
+  Watchdog watchdog_{"unix stream test", std::chrono::seconds(30)};
   ReactorLoop loop_;
   kj::Own<UringStream> a_;
   kj::Own<UringStream> b_;

@@ -17,39 +17,10 @@
 #include <thread>
 #include <utility>
 
+#include "../common/watchdog.h"
+
 namespace sidecar::testing {
 
-// Aborts the process with `what` when not destroyed within `seconds`. A test that would hang on a
-// bug (a lost wake-up, a loop that never ends) fails in seconds with a message instead of running
-// into meson's timeout.
-class Watchdog {
- public:
-  explicit Watchdog(std::string what, int seconds = 20)
-      : what_(std::move(what)), thread_([this, seconds]() {
-          std::unique_lock<std::mutex> lock(mutex_);
-          if (!cv_.wait_for(lock, std::chrono::seconds(seconds), [this] { return done_; })) {
-            std::fprintf(stderr, "watchdog: '%s' did not finish within %d s; aborting\n",
-                         what_.c_str(), seconds);
-            std::fflush(stderr);
-            std::abort();
-          }
-        }) {}
-  ~Watchdog() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::string what_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
 
 // Number of open fds of this process (the directory stream's own fd included, consistently).
 inline int openFdCount() {

@@ -60,7 +60,7 @@ class CoreTest : public ::testing::Test {
     return port;
   }
 
-  Watchdog watchdog_{"core test", 40};
+  Watchdog watchdog_{"core test", std::chrono::seconds(40)};
   FakeNode node_;
   std::string dir_, path_;
   std::unique_ptr<Core> core_;

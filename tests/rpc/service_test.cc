@@ -98,7 +98,7 @@ class ServiceTest : public ::testing::TestWithParam<Transport> {
   kj::WaitScope& ws() { return loop_.waitScope(); }
   proto::Sidecar::Client& client() { return pair_->sidecar; }
 
-  Watchdog watchdog_{"rpc service test", 30};
+  Watchdog watchdog_{"rpc service test", std::chrono::seconds(30)};
   FakeNode node_;
   ReactorLoop loop_;
   kj::Own<Pair> pair_;

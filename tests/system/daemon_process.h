@@ -26,11 +26,14 @@
 #include <utility>
 #include <vector>
 
+#include "../common/watchdog.h"
+
 extern char** environ;
 
 namespace sidecar::systest {
 
 using namespace std::chrono_literals;
+using sidecar::testing::Watchdog;
 using Clock = std::chrono::steady_clock;
 
 // ---------------------------------------------------------------------------------------------
@@ -85,35 +88,6 @@ inline std::string describeWaitStatus(int status) {
   return "wait status " + std::to_string(status);
 }
 
-// Aborts the test binary when not destroyed in time; children die with it (PR_SET_PDEATHSIG).
-class Watchdog {
- public:
-  Watchdog(std::string what, std::chrono::seconds limit)
-      : what_(std::move(what)), thread_([this, limit] {
-          std::unique_lock<std::mutex> lock(mutex_);
-          if (!cv_.wait_for(lock, limit, [this] { return done_; })) {
-            std::fprintf(stderr, "watchdog: '%s' did not finish within %lld s; aborting\n",
-                         what_.c_str(), static_cast<long long>(limit.count()));
-            std::fflush(stderr);
-            std::abort();
-          }
-        }) {}
-  ~Watchdog() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::string what_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
 
 // ---------------------------------------------------------------------------------------------
 // A child process with stdout and stderr in files.
