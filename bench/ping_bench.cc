@@ -28,6 +28,7 @@
 #include <thread>
 
 #include "cpu_pinning.h"
+#include "median_reporter.h"
 #include "daemon/daemon.h"
 #include "rpc/sidecar_service.h"
 
@@ -156,33 +157,18 @@ BENCHMARK(BM_PingStockKjTcp)->Arg(0)->Arg(1)->UseRealTime();
 BENCHMARK(BM_PingSidecardUnix)->Args({0, 0})->Args({0, 50})->Args({1, 0})->Args({1, 50})->UseRealTime();
 BENCHMARK(BM_PingSidecardTcp)->Args({0, 0})->Args({0, 50})->Args({1, 0})->Args({1, 50})->UseRealTime();
 
-// Collects the medians of repeated runs so main() can print ratios measured in this run.
-class RatioReporter : public benchmark::ConsoleReporter {
- public:
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const auto& run : runs) {
-      bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      bool single = run.run_type == Run::RT_Iteration && run.repetitions <= 1;
-      if (!median && !single) continue;
-      std::string name = run.run_name.str();
-      const std::string suffix = "/real_time";
-      if (name.size() > suffix.size() && name.ends_with(suffix)) name.resize(name.size() - suffix.size());
-      medianUs[name] = run.GetAdjustedRealTime() / 1000.0;
-    }
-  }
-  std::map<std::string, double> medianUs;  // real time per iteration, benchmark time unit ns
-};
 
 }  // namespace
 
 int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::warn);
   benchmark::Initialize(&argc, argv);
-  RatioReporter reporter;
+  sidecar::bench::MedianReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
-  auto& m = reporter.medianUs;
-  auto get = [&](const std::string& name) { return m.count(name) ? m[name] : 0.0; };
+  auto get = [&](const std::string& name) {
+    auto it = reporter.figures.find(name);
+    return it == reporter.figures.end() ? 0.0 : it->second.realTimeUs;
+  };
   std::printf("\nping round trip, median us (ratio < 1 means sidecard is faster):\n");
   for (int placement = 0; placement < 2; ++placement) {
     std::string p = std::to_string(placement);

@@ -59,6 +59,7 @@
 #include <vector>
 
 #include "cpu_pinning.h"
+#include "median_reporter.h"
 #include "daemon/daemon.h"
 #include "shm/arena.h"
 
@@ -620,29 +621,6 @@ BENCHMARK(BM_ObjectLatency64B)->Arg(0)->Arg(1)->Arg(2)->Iterations(2000)->UseMan
 BENCHMARK(BM_TensorLatency4KiB)->Args({0, 0})->Args({1, 0})->Args({2, 0})->Args({1, 1})->Iterations(2000)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ObjectSends64B)->Arg(0)->Arg(1)->Arg(2)->Iterations(10)->UseManualTime()->Unit(benchmark::kMillisecond);
 
-// Keeps the counters of each run (the median aggregate when repeated) for the summary.
-class SummaryReporter : public benchmark::ConsoleReporter {
- public:
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const auto& run : runs) {
-      bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      bool single = run.run_type == Run::RT_Iteration && run.repetitions <= 1;
-      if (!median && !single) continue;
-      if (run.error_occurred) continue;
-      std::string name = run.run_name.str();
-      for (const std::string part : {"/iterations:", "/manual_time"}) {
-        if (auto at = name.find(part); at != std::string::npos) {
-          auto end = name.find('/', at + 1);
-          name.erase(at, end == std::string::npos ? std::string::npos : end - at);
-        }
-      }
-      auto& out = counters[name];
-      for (const auto& [key, counter] : run.counters) out[key] = counter.value;
-    }
-  }
-  std::map<std::string, std::map<std::string, double>> counters;
-};
 
 }  // namespace
 
@@ -675,17 +653,16 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::warn);
   gSource = touchedBuffer(kBigBytes, false);
   benchmark::Initialize(&argc, argv);
-  SummaryReporter reporter;
+  sidecar::bench::MedianReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   command(kExit);
   waitpid(child, nullptr, 0);
 
-  auto& c = reporter.counters;
   auto get = [&](const std::string& name, const char* key) {
-    auto it = c.find(name);
-    if (it == c.end()) return 0.0;
-    auto k = it->second.find(key);
-    return k == it->second.end() ? 0.0 : k->second;
+    auto it = reporter.figures.find(name);
+    if (it == reporter.figures.end()) return 0.0;
+    auto k = it->second.counters.find(key);
+    return k == it->second.counters.end() ? 0.0 : k->second;
   };
   std::printf("\nsame-node transfers (medians of per-iteration samples; arena pages: %s)\n",
               gPageKind.c_str());
