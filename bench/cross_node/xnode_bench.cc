@@ -14,7 +14,7 @@
 // gbps = bytes / median one-way time (decimal GB/s, as ucx_perftest's MB/s are decimal).
 //
 // Usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes 4096,1048576,67108864]
-//                    [--iterations 30] [--warmup 5]
+//                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2]
 
 #include <sidecar/sidecar.h>
 #include <sys/wait.h>
@@ -74,6 +74,8 @@ struct Options {
   std::vector<uint64_t> sizes{4096, 1 << 20, 64 << 20};
   int iterations = 30;
   int warmup = 5;
+  int rankA = 0;  // the sender, served by node A
+  int rankB = 2;  // the receiver, served by node B
 };
 
 Options parse(int argc, char** argv) {
@@ -91,6 +93,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--socket-b") o.socketB = next();
     else if (a == "--iterations") o.iterations = std::max(1, std::atoi(next().c_str()));
     else if (a == "--warmup") o.warmup = std::max(0, std::atoi(next().c_str()));
+    else if (a == "--rank-a") o.rankA = std::atoi(next().c_str());
+    else if (a == "--rank-b") o.rankB = std::atoi(next().c_str());
     else if (a == "--sizes") {
       o.sizes.clear();
       std::string list = next();
@@ -103,7 +107,7 @@ Options parse(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes B,B,..] "
-                   "[--iterations N] [--warmup N]\n");
+                   "[--iterations N] [--warmup N] [--rank-a R] [--rank-b R]\n");
       std::exit(a == "--help" ? 0 : 2);
     }
   }
@@ -120,7 +124,7 @@ std::string idOf(uint64_t size, int i) { return "xnode-" + std::to_string(size) 
 [[noreturn]] void receiver(const Options& o, int readyFd, int stampFd) {
   try {
     sidecar::RankConfig config;
-    config.rank = 2;
+    config.rank = o.rankB;
     config.sendHint = {sidecar::Dtype::kUint8, {4096}};
     config.socketPath = o.socketB;
     auto sc = sidecar::Sidecar::connect(config);
@@ -166,7 +170,7 @@ int main(int argc, char** argv) {
   int rc = 0;
   try {
     sidecar::RankConfig config;
-    config.rank = 0;
+    config.rank = o.rankA;
     config.sendHint = {sidecar::Dtype::kUint8, {4096}};
     config.socketPath = o.socketA;
     auto sc = sidecar::Sidecar::connect(config);
@@ -180,7 +184,7 @@ int main(int argc, char** argv) {
         char r = 0;
         readAll(ready[0], &r, 1);
         uint64_t sent = nowNs();
-        sc.send(idOf(size, i), std::move(tensor), {{2}}).wait();
+        sc.send(idOf(size, i), std::move(tensor), {{o.rankB}}).wait();
         uint64_t arrived = 0;
         readAll(stamps[0], &arrived, sizeof arrived);
         if (i >= o.warmup) us.push_back(double(arrived - sent) / 1000.0);
