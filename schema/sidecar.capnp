@@ -159,6 +159,16 @@ struct TransferSummary {
   expiredHolds @6 :UInt64;
   chunksCompleted @7 :UInt64;
   ranks @8 :List(RankInfo);
+  peers @9 :List(PeerLinkInfo);  # links to and from other nodes' daemons
+}
+
+struct PeerLinkInfo {
+  outgoing @0 :Bool;          # true: this daemon opened it (it sends over it)
+  nodeId @1 :Text;
+  address @2 :Text;           # host:port of the peer ("" when it does not accept peers)
+  incarnation @3 :UInt64;
+  up @4 :Bool;                # false: still connecting
+  bodies @5 :Text;            # how large bodies move: "ucx ..." or "inline"
 }
 
 struct RankInfo {

@@ -417,6 +417,14 @@ kj::Promise<rpc::TransferSummary> NodeTransfers::summary() {
     }
     std::sort(out.ranks.begin(), out.ranks.end(),
               [](const auto& a, const auto& b) { return a.rank < b.rank; });
+    if (links_) out.peers = links_->summary();
+    for (auto& [id, link] : incoming_) {
+      out.peers.push_back(rpc::PeerLinkSummary{false, link.peer.nodeId, link.peer.address,
+                                               link.peer.incarnation, true,
+                                               link.peer.ucxAddress.empty() || bodies_ == nullptr
+                                                   ? "inline"
+                                                   : bodies_->describe()});
+    }
     return out;
   });
 }

@@ -261,6 +261,15 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
   });
 }
 
+std::vector<rpc::PeerLinkSummary> PeerLinks::summary() const {
+  std::vector<rpc::PeerLinkSummary> out;
+  for (auto& [address, l] : links_) {
+    out.push_back(rpc::PeerLinkSummary{true, l->remote.nodeId, address, l->remote.incarnation, l->up,
+                                       l->endpoint ? bodies_->describe() : "inline"});
+  }
+  return out;
+}
+
 kj::Promise<void> PeerLinks::closeStream(const std::string& address, std::string dataId,
                                          uint32_t numChunks, transfer::Rank senderRank,
                                          std::vector<transfer::Group> destinations) {

@@ -24,6 +24,7 @@
 #include "daemon/body_transport.h"
 #include "reactor/reactor.h"
 #include "rpc/peer_backend.h"
+#include "rpc/transfer_backend.h"
 #include "transfer/transfer_table.h"
 
 namespace sidecar::daemon {
@@ -68,6 +69,7 @@ class PeerLinks {
 
   // Links that are up or connecting, for status.
   size_t linkCount() const { return links_.size(); }
+  std::vector<rpc::PeerLinkSummary> summary() const;
 
  private:
   struct Link;

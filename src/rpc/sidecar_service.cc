@@ -108,6 +108,17 @@ kj::Promise<void> SidecarService::transfers(TransfersContext context) {
       rank.setBytesAllocated(summary.ranks[i].bytesAllocated);
       rank.setBytesHeld(summary.ranks[i].bytesHeld);
     }
+    auto peers = out.initPeers(static_cast<unsigned>(summary.peers.size()));
+    for (size_t i = 0; i < summary.peers.size(); ++i) {
+      const PeerLinkSummary& p = summary.peers[i];
+      auto peer = peers[static_cast<unsigned>(i)];
+      peer.setOutgoing(p.outgoing);
+      peer.setNodeId(p.nodeId);
+      peer.setAddress(p.address);
+      peer.setIncarnation(p.incarnation);
+      peer.setUp(p.up);
+      peer.setBodies(p.bodies);
+    }
   });
 }
 
