@@ -169,6 +169,8 @@ struct PeerLinkInfo {
   incarnation @3 :UInt64;
   up @4 :Bool;                # false: still connecting
   bodies @5 :Text;            # how large bodies move: "ucx ..." or "inline"
+  chunks @6 :UInt64;          # chunks delivered over this link (stored by the receiving side)
+  bytes @7 :UInt64;           # their tensor bytes
 }
 
 struct RankInfo {

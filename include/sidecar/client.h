@@ -84,6 +84,8 @@ struct PeerLinkStatus {
   uint64_t incarnation = 0;  // changes when the peer restarts
   bool up = false;           // false: still connecting
   std::string bodies;        // how large bodies move: "ucx ..." or "inline"
+  uint64_t chunks = 0;       // chunks delivered over the link (stored by the receiving side)
+  uint64_t bytes = 0;        // their tensor bytes
 };
 
 struct TransferStatus {

@@ -423,7 +423,8 @@ kj::Promise<rpc::TransferSummary> NodeTransfers::summary() {
                                                link.peer.incarnation, true,
                                                link.peer.ucxAddress.empty() || bodies_ == nullptr
                                                    ? "inline"
-                                                   : bodies_->describe()});
+                                                   : bodies_->describe(),
+                                               link.chunks, link.bytes});
     }
     return out;
   });
@@ -632,6 +633,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
     if (auto* object = std::get_if<transfer::ObjectChunk>(&chunk.payload)) {
       take(table_.send(chunk.senderRank, chunk.senderGroup, chunk.dataId, chunk.chunkId,
                        chunk.numChunks, chunk.destinations, std::move(*object)));
+      ++link.chunks;
       return kj::READY_NOW;
     }
     // The continuations below refer to the chunk: keep it at a stable address until they ran.
@@ -686,7 +688,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
       return kj::joinPromises(pieces.finish());
     });
     auto stored = link.pending->wrap(kj::mv(received))
-                      .then([this, &land, &kept, &tensor]() {
+                      .then([this, &land, &kept, &tensor, linkId]() {
                         transfer::TensorChunk stored{tensor.dtype, tensor.shape, tensor.sizeBytes,
                                                      *land.allocation};
                         auto result = table_.send(kept.senderRank, kept.senderGroup, kept.dataId,
@@ -696,6 +698,11 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
                           throw transferError(*error);  // the Landing frees the space
                         }
                         land.allocation.reset();  // the table owns it now
+                        auto it = incoming_.find(linkId);
+                        if (it != incoming_.end()) {
+                          ++it->second.chunks;
+                          it->second.bytes += tensor.sizeBytes;
+                        }
                       });
     return stored.attach(kj::mv(landing), kj::mv(held));
   });

@@ -97,6 +97,8 @@ class NodeTransfers final : public rpc::TransferBackend,
     uint64_t lastHeardMs = 0;
     std::set<std::string> dataIds;  // ids it delivered into: their waiters fail if it is lost
     kj::Own<kj::Canceler> pending;  // its deliveries in progress
+    uint64_t chunks = 0;            // stored from it
+    uint64_t bytes = 0;
   };
   // Destinations split by node: local groups, and per remote node address its groups.
   struct Placement {

@@ -40,6 +40,8 @@ struct PeerLinks::Link : public kj::Refcounted {
   bool up = false;
   bool dead = false;
   uint32_t nextSeq = 1;
+  uint64_t chunks = 0;  // delivered (answered) over this link
+  uint64_t bytes = 0;
 };
 
 namespace {
@@ -251,8 +253,12 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
         bodies = kj::joinPromises(sends.finish()).then([]() -> kj::Promise<void> { return kj::NEVER_DONE; });
       }
     }
-    auto answered = request.send().ignoreResult().exclusiveJoin(kj::mv(bodies));
+    uint64_t tensorBytes = chunk.isTensor ? chunk.sizeBytes : 0;
     Link& raw = *l;
+    auto answered = request.send().ignoreResult().exclusiveJoin(kj::mv(bodies)).then([&raw, tensorBytes]() {
+      ++raw.chunks;
+      raw.bytes += tensorBytes;
+    });
     return l->canceler.wrap(kj::mv(answered))
         .catch_([this, l = kj::mv(l)](kj::Exception&& e) -> kj::Promise<void> {
           return peerError(*l, kj::mv(e));
@@ -265,7 +271,8 @@ std::vector<rpc::PeerLinkSummary> PeerLinks::summary() const {
   std::vector<rpc::PeerLinkSummary> out;
   for (auto& [address, l] : links_) {
     out.push_back(rpc::PeerLinkSummary{true, l->remote.nodeId, address, l->remote.incarnation, l->up,
-                                       l->endpoint ? bodies_->describe() : "inline"});
+                                       l->endpoint ? bodies_->describe() : "inline", l->chunks,
+                                       l->bytes});
   }
   return out;
 }

@@ -118,6 +118,8 @@ kj::Promise<void> SidecarService::transfers(TransfersContext context) {
       peer.setIncarnation(p.incarnation);
       peer.setUp(p.up);
       peer.setBodies(p.bodies);
+      peer.setChunks(p.chunks);
+      peer.setBytes(p.bytes);
     }
   });
 }

@@ -56,6 +56,8 @@ struct PeerLinkSummary {
   uint64_t incarnation = 0;
   bool up = false;
   std::string bodies;
+  uint64_t chunks = 0;
+  uint64_t bytes = 0;
 };
 
 struct TransferSummary {

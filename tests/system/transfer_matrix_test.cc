@@ -1600,3 +1600,58 @@ TEST_F(TransferMatrixTest, FrozenPeerFailsSendsWithinTheTimeoutThenRecovers) {
   thawed.post();
   expectRanksSucceed(60s);
 }
+
+// =============================================================================================
+// 8. Broadcast across nodes (SIDECAR_TEST_NODES=4): rank 0 on node 0 sends to one group on its
+// own node and two groups on each of the three other nodes. Every receiver gets every chunk, and
+// each chunk crosses each link once (the link counters), however many groups that node has.
+TEST_F(TransferMatrixTest, BroadcastCrossesEachLinkOnce) {
+  if (nodes_ < 4) GTEST_SKIP() << "needs 4 nodes (SIDECAR_TEST_NODES=4)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
+  MemoryHint hint{Dtype::kFloat32, {1024}};
+  constexpr uint32_t kChunks = 3;
+  ItemPlan item{id("broadcast"), {}};
+  for (uint32_t i = 0; i < kChunks; ++i) {
+    ChunkPlan c;
+    c.dtype = Dtype::kFloat32;
+    c.shape = {static_cast<int64_t>(8 << i), 1024};  // 32 KiB, 64 KiB, 128 KiB
+    c.seed = seedOf("broadcast", 0, i);
+    item.chunks.push_back(c);
+  }
+  Groups to{{1}, {2}, {3}, {4}, {5}, {6}, {7}};
+  Signal& received = newSignal();
+  for (int32_t rank = 1; rank <= 7; ++rank) {
+    RankConfig config = rankConfig(rank, {rank}, hint);
+    forkRank("receiver " + std::to_string(rank), [&item, config, &received] {
+      Sidecar sc = Sidecar::connect(config);
+      for (uint32_t i = 0; i < kChunks; ++i) {
+        verifyChunk(sc.recv(item.id, i, kRecvTimeoutMs), item, i);
+        sc.markDone(item.id, i);
+      }
+      received.post();
+    });
+  }
+  RankConfig sender = rankConfig(0, {0}, hint);
+  forkRank("sender on node 0", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    for (uint32_t i = 0; i < kChunks; ++i) sendChunk(sc, item, i, kChunks, to, buffer);
+    received.wait("every receiver has every chunk", 7);
+  });
+  expectRanksSucceed(60s);
+  auto a = transfersAt(0);
+  size_t outgoing = 0;
+  for (const auto& p : a.peers) {
+    if (!p.outgoing) continue;
+    ++outgoing;
+    EXPECT_EQ(p.chunks, kChunks) << "chunks sent to " << p.nodeId;
+  }
+  EXPECT_EQ(outgoing, 3u) << "one link per remote node";
+  for (int n = 1; n < 4; ++n) {
+    auto t = transfersAt(n);
+    ASSERT_EQ(t.peers.size(), 1u) << "node " << n;
+    EXPECT_FALSE(t.peers[0].outgoing);
+    EXPECT_EQ(t.peers[0].chunks, kChunks) << "node " << n << " got a chunk more than once";
+  }
+  expectDaemonEmpty();
+}

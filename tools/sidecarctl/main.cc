@@ -123,7 +123,8 @@ nlohmann::json transfersJson_(const sidecar::TransferStatus& t) {
   for (const auto& p : t.peers) {
     j["peers"].push_back({{"direction", p.outgoing ? "out" : "in"}, {"nodeId", p.nodeId},
                           {"address", p.address}, {"incarnation", fmt::format("{:016x}", p.incarnation)},
-                          {"up", p.up}, {"bodies", p.bodies}});
+                          {"up", p.up}, {"bodies", p.bodies}, {"chunks", p.chunks},
+                          {"bytes", p.bytes}});
   }
   return j;
 }
@@ -141,13 +142,13 @@ void printTransfers(const sidecar::TransferStatus& t) {
                humanBytes(r.bytesAllocated), humanBytes(r.bytesHeld));
   }
   if (!t.peers.empty()) {
-    fmt::print("\n{:<5}{:<20}{:<24}{:<18}{:<6}{}\n", "LINK", "NODE", "ADDRESS", "INCARNATION", "UP",
-               "BODIES");
+    fmt::print("\n{:<5}{:<20}{:<24}{:<18}{:<6}{:>9}{:>12}  {}\n", "LINK", "NODE", "ADDRESS",
+               "INCARNATION", "UP", "CHUNKS", "BYTES", "BODIES");
   }
   for (const auto& p : t.peers) {
-    fmt::print("{:<5}{:<20}{:<24}{:<18}{:<6}{}\n", p.outgoing ? "out" : "in", p.nodeId,
+    fmt::print("{:<5}{:<20}{:<24}{:<18}{:<6}{:>9}{:>12}  {}\n", p.outgoing ? "out" : "in", p.nodeId,
                p.address.empty() ? "-" : p.address, fmt::format("{:016x}", p.incarnation),
-               p.up ? "yes" : "no", p.bodies);
+               p.up ? "yes" : "no", p.chunks, humanBytes(p.bytes), p.bodies);
   }
   if (!t.dataIds.empty()) fmt::print("\nDATA IDS\n");
   for (const auto& id : t.dataIds) fmt::print("  {}\n", id);
