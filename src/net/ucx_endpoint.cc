@@ -2,6 +2,8 @@
 
 #include <kj/debug.h>
 
+#include <string>
+
 #include "net/ucx_operation.h"
 #include "net/ucx_worker.h"
 
@@ -46,6 +48,16 @@ kj::Promise<void> UcxEndpoint::close() {
   closeNow(failure_ ? UCP_EP_CLOSE_FLAG_FORCE : 0);
   if (closeRequest_ == nullptr) closeFulfiller_->fulfill();
   return closeDone_.addBranch();
+}
+
+void UcxEndpoint::abort(const char* reason) {
+  if (!failure_) {
+    failure_.emplace(UCS_ERR_CANCELED, std::string("UCX endpoint aborted: ") + reason);
+    failedFulfiller_->reject(KJ_EXCEPTION(DISCONNECTED, "UCX endpoint aborted", reason));
+  }
+  if (closed_) return;
+  closed_ = true;
+  closeNow(UCP_EP_CLOSE_FLAG_FORCE);
 }
 
 void UcxEndpoint::closeNow(uint32_t flags) {

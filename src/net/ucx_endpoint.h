@@ -39,6 +39,14 @@ class UcxEndpoint {
   // The error once the endpoint has failed.
   const std::optional<UcxError>& failure() const { return failure_; }
 
+  // Gives up on the peer now: force-closes the endpoint, so every pending send on it rejects
+  // (DISCONNECTED, UCS_ERR_CANCELED) at once, and whenFailed() rejects with `reason`. For the
+  // daemon's own peer deadline: over TCP, UCX notices a cut link only through TCP itself (keep-
+  // alive after UCX_TCP_KEEPIDLE when idle; with data in flight, the kernel's retransmission
+  // limit, minutes), so a bounded failure time needs a timer that calls this. Receives are
+  // worker-level: drop their promises. Idempotent.
+  void abort(const char* reason);
+
   // Orderly close: flushes outstanding sends, then closes. Resolves when done (or when the peer is
   // found dead: a failed endpoint closes by force). The endpoint may not send afterwards.
   kj::Promise<void> close();
