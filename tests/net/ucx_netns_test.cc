@@ -129,17 +129,27 @@ void joinNetns(const std::string& path) {
   _exit(0);
 }
 
-TEST(UcxNetnsTest, CutLinkFailsThePendingSendOnceTheEndpointIsAborted) {
-  std::string reason;
-  if (!NetnsCluster::available(&reason)) GTEST_SKIP() << reason;
-  const char* waitEnv = std::getenv("SIDECAR_UCX_CUT_WAIT_MS");
-  int waitMs = waitEnv ? std::atoi(waitEnv) : 3000;
+enum class Fault { kCutLink, kKillPeer };
+
+struct Outcome {
+  long ucxMs = -2, abortMs = -2;
+  int type = -2;
+};
+
+// Runs the sender and receiver in two nodes, injects `fault` once the first transfer is done and
+// returns the sender's report.
+Outcome runFault(Fault fault, int waitMs) {
+  Outcome outcome;
   NetnsCluster cluster(2);
-  ASSERT_TRUE(cluster.ok()) << cluster.error();
+  EXPECT_TRUE(cluster.ok()) << cluster.error();
+  if (!cluster.ok()) return outcome;
 
   int addressPipe[2], control[2];
-  ASSERT_EQ(pipe2(addressPipe, O_CLOEXEC), 0);
-  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, control), 0);
+  if (pipe2(addressPipe, O_CLOEXEC) != 0 ||
+      socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, control) != 0) {
+    ADD_FAILURE() << "pipe: " << strerror(errno);
+    return outcome;
+  }
   // Children fork before this process starts any thread of its own (the watchdog comes after).
   pid_t receiver = fork();
   if (receiver == 0) receiverMain(cluster.netnsPath(1), addressPipe[1]);
@@ -149,10 +159,22 @@ TEST(UcxNetnsTest, CutLinkFailsThePendingSendOnceTheEndpointIsAborted) {
   close(control[1]);
 
   char c = 0;
-  ASSERT_TRUE(readAll(control[0], &c, 1) && c == 'R') << "the first transfer between nodes failed";
-  ASSERT_TRUE(cluster.setLinkUp(1, false));
+  int status = 0;
+  if (!readAll(control[0], &c, 1) || c != 'R') {
+    ADD_FAILURE() << "the first transfer between nodes failed";
+    kill(sender, SIGKILL);
+    kill(receiver, SIGKILL);
+    waitpid(sender, &status, 0);
+    waitpid(receiver, &status, 0);
+    return outcome;
+  }
+  if (fault == Fault::kCutLink) {
+    EXPECT_TRUE(cluster.setLinkUp(1, false));
+  } else {
+    kill(receiver, SIGKILL);  // as `kill -9` of the peer daemon: the kernel closes its sockets
+  }
   c = 'C';
-  ASSERT_TRUE(writeAll(control[0], &c, 1));
+  EXPECT_TRUE(writeAll(control[0], &c, 1));
   std::string report;
   char buffer[128];
   // Until the line's end, not EOF: the receiver inherited the sender's end too.
@@ -160,19 +182,8 @@ TEST(UcxNetnsTest, CutLinkFailsThePendingSendOnceTheEndpointIsAborted) {
                   (r = read(control[0], buffer, sizeof buffer)) > 0;) {
     report.append(buffer, static_cast<size_t>(r));
   }
-  long ucxMs = -2, abortMs = -2;
-  int type = -2;
-  ASSERT_EQ(sscanf(report.c_str(), "%ld %ld %d", &ucxMs, &abortMs, &type), 3) << "sender: " << report;
-  // The send must not succeed across a cut link, and must end as a disconnect.
-  EXPECT_EQ(type, static_cast<int>(kj::Exception::Type::DISCONNECTED));
-  RecordProperty("ucx_detected_cut_ms", std::to_string(ucxMs));
-  RecordProperty("abort_to_reject_ms", std::to_string(abortMs));
-  printf("UCX noticed the cut link by itself: %s; after abort() the send rejected in %ld ms\n",
-         ucxMs >= 0 ? (std::to_string(ucxMs) + " ms").c_str()
-                    : ("not within " + std::to_string(waitMs) + " ms").c_str(),
-         abortMs);
-
-  int status = 0;
+  EXPECT_EQ(sscanf(report.c_str(), "%ld %ld %d", &outcome.ucxMs, &outcome.abortMs, &outcome.type), 3)
+      << "sender: " << report;
   waitpid(sender, &status, 0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   kill(receiver, SIGKILL);
@@ -180,6 +191,41 @@ TEST(UcxNetnsTest, CutLinkFailsThePendingSendOnceTheEndpointIsAborted) {
   close(control[0]);
   close(addressPipe[0]);
   close(addressPipe[1]);
+  return outcome;
+}
+
+const char* describe(const Outcome& o, int waitMs, std::string* text) {
+  *text = "UCX noticed by itself: " +
+          (o.ucxMs >= 0 ? std::to_string(o.ucxMs) + " ms" : "not within " + std::to_string(waitMs) + " ms") +
+          "; after abort() the send rejected in " + std::to_string(o.abortMs) + " ms";
+  return text->c_str();
+}
+
+TEST(UcxNetnsTest, CutLinkFailsThePendingSendOnceTheEndpointIsAborted) {
+  std::string reason;
+  if (!NetnsCluster::available(&reason)) GTEST_SKIP() << reason;
+  const char* waitEnv = std::getenv("SIDECAR_UCX_CUT_WAIT_MS");
+  int waitMs = waitEnv ? std::atoi(waitEnv) : 3000;
+  Outcome o = runFault(Fault::kCutLink, waitMs);
+  // The send must not succeed across a cut link, and must end as a disconnect.
+  EXPECT_EQ(o.type, static_cast<int>(kj::Exception::Type::DISCONNECTED));
+  std::string text;
+  printf("cut link: %s\n", describe(o, waitMs, &text));
+  RecordProperty("ucx_detected_cut_ms", std::to_string(o.ucxMs));
+}
+
+// kill -9 of the peer: its kernel resets the connection, and UCX fails the pending send by itself
+// (no abort needed). The wait is a generous bound, not a speed claim.
+TEST(UcxNetnsTest, KilledPeerFailsThePendingSendByItself) {
+  std::string reason;
+  if (!NetnsCluster::available(&reason)) GTEST_SKIP() << reason;
+  const int waitMs = 10000;
+  Outcome o = runFault(Fault::kKillPeer, waitMs);
+  EXPECT_EQ(o.type, static_cast<int>(kj::Exception::Type::DISCONNECTED));
+  EXPECT_GE(o.ucxMs, 0) << "UCX did not notice a killed peer within " << waitMs << " ms";
+  std::string text;
+  printf("killed peer: %s\n", describe(o, waitMs, &text));
+  RecordProperty("ucx_detected_kill_ms", std::to_string(o.ucxMs));
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include "../common/netns.h"
 #include "daemon_process.h"
+#include "rank_process.h"
 
 namespace sidecar::systest {
 namespace {
@@ -168,6 +169,23 @@ TEST(NetnsTest, SidecardInANodeAnswersSidecarctlFromAnotherNode) {
   ASSERT_NE(local, nullptr);
   auto status = local->waitFor(10s);
   EXPECT_TRUE(status && WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << local->err();
+
+  // A rank process inside node n0 (RankProcess::fork with a namespace) reaches the daemon of n1
+  // through the unix socket path as well, and really is in n0 (only there can it bind n0's
+  // address).
+  auto rank = RankProcess::fork("rank in n0", [&] {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a = inetAddress(NetnsCluster::address(0), 0);
+    if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      throw std::runtime_error("not inside n0: cannot bind " + NetnsCluster::address(0));
+    }
+    close(fd);
+    sidecar::Client client = sidecar::Client::connectUnix(socket);
+    if (client.status().nodeId != "n1") throw std::runtime_error("status from the wrong daemon");
+  }, cluster.netnsPath(0));
+  rank->waitUntil(Clock::now() + 10s);
+  if (rank->running()) rank->kill9();
+  EXPECT_EQ(rank->failure(), "");
 
   // From the host namespace the node's TCP address does not exist.
   auto outside = Process::start({sidecarctlPath(), "--connect", tcp, "status"}, {},
