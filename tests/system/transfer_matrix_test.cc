@@ -1754,3 +1754,74 @@ TEST_F(TransferMatrixTest, CutLinkFailsBothSidesThenRecovers) {
   EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
   EXPECT_EQ(t.waiters, 0u) << describe(t);
 }
+
+// Node A dies while node B's daemon holds A's delivery waiting for arena space (B's arena is
+// full: the backpressure between nodes). The waiting delivery is dropped with the link, so when
+// B's receiver frees the space nothing is allocated for the dead transfer: B ends empty.
+TEST_F(TransferMatrixTest, PeerKilledWhileItsDeliveryWaitsForSpace) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--peer-timeout-ms", "2000", "--send-timeout-ms", "60000"}));
+  MemoryHint hint{Dtype::kUint8, {1 << 20}};
+  ChunkPlan big;
+  big.dtype = Dtype::kUint8;
+  big.shape = {40 << 20};
+  big.seed = seedOf("space", 0, 0);
+  ItemPlan first{id("fills-b"), {big}}, second{id("waits-on-b"), {big}};
+  second.chunks[0].seed = seedOf("space", 1, 0);
+  Signal& firstHeld = newSignal();
+  Signal& peerDead = newSignal();
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  forkRank("sender on node A", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    sendChunk(sc, first, 0, 1, {{2}}, buffer);
+    firstHeld.wait("node B holds the first tensor");
+    auto pending = sc.send(second.id, TensorRef{Dtype::kUint8, {40 << 20}, {}, buffer.data()}, {{2}});
+    try {
+      pending.wait();  // runs the client's loop (the request goes out); B makes it wait for space
+    } catch (const sidecar::Error&) {
+    }
+    for (;;) pause();  // its daemon was killed under it; the test kills it too
+  });
+  forkRank("receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    verifyChunk(sc.recv(first.id, 0, kRecvTimeoutMs), first, 0);
+    firstHeld.post();
+    peerDead.wait("node A killed");
+    sc.markDone(first.id, 0);
+  });
+  // Wait until B's daemon has the second delivery queued for space (an allocation wait).
+  auto waitsForSpace = [&] {
+    auto s = withClientAt<sidecar::NodeStatus>(sockets_[1], [](sidecar::Client& c) { return c.status(); });
+    uint64_t waits = 0;
+    if (s.arena) {
+      for (const auto& h : s.arena->hints) waits += h.allocationWaits;
+    }
+    return waits > 0;
+  };
+  auto deadline = Clock::now() + 30s;
+  while (!waitsForSpace() && Clock::now() < deadline) std::this_thread::sleep_for(20ms);
+  ASSERT_TRUE(waitsForSpace()) << "node B never waited for space; node A: " << describe(transfersAt(0))
+                               << "; node B: " << describe(transfersAt(1)) << "; sender: "
+                               << ranks_.front()->failure();
+  node(0).signal(SIGKILL);
+  node(0).waitFor(10s);
+  ranks_.front()->kill9();
+  peerDead.post();
+  // Only the receiver is left; it must succeed.
+  ASSERT_TRUE(ranks_.back()->waitUntil(Clock::now() + 30s));
+  EXPECT_TRUE(ranks_.back()->failure().empty()) << ranks_.back()->failure();
+  ranks_.clear();
+  sidecar::TransferStatus t;
+  deadline = Clock::now() + 5s;
+  uint64_t used = 1;
+  while (Clock::now() < deadline) {
+    t = transfersAt(1);
+    auto s = withClientAt<sidecar::NodeStatus>(sockets_[1], [](sidecar::Client& c) { return c.status(); });
+    used = s.arena ? s.arena->usedBytes : 1;
+    if (t.bytesHeld == 0 && used == 0) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
+  EXPECT_EQ(used, 0u) << "arena bytes still allocated on node B for the dead transfer";
+}
