@@ -5,7 +5,8 @@ On when ``CORNSERVE_MOCK_SIDECAR`` (or our ``SIDECAR_MOCK``) is ``1`` or ``true`
 to a file path; invalid JSON is logged and read as an empty map. Both are read when a Sidecar is
 made. send() writes a tensor with ``torch.save`` (numpy arrays too when torch is there, else
 ``numpy.save``) and anything else as JSON text; recv() reads it back: ``.pt``/``.pth`` files with
-``torch.load(map_location="cpu")``, ``.npy`` with numpy, others as JSON. A key missing from the
+``torch.load(map_location="cpu")``, ``.npy`` with numpy, others as JSON. Ours: bytes (which JSON
+cannot hold; the reference fails on them) go to and come from ``.bin`` files as they are. A key missing from the
 map raises ValueError; a missing file reads as None. The other calls do nothing.
 """
 
@@ -69,6 +70,12 @@ class MockBackend:
         elif isinstance(data, np.ndarray):
             with open(path, "wb") as f:
                 np.save(f, data)
+        elif isinstance(data, bytes):
+            if not path.endswith(".bin"):
+                raise ValueError(f"mock sidecar: bytes are kept in .bin files (JSON has no bytes); map {id}-{chunk_id} "
+                                 f"to a .bin path instead of {path}")
+            with open(path, "wb") as f:
+                f.write(data)
         else:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(data, f)
@@ -82,6 +89,9 @@ class MockBackend:
             if torch is None:
                 raise ValueError(f"mock sidecar: {path} is a torch file and torch is not available")
             return torch.load(path, map_location="cpu")
+        if path.endswith(".bin"):
+            with open(path, "rb") as f:
+                return f.read()
         if path.endswith(".npy"):
             return tensors.wrap_received(-1, np.load(path))
         with open(path, encoding="utf-8") as f:
