@@ -1,5 +1,7 @@
 #include "owner_thread.h"
 
+#include <sys/mman.h>
+
 #include <utility>
 
 namespace sidecar::python {
@@ -16,7 +18,10 @@ OwnerThread::OwnerThread(const RankConfig& config) {
   }
 }
 
-OwnerThread::~OwnerThread() { stop(); }
+OwnerThread::~OwnerThread() {
+  stop();
+  if (placeholder_ != nullptr) ::munmap(placeholder_, arenaBytes_);
+}
 
 bool OwnerThread::post(Command command) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -57,7 +62,11 @@ void OwnerThread::run(const RankConfig& config) {
   }
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (sidecar) sidecar_ = &*sidecar;
+    if (sidecar) {
+      sidecar_ = &*sidecar;
+      arenaBase_ = const_cast<void*>(sidecar->arenaBase());
+      arenaBytes_ = sidecar->arenaBytes();
+    }
   }
   {
     std::lock_guard<std::mutex> lock(connectMutex_);
@@ -94,7 +103,18 @@ void OwnerThread::run(const RankConfig& config) {
     std::lock_guard<std::mutex> lock(mutex_);
     sidecar_ = nullptr;
   }
-  sidecar.reset();  // unregisters; callbacks of pending calls are dropped with their promises
+  sidecar.reset();  // unregisters and unmaps; callbacks of pending calls are dropped
+  if (arenaBase_ != nullptr && arenaBytes_ > 0) {
+    // Views that Python still holds point here. MAP_FIXED_NOREPLACE: never over a mapping that
+    // something else made in the meantime (then the views fault, as they would without this).
+    void* p = ::mmap(arenaBase_, arenaBytes_, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == arenaBase_) {
+      placeholder_ = p;
+    } else if (p != MAP_FAILED) {
+      ::munmap(p, arenaBytes_);  // an old kernel took the address as a hint
+    }
+  }
   auto abandoned = std::move(pending_);
   pending_.clear();
   for (auto& [key, abandon] : abandoned) abandon();

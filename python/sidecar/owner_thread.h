@@ -42,6 +42,8 @@ class OwnerThread {
 
   // Runs the queue to its end, unregisters (destroys the Sidecar) and joins. Idempotent; any
   // thread but the owner's. Pending completions are abandoned (see addPending).
+  // The arena's address range is then backed by private zero pages until this object is
+  // destroyed, so that a received view read after shutdown reads zeros instead of faulting.
   void stop();
 
   // Calls pending at destruction: each registers an `abandon` function that stop() runs for those
@@ -60,6 +62,12 @@ class OwnerThread {
 
   std::mutex stopMutex_;      // one stop() at a time
   bool joined_ = false;
+
+  // The arena's range in this process (fixed once connected), and the placeholder mapped over
+  // it after the Sidecar unmapped it.
+  void* arenaBase_ = nullptr;
+  uint64_t arenaBytes_ = 0;
+  void* placeholder_ = nullptr;
 
   // Owner thread only.
   uint64_t nextPending_ = 1;

@@ -425,3 +425,24 @@ def test_async_shutdown(daemon):
         await sc.shutdown()
 
     asyncio.run(main())
+
+
+def test_views_read_after_shutdown_do_not_crash(daemon):
+    # In a child process: a fault would kill it, not the test run.
+    code = f"""
+import numpy as np
+from sidecar import Sidecar, SidecarConfig
+cfg = dict(send_tensor_dtype="float32", send_tensor_shape=(-1, 64), socket_path={daemon.socket!r})
+a, b = Sidecar(SidecarConfig(sidecar_rank=950, **cfg)), Sidecar(SidecarConfig(sidecar_rank=951, **cfg))
+a.send(np.ones((4, 64), np.float32), "after-shutdown", [[951]]).result(timeout=30)
+view = b.recv_sync("after-shutdown")
+assert float(view.sum()) == 256.0
+b.shutdown_sync()
+print("read after shutdown:", float(view.sum()))
+a.shutdown_sync()
+"""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "read after shutdown: 0.0" in out.stdout
