@@ -78,7 +78,7 @@ def _timeout_ms(timeout: Optional[float]) -> int:
 def _from_native(raw: Tuple) -> Any:
     kind = raw[0]
     if kind == "tensor":
-        return tensors.wrap_received(raw[1], raw[2])
+        return tensors.wrap_received(raw[1], tensors.view_buffer(raw[1], raw[2], raw[3]))
     if kind == "object":
         return objects.decode(raw[1], raw[2])
     return None

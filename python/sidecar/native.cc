@@ -4,7 +4,10 @@
 // thread with the GIL held (the Python layer turns it into a concurrent or an asyncio future).
 //
 // Results handed to `done`:
-//   recv:  ("tensor", dtype_code, ndarray) | ("object", type_tag, bytes) | ("end",)
+//   recv:  ("tensor", dtype_code, shape, ArenaBuffer) | ("object", type_tag, bytes) | ("end",)
+// An ArenaBuffer exposes the chunk's arena bytes through the buffer protocol (numpy.frombuffer
+// views it without a copy) and keeps the Python Sidecar alive. No numpy C API here: the module
+// works with whatever numpy (1.x or 2.x) the interpreter has.
 //   others: None
 // Errors: the exception instance sidecar.errors.from_native(code, message) returns.
 //
@@ -12,7 +15,6 @@
 // constructor and shutdown() release it; the Python layer waits on futures), because the owner
 // thread takes the GIL to call `done`.
 
-#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -79,23 +81,13 @@ Dtype dtypeOf(int code) {
   return static_cast<Dtype>(code);
 }
 
-// The numpy dtype of a received tensor; bfloat16 has none, so its raw bits come as uint16 (the
-// Python layer views them as torch.bfloat16).
-py::dtype numpyDtype(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::kBool: return py::dtype("?");
-    case Dtype::kUint8: return py::dtype("u1");
-    case Dtype::kInt8: return py::dtype("i1");
-    case Dtype::kInt16: return py::dtype("i2");
-    case Dtype::kInt32: return py::dtype("i4");
-    case Dtype::kInt64: return py::dtype("i8");
-    case Dtype::kFloat16: return py::dtype("f2");
-    case Dtype::kBFloat16: return py::dtype("u2");
-    case Dtype::kFloat32: return py::dtype("f4");
-    case Dtype::kFloat64: return py::dtype("f8");
-  }
-  return py::dtype("u1");
-}
+// A received chunk's bytes in the arena, for numpy.frombuffer. Holds `anchor` (the Python
+// Sidecar), so the arena stays mapped while a view exists and the Sidecar is not shut down.
+struct ArenaBuffer {
+  void* data;
+  py::ssize_t sizeBytes;
+  std::shared_ptr<PyCallback> anchor;
+};
 
 class NativeSidecar {
  public:
@@ -206,10 +198,10 @@ class NativeSidecar {
     switch (received.kind) {
       case Received::Kind::kTensor: {
         const TensorView& t = received.tensor;
-        std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end());
-        // Writable, like the reference's tensors; writes change what other receivers see.
-        py::array array(numpyDtype(t.dtype), shape, {}, const_cast<void*>(t.data), anchorObject(anchor));
-        return py::make_tuple("tensor", static_cast<int>(t.dtype), array);
+        py::tuple shape(t.shape.size());
+        for (size_t i = 0; i < t.shape.size(); ++i) shape[i] = py::int_(t.shape[i]);
+        ArenaBuffer buffer{const_cast<void*>(t.data), static_cast<py::ssize_t>(t.sizeBytes), anchor};
+        return py::make_tuple("tensor", static_cast<int>(t.dtype), shape, py::cast(std::move(buffer)));
       }
       case Received::Kind::kObject:
         return py::make_tuple("object", received.object.typeTag, py::bytes(received.object.bytes));
@@ -217,12 +209,6 @@ class NativeSidecar {
         break;
     }
     return py::make_tuple("end");
-  }
-
-  // A capsule owning a reference to the anchor: the base object of received arrays.
-  static py::object anchorObject(const std::shared_ptr<PyCallback>& anchor) {
-    auto* copy = new std::shared_ptr<PyCallback>(anchor);
-    return py::capsule(copy, [](void* p) { delete static_cast<std::shared_ptr<PyCallback>*>(p); });
   }
 
   // The shared shape of the two sends: `start` issues the send (copying a tensor into the arena);
@@ -270,6 +256,13 @@ PYBIND11_MODULE(_native, m) {
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error.ptr())), error.ptr());
     }
   });
+
+  py::class_<sidecar::python::ArenaBuffer>(m, "ArenaBuffer", py::buffer_protocol())
+      .def_buffer([](sidecar::python::ArenaBuffer& b) {
+        // Writable, like the reference's tensors; writes change what other receivers see.
+        return py::buffer_info(b.data, 1, py::format_descriptor<uint8_t>::format(), 1, {b.sizeBytes}, {1}, false);
+      })
+      .def("__len__", [](const sidecar::python::ArenaBuffer& b) { return b.sizeBytes; });
 
   py::class_<NativeSidecar>(m, "NativeSidecar")
       .def(py::init<int32_t, std::vector<int32_t>, int, std::vector<int64_t>, int, std::vector<int64_t>, bool,

@@ -65,6 +65,18 @@ def describe(data: Any) -> HostTensor:
                       data.__array_interface__["data"][0], data)
 
 
+_NUMPY_VIEW = ("?", "u1", "i1", "i2", "i4", "i8", "f2", "u2", "f4", "f8")  # bfloat16: its raw bits
+
+
+def view_buffer(code: int, shape: tuple, buffer: Any) -> np.ndarray:
+    """A zero-copy numpy view of a received chunk's arena bytes (sidecar._native.ArenaBuffer);
+    the array keeps the buffer, and so the Sidecar, alive."""
+    dtype = np.dtype(_NUMPY_VIEW[code])
+    if len(buffer) == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
 def wrap_received(code: int, array: np.ndarray) -> Any:
     """The user's view of a received tensor: torch when torch is used, else numpy (bfloat16 as
     uint16 raw bits)."""
