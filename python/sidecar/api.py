@@ -18,6 +18,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import os
 import threading
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -112,6 +113,21 @@ def _asyncio_callback(loop: asyncio.AbstractEventLoop, future: asyncio.Future):
 
 
 _live: "weakref.WeakSet[Sidecar]" = weakref.WeakSet()
+_left_behind_by_fork: list = []
+
+
+def _after_fork_in_child() -> None:
+    # The owner threads did not survive fork(): their Sidecars are unusable here (and their
+    # native halves must never be destroyed, which would join a thread that does not exist).
+    for sidecar in list(_live):
+        _left_behind_by_fork.append(sidecar._native)
+        sidecar._native = None
+        sidecar._forked = True
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register
@@ -136,6 +152,7 @@ class Sidecar:
         self._failed: Dict[str, Tuple[SendFuture, BaseException]] = {}
         self._lock = threading.Lock()
         self._native = None
+        self._forked = False
         self._mock = mock.MockBackend() if mock.enabled() else None
         if self._mock is not None:
             return
@@ -182,6 +199,15 @@ class Sidecar:
         with self._lock:
             self._failed[id] = (future, error)
 
+    def _backend(self):
+        """The native Sidecar; SidecarError when it cannot be used in this process."""
+        if self._native is None:
+            from .errors import SidecarError  # noqa: PLC0415
+
+            raise SidecarError("not-registered", "this Sidecar was created before fork(); create a new one in this "
+                               "process")
+        return self._native
+
     # -- the reference API -----------------------------------------------------------------------
 
     def send(self, data: Any, id: str, dst_sidecar_ranks: List[List[int]], chunk_id: int = 0,
@@ -223,13 +249,13 @@ class Sidecar:
 
         if is_tensor:
             host = tensors.describe(data)
-            self._native.send_tensor(id, host.dtype, host.shape, host.strides, host.address, groups, chunk_id,
+            self._backend().send_tensor(id, host.dtype, host.shape, host.strides, host.address, groups, chunk_id,
                                      wire_chunks, on_handed, on_acked)
             handed.result()  # `host` (and the memory it points at) lives until the copy is over
             del host
         else:
             tag, raw = objects.encode(data)
-            self._native.send_object(id, tag, raw, groups, chunk_id, wire_chunks, on_handed, on_acked)
+            self._backend().send_object(id, tag, raw, groups, chunk_id, wire_chunks, on_handed, on_acked)
             handed.result()
         return acked
 
@@ -243,7 +269,7 @@ class Sidecar:
         if self._mock is not None:
             return
         future = concurrent.futures.Future()
-        self._native.close_stream(id, num_chunks, groups, lambda r, e: _settle_concurrent(future, r, e))
+        self._backend().close_stream(id, num_chunks, groups, lambda r, e: _settle_concurrent(future, r, e))
         future.result()
 
     def _recv_args(self, id: Any, chunk_id: Any, timeout: Optional[float]) -> Tuple[str, int, int]:
@@ -262,7 +288,7 @@ class Sidecar:
         if self._mock is not None:
             return self._mock.recv(id, chunk_id)
         future = concurrent.futures.Future()
-        self._native.recv(id, chunk_id, timeout_ms, lambda r, e: _settle_concurrent(future, r, e), self)
+        self._backend().recv(id, chunk_id, timeout_ms, lambda r, e: _settle_concurrent(future, r, e), self)
         return _from_native(future.result())
 
     async def recv(self, id: str, chunk_id: int = 0, timeout: Optional[float] = None) -> Any:
@@ -272,7 +298,7 @@ class Sidecar:
             return self._mock.recv(id, chunk_id)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._native.recv(id, chunk_id, timeout_ms, _asyncio_callback(loop, future), self)
+        self._backend().recv(id, chunk_id, timeout_ms, _asyncio_callback(loop, future), self)
         return _from_native(await future)
 
     def mark_done_sync(self, id: str, chunk_id: int = 0) -> None:
@@ -284,7 +310,7 @@ class Sidecar:
         if self._mock is not None:
             return
         future = concurrent.futures.Future()
-        self._native.mark_done(id, chunk_id, lambda r, e: _settle_concurrent(future, r, e))
+        self._backend().mark_done(id, chunk_id, lambda r, e: _settle_concurrent(future, r, e))
         future.result()
 
     async def mark_done(self, id: str, chunk_id: int = 0) -> None:
@@ -295,12 +321,13 @@ class Sidecar:
             return
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._native.mark_done(id, chunk_id, _asyncio_callback(loop, future))
+        self._backend().mark_done(id, chunk_id, _asyncio_callback(loop, future))
         await future
 
     def shutdown_sync(self) -> None:
         """Unregisters the rank. Waiting recvs fail (cancelled); received tensors become invalid.
-        Idempotent; later calls raise SidecarError (not-registered)."""
+        Idempotent; later calls raise SidecarError (not-registered). Does nothing in a child
+        process forked after this Sidecar was made (the parent's registration stays)."""
         if self._native is not None:
             self._native.shutdown()
             _live.discard(self)

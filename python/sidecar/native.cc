@@ -105,6 +105,12 @@ class NativeSidecar {
   }
 
   ~NativeSidecar() {
+    if (owner_ && owner_->onOwnerThread()) {
+      // The last reference went away in a completion on the owner thread (a callback or a
+      // recv's keep-alive): it cannot join itself, so a helper thread stops and frees it.
+      std::thread([owner = std::move(owner_)]() mutable { owner.reset(); }).detach();
+      return;
+    }
     py::gil_scoped_release release;  // the owner thread takes the GIL for its last callbacks
     owner_.reset();
   }

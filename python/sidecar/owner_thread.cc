@@ -84,6 +84,7 @@ void OwnerThread::run(const RankConfig& config) {
       stopping = stopping_;
     }
     for (auto& command : batch) command(*sidecar);
+    batch.clear();  // before sleeping: commands hold Python references (callbacks, keep-alives)
     if (stopping) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (queue_.empty()) break;  // post() refuses new commands once stopping_ is set

@@ -46,6 +46,9 @@ class OwnerThread {
   // destroyed, so that a received view read after shutdown reads zeros instead of faulting.
   void stop();
 
+  // True on the owner thread itself (where stop() must not be called: it would join itself).
+  bool onOwnerThread() const { return std::this_thread::get_id() == thread_.get_id(); }
+
   // Calls pending at destruction: each registers an `abandon` function that stop() runs for those
   // whose callback never came. Owner thread only (from commands).
   uint64_t addPending(std::function<void()> abandon);

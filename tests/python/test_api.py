@@ -441,8 +441,61 @@ b.shutdown_sync()
 print("read after shutdown:", float(view.sum()))
 a.shutdown_sync()
 """
+    assert "read after shutdown: 0.0" in _run_child(code)
+
+
+def _run_child(code: str) -> str:
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "read after shutdown: 0.0" in out.stdout
+    assert out.returncode == 0, f"exit {out.returncode}:\n{out.stdout}{out.stderr}"
+    return out.stdout
+
+
+def test_last_reference_dropped_on_the_owner_thread(daemon):
+    # The Sidecar's last reference is held by a pending recv; when its timeout fires the owner
+    # thread drops it, and must not join itself (that aborted the process).
+    out = _run_child(f"""
+import time
+from sidecar import Sidecar, SidecarConfig
+cfg = dict(sidecar_rank=960, send_tensor_dtype="uint8", send_tensor_shape=(-1, 64), socket_path={daemon.socket!r})
+sc = Sidecar(SidecarConfig(**cfg))
+# What an abandoned recv leaves behind, made deterministic with the native call itself: only
+# the pending recv holds the Sidecar (its keep-alive) when its 300 ms timeout fires.
+sc._backend().recv("never", 0, 300, lambda result, error: None, sc)
+del sc
+time.sleep(0.6)
+deadline = time.monotonic() + 10
+while True:  # the rank is unregistered once the helper thread has stopped the old Sidecar
+    try:
+        Sidecar(SidecarConfig(**cfg)).shutdown_sync()
+        break
+    except ValueError:
+        assert time.monotonic() < deadline, "rank 960 still registered"
+        time.sleep(0.05)
+print("reregistered")
+""")
+    assert "reregistered" in out
+
+
+def test_sidecar_made_before_fork_refuses_calls_in_the_child(pair, new_id):
+    import os
+    producer, consumer = pair
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            producer.send("x", new_id(), [[consumer.sidecar_rank]])
+        except SidecarError as e:
+            code = 0 if e.code == "not-registered" and "fork" in str(e) else 2
+        except BaseException:  # noqa: BLE001
+            code = 3
+        producer.shutdown_sync()  # a no-op here
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    # The parent's Sidecar is unaffected.
+    id = new_id()
+    producer.send("still here", id, [[consumer.sidecar_rank]])
+    assert consumer.recv_sync(id) == "still here"
+    consumer.mark_done_sync(id)
