@@ -67,7 +67,14 @@ void succeed(const Callback& done, py::object result = py::none()) {
 
 void fail(const Callback& done, const Error& error) {
   py::gil_scoped_acquire gil;
-  done->call(py::none(), toPython(error));
+  py::object exception;
+  try {
+    exception = toPython(error);
+  } catch (py::error_already_set& e) {  // sidecar.errors cannot be imported (interpreter exit)
+    e.discard_as_unraisable("sidecar error conversion");
+    exception = py::reinterpret_steal<py::object>(PyObject_CallFunction(PyExc_RuntimeError, "s", error.what()));
+  }
+  done->call(py::none(), exception);
 }
 
 Error shutDown() {
