@@ -67,7 +67,7 @@ struct NodeInfo {
 #   "[already-done] chunk 3 of id 'ab12' was already marked done by group [2,3]".
 # Kinds: invalid-argument, chunk-out-of-range, num-chunks-mismatch, already-sent, already-done,
 # not-receiver, not-available, too-large, expired, cancelled, timeout, arena-full,
-# already-registered, not-registered.
+# already-registered, not-registered, peer-unreachable, peer-lost, version-mismatch.
 
 enum Dtype {
   bool @0; uint8 @1; int8 @2; int16 @3; int32 @4; int64 @5;
@@ -159,6 +159,18 @@ struct TransferSummary {
   expiredHolds @6 :UInt64;
   chunksCompleted @7 :UInt64;
   ranks @8 :List(RankInfo);
+  peers @9 :List(PeerLinkInfo);  # links to and from other nodes' daemons
+}
+
+struct PeerLinkInfo {
+  outgoing @0 :Bool;          # true: this daemon opened it (it sends over it)
+  nodeId @1 :Text;
+  address @2 :Text;           # host:port of the peer ("" when it does not accept peers)
+  incarnation @3 :UInt64;
+  up @4 :Bool;                # false: still connecting
+  bodies @5 :Text;            # how large bodies move: "ucx ..." or "inline"
+  chunks @6 :UInt64;          # chunks delivered over this link (stored by the receiving side)
+  bytes @7 :UInt64;           # their tensor bytes
 }
 
 struct RankInfo {
@@ -187,4 +199,70 @@ interface Sidecar {
 
   inspect @4 (dataId :Text) -> (description :Text);
   # A readable description of one data id; [invalid-argument] when unknown.
+
+  peer @5 (hello :PeerHello) -> (peer :Peer, hello :PeerHello);
+  # Daemon to daemon, over TCP: opens a peer link. The caller says who it is; the answer says who
+  # this daemon is. Refused with [version-mismatch] when the protocol versions differ. See
+  # docs/PROTOCOL.md, "Between daemons".
+}
+
+# ---- Between daemons ---------------------------------------------------------------------------
+#
+# A daemon that has data for ranks on another node opens one link to that node's daemon (lazily,
+# on first use) and keeps it while it is used. Descriptors and small bodies travel here; large
+# tensor bodies travel over UCX, tied to their descriptor by a tag. Every call is answered only
+# once its effect is durable on the receiving node (the chunk is stored in its transfer table),
+# so the sender frees its copy only then: nothing is lost when either side dies in between.
+
+struct PeerHello {
+  protocolVersion @0 :UInt32;
+  nodeId @1 :Text;
+  incarnation @2 :UInt64;     # a restarted daemon has a new one: links to the old are dead
+  address @3 :Text;           # host:port where this daemon accepts peers ("" if it does not)
+  ucxAddress @4 :Data;        # this daemon's UCX worker address; empty without UCX
+  linkId @5 :UInt32;          # in answers: the receiver's id for this link, the top bits of tags
+}
+
+struct PeerTensor {
+  dtype @0 :Dtype;
+  shape @1 :List(Int64);
+  sizeBytes @2 :UInt64;
+  body :union {
+    inline @3 :Data;          # the bytes, in this message (small tensors: one message, no UCX)
+    ucx @4 :UcxBody;          # the bytes follow over UCX
+  }
+}
+
+struct UcxBody {
+  tag @0 :UInt64;             # piece i travels as a UCX tagged message with tag + i
+  pieces @1 :UInt32;          # >= 1
+  pieceBytes @2 :UInt64;      # every piece but the last has this size
+}
+
+struct PeerChunk {
+  dataId @0 :Text;
+  chunkId @1 :UInt32;
+  numChunks @2 :UInt32;       # 0: a stream of unknown length
+  senderRank @3 :Int32;
+  senderGroup @4 :List(Int32);
+  destinations @5 :List(Destination);  # only the groups that live on the receiving node
+  payload :union {
+    tensor @6 :PeerTensor;
+    object @7 :Object;
+  }
+}
+
+interface Peer {
+  deliver @0 (chunk :PeerChunk) -> ();
+  # Stores the chunk for its destination groups on this node. The receiver allocates arena space
+  # first (waiting while the arena is full: this is the backpressure between nodes), then
+  # receives the body, then stores it; the answer comes after that. Errors are the transfer
+  # errors of Session.send, plus [peer-lost] when the body stopped arriving.
+
+  closeStream @1 (dataId :Text, numChunks :UInt32, senderRank :Int32,
+                  destinations :List(Destination)) -> ();
+
+  heartbeat @2 () -> ();
+  # The caller sends one every few seconds; a link silent for the peer timeout is dead on both
+  # sides (pending work on it fails with [peer-lost]).
 }

@@ -76,6 +76,18 @@ struct RankStatus {
   uint64_t bytesHeld = 0;       // received data its group has not marked done yet
 };
 
+// A link between this node's daemon and another node's (cross-node transfers).
+struct PeerLinkStatus {
+  bool outgoing = false;     // this daemon opened it and sends over it
+  std::string nodeId;
+  std::string address;       // host:port of the peer
+  uint64_t incarnation = 0;  // changes when the peer restarts
+  bool up = false;           // false: still connecting
+  std::string bodies;        // how large bodies move: "ucx ..." or "inline"
+  uint64_t chunks = 0;       // chunks delivered over the link (stored by the receiving side)
+  uint64_t bytes = 0;        // their tensor bytes
+};
+
 struct TransferStatus {
   std::vector<std::string> dataIds;  // in flight
   uint64_t items = 0;
@@ -86,6 +98,7 @@ struct TransferStatus {
   uint64_t expiredHolds = 0;
   uint64_t chunksCompleted = 0;
   std::vector<RankStatus> ranks;  // registered
+  std::vector<PeerLinkStatus> peers;
 };
 
 class Client {

@@ -26,6 +26,8 @@ enum class ErrorCode {
   kArenaFull,          // no space in the arena within the send timeout
   kAlreadyRegistered,  // another live client holds this rank
   kNotRegistered,      // the session's rank is no longer registered
+  kPeerUnreachable,    // the daemon of a destination's node could not be reached
+  kPeerLost,           // the daemon of another node died or was cut off during the transfer
 };
 
 const char* toString(ErrorCode code);

@@ -27,14 +27,14 @@ class SidecarTimeoutError(SidecarError, TimeoutError):
 
 
 class SidecarConnectionError(SidecarError, ConnectionError):
-    """The daemon could not be reached, or the connection to it broke."""
+    """The daemon (or, across nodes, a peer daemon) could not be reached, or the connection broke."""
 
 
 _VALUE_CODES = {
     "invalid-argument", "chunk-out-of-range", "num-chunks-mismatch", "already-sent", "already-done",
     "not-receiver", "not-available", "too-large", "already-registered",
 }
-_CONNECTION_CODES = {"unavailable", "disconnected", "protocol-mismatch"}
+_CONNECTION_CODES = {"unavailable", "disconnected", "protocol-mismatch", "peer-unreachable", "peer-lost"}
 
 
 def from_native(code: str, message: str) -> SidecarError:

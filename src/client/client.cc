@@ -162,6 +162,11 @@ TransferStatus Client::transfers() {
       rank.bytesHeld = r.getBytesHeld();
       out.ranks.push_back(std::move(rank));
     }
+    for (auto p : s.getPeers()) {
+      out.peers.push_back(PeerLinkStatus{p.getOutgoing(), p.getNodeId().cStr(),
+                                         p.getAddress().cStr(), p.getIncarnation(), p.getUp(),
+                                         p.getBodies().cStr(), p.getChunks(), p.getBytes()});
+    }
   });
   return out;
 }

@@ -22,6 +22,8 @@
 #include <fmt/format.h>
 #include <toml++/toml.h>
 
+#include "daemon/rank_directory.h"
+
 #if __has_include("sidecar_build_config.h")
 #include "sidecar_build_config.h"
 #endif
@@ -127,6 +129,7 @@ enum Key : size_t {
   kCores, kCpus, kSpinUs, kRingEntries,
   kArenaSize, kArenaPages, kArenaLock,
   kSendTimeoutMs, kObjectBytesMax, kTtlMs, kWorldSize,
+  kPeerRanks, kPeerDnsTemplate, kLocalRanks, kNodeRank, kAdvertise, kPeerTimeoutMs,
   kKeyCount
 };
 
@@ -271,6 +274,28 @@ void applyWorldSize(Config& c, std::string_view v) {
   c.worldSize = static_cast<int32_t>(parseU32(v, 0, 1'000'000'000, kWorldAccepted));
 }
 
+void applyPeerRanks(Config& c, std::string_view v) { c.peers.ranks = parseRankMap(v); }
+
+void applyPeerDnsTemplate(Config& c, std::string_view v) {
+  if (!v.empty()) validateDnsTemplate(v);
+  c.peers.dnsTemplate = v;
+}
+
+void applyLocalRanks(Config& c, std::string_view v) { c.localRanks = parseRankSet(v); }
+
+void applyNodeRank(Config& c, std::string_view v) {
+  c.nodeRank = static_cast<int32_t>(parseU32(v, 0, INT32_MAX, "must be a rank (an integer >= 0)"));
+}
+
+void applyAdvertise(Config& c, std::string_view v) {
+  if (!v.empty()) parseRankMap("0=" + std::string(v));  // the same host:port rules as the map
+  c.peers.advertise = v;
+}
+
+void applyPeerTimeoutMs(Config& c, std::string_view v) {
+  c.peers.timeoutMs = parseU32(v, 100, 600'000, "must be an integer from 100 to 600000 (milliseconds)");
+}
+
 void applyRingEntries(Config& c, std::string_view v) {
   uint32_t n = parseU32(v, kRingEntriesMin, kRingEntriesMax, kRingAccepted);
   if ((n & (n - 1)) != 0) throw ValueError(std::string(kRingAccepted));
@@ -339,9 +364,31 @@ const std::array<Setting, kKeyCount> kSettings{{
      "Data for ranks that never register is released after this", "MS", applyTtlMs},
     {"transfer", "world_size", "SIDECAR_WORLD_SIZE", "world-size", Kind::kInteger, kWorldAccepted,
      "Ranks must be below this (0: no limit)", "N", applyWorldSize},
+    {"peers", "ranks", "SIDECAR_PEERS", "peers", Kind::kString,
+     "must be a string like \"0-3=10.77.0.1:7650,4-7=10.77.0.2:7650\"",
+     "Where ranks live: rank ranges to their node's host:port", "MAP", applyPeerRanks},
+    {"peers", "dns_template", "SIDECAR_PEER_DNS_TEMPLATE", "peer-dns-template", Kind::kString,
+     "must be a string with {rank} and a port, e.g. \"sidecar-{rank}.svc:7650\"",
+     "host:port of a rank's node, for ranks the map does not name", "TEMPLATE",
+     applyPeerDnsTemplate},
+    {"peers", "local_ranks", "SIDECAR_LOCAL_PEER_RANKS", "local-ranks", Kind::kString,
+     "must be a string like \"0-3\" or \"0,1,2,3\"",
+     "Exactly these ranks are served by this node (all others are remote)", "RANKS",
+     applyLocalRanks},
+    {"peers", "rank", "SIDECAR_RANK", "rank", Kind::kInteger, "must be an integer >= 0",
+     "A rank served by this node (the reference's SIDECAR_RANK), added to local_ranks", "RANK",
+     applyNodeRank},
+    {"peers", "advertise", "SIDECAR_ADVERTISE", "advertise", Kind::kString,
+     "must be a string host:port",
+     "This node's host:port as its peers reach it (default: listen.tcp when it names a host)",
+     "HOST:PORT", applyAdvertise},
+    {"peers", "timeout_ms", "SIDECAR_PEER_TIMEOUT_MS", "peer-timeout-ms", Kind::kInteger,
+     "must be an integer from 100 to 600000 (milliseconds)",
+     "A peer daemon silent this long is dead: work that depends on it fails", "MS",
+     applyPeerTimeoutMs},
 }};
 
-constexpr std::array<std::string_view, 4> kTables{"listen", "reactor", "arena", "transfer"};
+constexpr std::array<std::string_view, 5> kTables{"listen", "reactor", "arena", "transfer", "peers"};
 
 std::string knownKeys(std::string_view table) {
   std::string out;
@@ -520,6 +567,21 @@ std::string hostName() {
 
 void finish(Config& c, const Origins& origins) {
   if (c.nodeId.empty()) c.nodeId = hostName();
+  c.peers.localRanks = c.localRanks;
+  if (c.nodeRank >= 0) c.peers.localRanks.insert(c.nodeRank);
+  if (c.peers.advertise.empty() && !c.tcpListen.empty()) {
+    std::string_view host = std::string_view(c.tcpListen).substr(0, c.tcpListen.rfind(':'));
+    if (host != "0.0.0.0" && host != "[::]" && !host.empty()) c.peers.advertise = c.tcpListen;
+  }
+  if (!c.peers.ranks.empty() && c.peers.localRanks.empty() && c.peers.advertise.empty()) {
+    fail(origins.where[kPeerRanks],
+         "the rank map needs to know which entry is this node: set [peers] advertise (this "
+         "node's host:port as written in the map), local_ranks, or listen.tcp with a host");
+  }
+  if ((!c.peers.ranks.empty() || !c.peers.dnsTemplate.empty()) && c.tcpListen.empty()) {
+    fail(origins.set(kPeerRanks) ? origins.where[kPeerRanks] : origins.where[kPeerDnsTemplate],
+         "peers reach this node over TCP, but listen.tcp is off; give it a host:port");
+  }
   if (!c.cpuList.empty()) {
     if (!origins.set(kCores)) {
       c.cores = static_cast<uint32_t>(c.cpuList.size());
@@ -630,14 +692,33 @@ std::vector<int> resolveReactorCpus(const Config& config) {
   return chosen;
 }
 
+namespace {
+std::string describeRankMap(const std::vector<RankRange>& ranks) {
+  std::string out;
+  for (const RankRange& r : ranks) {
+    if (!out.empty()) out += ',';
+    out += r.first == r.last ? fmt::format("{}={}", r.first, r.address)
+                             : fmt::format("{}-{}={}", r.first, r.last, r.address);
+  }
+  return out;
+}
+}  // namespace
+
 std::string describeConfig(const Config& c) {
   return fmt::format(
       "config: file={} node_id={} socket={} tcp={} cores={} cpus={} spin_us={} ring_entries={} "
-      "log_level={} log_format={} arena_size={} arena_pages={} arena_lock={}",
+      "log_level={} log_format={} arena_size={} arena_pages={} arena_lock={} peers={} "
+      "dns_template={} local_ranks={} advertise={} peer_timeout_ms={}",
       c.configPath.empty() ? "(none)" : c.configPath, c.nodeId, c.socketPath,
       c.tcpListen.empty() ? "off" : c.tcpListen, c.cores,
       c.cpuList.empty() ? "auto" : formatCpuList(c.cpuList), c.spinUs, c.ringEntries, c.logLevel,
-      c.logFormat, formatSize(c.arenaBytes), c.arenaPages, c.arenaLock);
+      c.logFormat, formatSize(c.arenaBytes), c.arenaPages, c.arenaLock,
+      c.peers.ranks.empty() ? "(none)" : describeRankMap(c.peers.ranks),
+      c.peers.dnsTemplate.empty() ? "(none)" : c.peers.dnsTemplate,
+      c.peers.localRanks.empty()
+          ? std::string("(all)")
+          : formatCpuList(std::vector<int>(c.peers.localRanks.begin(), c.peers.localRanks.end())),
+      c.peers.advertise.empty() ? "(none)" : c.peers.advertise, c.peers.timeoutMs);
 }
 
 LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
@@ -665,7 +746,8 @@ LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
       defaults.tcpListen, std::to_string(defaults.cores), "(affinity mask)",
       std::to_string(defaults.spinUs), std::to_string(defaults.ringEntries), "auto",
       defaults.arenaPages, "false", std::to_string(defaults.sendTimeoutMs), "1MiB",
-      std::to_string(defaults.transferTtlMs), std::to_string(defaults.worldSize)};
+      std::to_string(defaults.transferTtlMs), std::to_string(defaults.worldSize), "(none)",
+      "(none)", "(none)", "(none)", "(listen.tcp)", std::to_string(defaults.peers.timeoutMs)};
 
   std::array<std::string, kKeyCount> flagText;
   std::array<CLI::Option*, kKeyCount> flagOpt{};

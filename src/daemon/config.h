@@ -14,6 +14,8 @@
 #include <variant>
 #include <vector>
 
+#include "daemon/rank_directory.h"
+
 namespace sidecar::daemon {
 
 struct Config {
@@ -47,6 +49,11 @@ struct Config {
   uint64_t objectBytesMax = 1 << 20;   // largest small object (rides in a control message)
   uint32_t transferTtlMs = 600'000;    // data for ranks that never register is released after this
   int32_t worldSize = 0;               // ranks must be below this; 0 = no limit
+  // Peers (other nodes' daemons): see rank_directory.h. After loading, peers.localRanks holds
+  // local_ranks plus rank, and peers.advertise defaults to listen.tcp when that names a host.
+  PeerSettings peers;
+  std::set<int32_t> localRanks;  // as configured ([peers] local_ranks)
+  int32_t nodeRank = -1;         // [peers] rank; -1 = unset
 };
 
 // "Stop and exit with this code": --help and --version (code 0, text for stdout) or an error

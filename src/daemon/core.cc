@@ -83,7 +83,7 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
     }
     // One bootstrap service per connection: it knows whether its connection carries fds.
     capnp::Capability::Client service =
-        kj::heap<rpc::SidecarService>(core.node_, core.transfers_, unixSocket, peerPid);
+        kj::heap<rpc::SidecarService>(core.node_, core.transfers_, unixSocket, peerPid, core.peers_);
     auto stream = kj::heap<reactor::UringStream>(loop.reactor(), kj::mv(fd));
     kj::Own<rpc::RpcConnection> connection =
         unixSocket ? kj::heap<rpc::RpcConnection>(
@@ -116,10 +116,13 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
   kj::Own<kj::PromiseFulfiller<void>> stopFulfiller;
 };
 
-Core::Core(CoreOptions options, rpc::NodeState& node, rpc::TransferBackend* transfers)
-    : options_(options), node_(node), transfers_(transfers) {}
+Core::Core(CoreOptions options, rpc::NodeState& node, rpc::TransferBackend* transfers,
+           rpc::PeerBackend* peers)
+    : options_(options), node_(node), transfers_(transfers), peers_(peers) {}
 
 kj::Timer& Core::timer() { return loop_.load()->loop.timer(); }
+
+reactor::Reactor& Core::reactor() { return loop_.load()->loop.reactor(); }
 
 Core::~Core() {
   if (thread_.joinable()) {

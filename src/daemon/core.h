@@ -16,6 +16,7 @@
 
 #include "reactor/reactor.h"
 #include "rpc/node_state.h"
+#include "rpc/peer_backend.h"
 #include "rpc/transfer_backend.h"
 
 namespace sidecar::daemon {
@@ -30,7 +31,9 @@ struct CoreOptions {
 class Core {
  public:
   // `transfers` may be null (no transfer service: register fails clearly).
-  Core(CoreOptions options, rpc::NodeState& node, rpc::TransferBackend* transfers = nullptr);
+  // `peers` may be null (peer links are then refused).
+  Core(CoreOptions options, rpc::NodeState& node, rpc::TransferBackend* transfers = nullptr,
+       rpc::PeerBackend* peers = nullptr);
   ~Core();  // stops and joins
 
   // Starts the thread and returns once its reactor and mailbox exist.
@@ -60,6 +63,8 @@ class Core {
   const reactor::ReactorStats* reactorStats() const { return stats_.load(); }
   // The core's timer; use only on the core's own thread (e.g. inside a posted task).
   kj::Timer& timer();
+  // The core's reactor; likewise only on the core's own thread.
+  reactor::Reactor& reactor();
   // Runs work on this core from another core's event loop and returns its result there
   // (kj::Executor::executeAsync). Valid between start() and join().
   const kj::Executor& executor() const { return *executor_; }
@@ -71,6 +76,7 @@ class Core {
   CoreOptions options_;
   rpc::NodeState& node_;
   rpc::TransferBackend* transfers_;
+  rpc::PeerBackend* peers_;
   std::thread thread_;
   // Posting takes this shared; the core's thread takes it exclusively to tear its loop down, so a
   // post never reaches a mailbox being destroyed (posts after that are dropped).

@@ -61,6 +61,11 @@ void Daemon::start() {
   transferOptions.limits.objectBytesMax = config_.objectBytesMax;
   transferOptions.limits.ttlMs = config_.transferTtlMs;
   transferOptions.limits.worldSize = config_.worldSize;
+  transferOptions.peers = config_.peers;
+  transferOptions.self.protocolVersion = proto::PROTOCOL_VERSION;
+  transferOptions.self.nodeId = config_.nodeId;
+  transferOptions.self.incarnation = incarnation_;
+  transferOptions.self.address = config_.peers.advertise;
   transfers_ = std::make_unique<NodeTransfers>(*arena_, *allocator_, transferOptions);
   spdlog::info("arena: {} of {} pages{}; {}", shm::formatBytes(arena_->sizeBytes()),
                shm::pageKindName(arena_->pageKind()), arena_->mlocked() ? ", locked in RAM" : "",
@@ -83,11 +88,11 @@ void Daemon::start() {
     options.cpu = i < cpus.size() ? cpus[i] : -1;
     options.reactor.ringEntries = config_.ringEntries;
     options.spinUs = config_.spinUs;
-    cores_.push_back(std::make_unique<Core>(options, *this, transfers_.get()));
+    cores_.push_back(std::make_unique<Core>(options, *this, transfers_.get(), transfers_.get()));
     cores_.back()->start();
   }
   // Core 0 owns the allocator and the transfer table.
-  cores_[0]->post([this]() { transfers_->attachOwner(cores_[0]->timer()); });
+  cores_[0]->post([this]() { transfers_->attachOwner(cores_[0]->timer(), cores_[0]->reactor()); });
   // Core 0 accepts on both sockets and deals connections out to the cores in turn.
   auto dispatch = [this, next = size_t{0}](kj::AutoCloseFd fd, bool unixSocket) mutable {
     cores_[next++ % cores_.size()]->adopt(kj::mv(fd), unixSocket);

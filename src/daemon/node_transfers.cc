@@ -7,6 +7,9 @@
 
 #include "base/clock.h"
 
+#include <cstring>
+#include <optional>
+
 namespace sidecar::daemon {
 
 using rpc::transferError;
@@ -103,14 +106,25 @@ class NodeTransfers::RecvAdapter final : public transfer::RecvWaiter {
 
 NodeTransfers::NodeTransfers(const shm::Arena& arena, shm::SlabAllocator& allocator,
                              TransferOptions options)
-    : arena_(arena), allocator_(allocator), options_(options), table_(*this, options.limits) {}
+    : arena_(arena),
+      allocator_(allocator),
+      options_(options),
+      table_(*this, options.limits),
+      directory_(options.peers) {}
 
 NodeTransfers::~NodeTransfers() noexcept {}
 
-void NodeTransfers::attachOwner(kj::Timer& timer) {
+void NodeTransfers::attachOwner(kj::Timer& timer, reactor::Reactor& reactor) {
   ownerThread_ = std::this_thread::get_id();
   ownerExecutor_ = kj::getCurrentThreadExecutor().addRef();
   timer_ = &timer;
+  PeerLinkOptions linkOptions;
+  linkOptions.self = options_.self;
+  linkOptions.self.ucxAddress = bodies_ != nullptr ? bodies_->address() : "";
+  linkOptions.timeoutMs = options_.peers.timeoutMs;
+  linkOptions.inlineBytesMax = options_.inlineBytesMax;
+  linkOptions.pieceBytes = options_.pieceBytes;
+  links_ = kj::heap<PeerLinks>(reactor, timer, kj::mv(linkOptions), bodies_);
   expiry_ = expireLoop().eagerlyEvaluate([](kj::Exception&& e) {
     spdlog::error("transfer expiry stopped: {}", e.getDescription().cStr());
   });
@@ -118,6 +132,9 @@ void NodeTransfers::attachOwner(kj::Timer& timer) {
 
 void NodeTransfers::detachOwner() {
   expiry_ = nullptr;
+  for (auto& [id, link] : incoming_) link.pending->cancel("the daemon is stopping");
+  incoming_.clear();
+  links_ = nullptr;
   for (auto& [id, s] : sessions_) {
     for (auto& [offset, allocation] : s.allocations) allocator_.free(allocation);
   }
@@ -127,6 +144,16 @@ void NodeTransfers::detachOwner() {
 
 kj::Promise<void> NodeTransfers::expireLoop() {
   return timer_->afterDelay(1 * kj::SECONDS).then([this]() {
+    // Links from peers that stopped talking (a heartbeat comes every timeout/3).
+    uint64_t now = nowMs();
+    std::vector<uint32_t> silent;
+    for (auto& [id, link] : incoming_) {
+      if (now - link.lastHeardMs > options_.peers.timeoutMs) silent.push_back(id);
+    }
+    for (uint32_t id : silent) {
+      loseIncoming(id, "silent for more than " + std::to_string(options_.peers.timeoutMs) +
+                           " ms (peers.timeout_ms)");
+    }
     table_.expire();
     allocator_.poll();
     return expireLoop();
@@ -231,24 +258,28 @@ void NodeTransfers::unregister(rpc::SessionId id) {
   }
 }
 
+kj::Promise<shm::Allocation> NodeTransfers::allocateBytes(uint64_t sizeBytes, uint64_t hint,
+                                                          uint32_t waitMs) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(waitMs);
+  // The allocator fails a queued request in expireWaiters() once its deadline passed; a timer
+  // just after the deadline makes sure that runs. It never resolves by itself.
+  auto expiry = timer_->afterDelay((waitMs + 1) * kj::MILLISECONDS)
+                    .then([this]() -> kj::Promise<shm::Allocation> {
+                      allocator_.expireWaiters(std::chrono::steady_clock::now());
+                      return kj::NEVER_DONE;
+                    });
+  return kj::newAdaptedPromise<shm::Allocation, AllocateWaiter>(allocator_, sizeBytes, hint,
+                                                                deadline)
+      .exclusiveJoin(kj::mv(expiry));
+}
+
 kj::Promise<shm::Allocation> NodeTransfers::allocate(rpc::SessionId id, uint64_t sizeBytes,
                                                      uint32_t timeoutMs) {
   return onOwner([this, id, sizeBytes, timeoutMs]() -> kj::Promise<shm::Allocation> {
     Session& s = session(id);
     uint64_t hint = s.registration.sendHintBytes;
     uint32_t waitMs = timeoutMs != 0 ? timeoutMs : options_.sendTimeoutMs;
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(waitMs);
-    // The allocator fails a queued request in expireWaiters() once its deadline passed; a timer
-    // just after the deadline makes sure that runs. It never resolves by itself.
-    auto expiry = timer_->afterDelay((waitMs + 1) * kj::MILLISECONDS)
-                      .then([this]() -> kj::Promise<shm::Allocation> {
-                        allocator_.expireWaiters(std::chrono::steady_clock::now());
-                        return kj::NEVER_DONE;
-                      });
-    auto granted = kj::newAdaptedPromise<shm::Allocation, AllocateWaiter>(allocator_, sizeBytes,
-                                                                          hint, deadline)
-                       .exclusiveJoin(kj::mv(expiry));
-    return granted.then([this, id](shm::Allocation allocation) {
+    return allocateBytes(sizeBytes, hint, waitMs).then([this, id](shm::Allocation allocation) {
       auto it = sessions_.find(id);
       if (it == sessions_.end()) {  // the client left while we waited
         allocator_.free(allocation);
@@ -277,8 +308,9 @@ kj::Promise<void> NodeTransfers::release(rpc::SessionId id, uint64_t offset) {
 }
 
 kj::Promise<void> NodeTransfers::send(rpc::SessionId id, rpc::SendRequest request) {
-  return onOwner([this, id, request = std::move(request)]() mutable {
+  return onOwner([this, id, request = std::move(request)]() mutable -> kj::Promise<void> {
     Session& s = session(id);
+    std::optional<shm::Allocation> allocation;
     transfer::Payload payload;
     if (auto* tensor = std::get_if<rpc::TensorDescriptor>(&request.payload)) {
       auto it = s.allocations.find(tensor->offset);
@@ -289,24 +321,42 @@ kj::Promise<void> NodeTransfers::send(rpc::SessionId id, rpc::SendRequest reques
                                 std::to_string(s.registration.rank) +
                                 "; allocate it first (each allocation is sent once)");
       }
-      shm::Allocation allocation = it->second;
+      allocation = it->second;
       // The allocation is the daemon's from here on, whatever the outcome.
-      s.bytesAllocated -= allocation.sizeBytes;
+      s.bytesAllocated -= allocation->sizeBytes;
       s.allocations.erase(it);
       payload = transfer::TensorChunk{tensor->dtype, std::move(tensor->shape), tensor->sizeBytes,
-                                      allocation};
-      auto result = table_.send(s.registration.rank, s.registration.group, request.dataId,
-                                request.chunkId, request.numChunks, request.destinations,
-                                std::move(payload));
-      if (auto* error = std::get_if<transfer::Error>(&result)) {
-        allocator_.free(allocation);
-        throw transferError(*error);
-      }
-      return;
+                                      *allocation};
+    } else {
+      payload = std::get<transfer::ObjectChunk>(std::move(request.payload));
     }
-    payload = std::get<transfer::ObjectChunk>(std::move(request.payload));
-    take(table_.send(s.registration.rank, s.registration.group, request.dataId, request.chunkId,
-                     request.numChunks, request.destinations, std::move(payload)));
+    Placement placement;
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { placement = place(request.destinations); })) {
+      if (allocation) allocator_.free(*allocation);
+      kj::throwFatalException(kj::mv(*e));
+    }
+    if (!placement.remote.empty()) registerProxies(placement);
+    // What a forward needs, taken before the table owns the payload (object bytes are small).
+    std::optional<transfer::Payload> forwarded;
+    if (!placement.remote.empty()) {
+      if (auto* t = std::get_if<transfer::TensorChunk>(&payload)) {
+        forwarded = transfer::TensorChunk{t->dtype, t->shape, t->sizeBytes, t->allocation};
+      } else {
+        forwarded = payload;
+      }
+    }
+    uint64_t droppedBefore = table_.stats().duplicatesDropped;
+    auto result = table_.send(s.registration.rank, s.registration.group, request.dataId,
+                              request.chunkId, request.numChunks, request.destinations,
+                              std::move(payload));
+    if (auto* error = std::get_if<transfer::Error>(&result)) {
+      if (allocation) allocator_.free(*allocation);
+      throw transferError(*error);
+    }
+    // A replica another member of the group already delivered was dropped: already forwarded.
+    if (!forwarded || table_.stats().duplicatesDropped != droppedBefore) return kj::READY_NOW;
+    return forwardChunk(s.registration.group, s.registration.rank, request.dataId,
+                        request.chunkId, request.numChunks, placement, *forwarded);
   });
 }
 
@@ -314,9 +364,17 @@ kj::Promise<void> NodeTransfers::closeStream(rpc::SessionId id, std::string data
                                              uint32_t numChunks,
                                              std::vector<transfer::Group> destinations) {
   return onOwner([this, id, dataId = std::move(dataId), numChunks,
-                  destinations = std::move(destinations)]() {
+                  destinations = std::move(destinations)]() -> kj::Promise<void> {
     Session& s = session(id);
+    Placement placement = place(destinations);
+    if (!placement.remote.empty()) registerProxies(placement);
     take(table_.closeStream(s.registration.rank, dataId, numChunks, destinations));
+    if (placement.remote.empty()) return kj::READY_NOW;
+    auto forwards = kj::heapArrayBuilder<kj::Promise<void>>(placement.remote.size());
+    for (auto& [address, groups] : placement.remote) {
+      forwards.add(links_->closeStream(address, dataId, numChunks, s.registration.rank, groups));
+    }
+    return kj::joinPromises(forwards.finish());
   });
 }
 
@@ -359,6 +417,15 @@ kj::Promise<rpc::TransferSummary> NodeTransfers::summary() {
     }
     std::sort(out.ranks.begin(), out.ranks.end(),
               [](const auto& a, const auto& b) { return a.rank < b.rank; });
+    if (links_) out.peers = links_->summary();
+    for (auto& [id, link] : incoming_) {
+      out.peers.push_back(rpc::PeerLinkSummary{false, link.peer.nodeId, link.peer.address,
+                                               link.peer.incarnation, true,
+                                               link.peer.ucxAddress.empty() || bodies_ == nullptr
+                                                   ? "inline"
+                                                   : bodies_->describe(),
+                                               link.chunks, link.bytes});
+    }
     return out;
   });
 }
@@ -370,6 +437,274 @@ kj::Promise<std::string> NodeTransfers::inspect(std::string dataId) {
       throw transferError("invalid-argument", "no data id '" + dataId + "' is in flight on this node");
     }
     return *description;
+  });
+}
+
+// ---- Cross-node: the sending side ------------------------------------------------------------
+
+NodeTransfers::Placement NodeTransfers::place(const std::vector<transfer::Group>& destinations) {
+  Placement out;
+  for (const transfer::Group& group : destinations) {
+    std::optional<std::string> node;
+    for (size_t i = 0; i < group.size(); ++i) {
+      std::optional<std::string> address;
+      try {
+        address = directory_.remoteAddress(group[i]);
+      } catch (const std::invalid_argument& e) {
+        throw transferError("invalid-argument", e.what());
+      }
+      if (i == 0) {
+        node = address;
+      } else if (address != node) {
+        throw transferError(
+            "invalid-argument",
+            "destination group " + groupText(group) + " spans nodes (rank " +
+                std::to_string(group[0]) + " on " + (node ? *node : "this node") + ", rank " +
+                std::to_string(group[i]) + " on " + (address ? *address : "this node") +
+                "); the ranks of one group live on one node");
+      }
+    }
+    if (node) {
+      out.remote[*node].push_back(group);
+    } else {
+      out.local.push_back(group);
+    }
+  }
+  return out;
+}
+
+void NodeTransfers::registerProxies(const Placement& placement) {
+  // Remote groups hold chunks here until their node stored them. Registered, they never expire
+  // by time-to-live while a forward may still read them.
+  for (auto& [address, groups] : placement.remote) {
+    for (const transfer::Group& group : groups) {
+      for (transfer::Rank rank : group) {
+        if (proxies_.insert(rank).second) table_.rankRegistered(rank);
+      }
+    }
+  }
+}
+
+void NodeTransfers::releaseProxies(const std::string& dataId, uint32_t chunkId,
+                                   const std::vector<transfer::Group>& groups) {
+  for (const transfer::Group& group : groups) {
+    auto done = table_.markDone(group[0], dataId, chunkId);
+    if (auto* error = std::get_if<transfer::Error>(&done)) {
+      spdlog::debug("proxy hold of {} on chunk {} of '{}': {}", groupText(group), chunkId, dataId,
+                    error->message);
+    }
+  }
+}
+
+kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup,
+                                              transfer::Rank sender, const std::string& dataId,
+                                              uint32_t chunkId, uint32_t numChunks,
+                                              const Placement& placement,
+                                              const transfer::Payload& stored) {
+  // Releases the remote groups' holds when the forward ends, however it ends (answered, failed,
+  // or dropped at shutdown).
+  struct ProxyHolds {
+    NodeTransfers& self;
+    std::string dataId;
+    uint32_t chunkId;
+    std::vector<transfer::Group> groups;
+    ~ProxyHolds() { self.releaseProxies(dataId, chunkId, groups); }
+  };
+  auto forwards = kj::heapArrayBuilder<kj::Promise<void>>(placement.remote.size());
+  for (auto& [address, groups] : placement.remote) {
+    OutgoingChunk chunk;
+    chunk.dataId = dataId;
+    chunk.chunkId = chunkId;
+    chunk.numChunks = numChunks;
+    chunk.senderRank = sender;
+    chunk.senderGroup = senderGroup;
+    chunk.destinations = groups;
+    if (auto* t = std::get_if<transfer::TensorChunk>(&stored)) {
+      chunk.isTensor = true;
+      chunk.dtype = t->dtype;
+      chunk.shape = t->shape;
+      chunk.sizeBytes = t->sizeBytes;
+      chunk.body = arena_.base() + t->allocation.offset;
+    } else {
+      chunk.object = std::get<transfer::ObjectChunk>(stored);
+    }
+    auto holds = kj::heap<ProxyHolds>(ProxyHolds{*this, dataId, chunkId, groups});
+    forwards.add(links_->deliver(address, kj::mv(chunk)).attach(kj::mv(holds)));
+  }
+  return kj::joinPromises(forwards.finish());
+}
+
+// ---- Cross-node: the receiving side ----------------------------------------------------------
+
+NodeTransfers::IncomingLink& NodeTransfers::incoming(uint32_t linkId) {
+  auto it = incoming_.find(linkId);
+  if (it == incoming_.end()) {
+    throw transferError("peer-lost",
+                        "this daemon dropped the link (silent too long, or restarted); open a new one");
+  }
+  return it->second;
+}
+
+uint64_t NodeTransfers::receiveHint(const std::vector<transfer::Group>& destinations) const {
+  for (const transfer::Group& group : destinations) {
+    for (transfer::Rank rank : group) {
+      auto r = ranks_.find(rank);
+      if (r == ranks_.end()) continue;
+      auto s = sessions_.find(r->second);
+      if (s != sessions_.end() && s->second.registration.recvHintBytes > 0) {
+        return s->second.registration.recvHintBytes;
+      }
+    }
+  }
+  return 4096;  // no receiver registered yet: page-sized units
+}
+
+kj::Promise<rpc::PeerIdentity> NodeTransfers::openPeerLink(rpc::PeerIdentity peer) {
+  return onOwner([this, peer = std::move(peer)]() mutable {
+    uint32_t id = nextLinkId_++ & 0xffffffu;  // 24 bits: the top of UCX tags
+    if (id == 0) id = nextLinkId_++;
+    spdlog::info("peer link {} from node '{}' ({}) incarnation {:016x}", id, peer.nodeId,
+                 peer.address.empty() ? "no address" : peer.address, peer.incarnation);
+    incoming_.emplace(id, IncomingLink{std::move(peer), nowMs(), {}, kj::heap<kj::Canceler>()});
+    rpc::PeerIdentity self = options_.self;
+    self.ucxAddress = bodies_ != nullptr ? bodies_->address() : "";
+    self.linkId = id;
+    return self;
+  });
+}
+
+void NodeTransfers::closePeerLink(uint32_t linkId) {
+  if (ownerExecutor_.get() == nullptr) return;
+  if (std::this_thread::get_id() == ownerThread_) {
+    loseIncoming(linkId, "its connection closed");
+    return;
+  }
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    ownerExecutor_->executeAsync([this, linkId]() { loseIncoming(linkId, "its connection closed"); })
+        .detach([](kj::Exception&&) {});
+  })) {
+    spdlog::debug("peer link {} ended while the daemon stops: {}", linkId, e->getDescription().cStr());
+  }
+}
+
+void NodeTransfers::loseIncoming(uint32_t linkId, const std::string& why) {
+  auto it = incoming_.find(linkId);
+  if (it == incoming_.end()) return;
+  IncomingLink link = std::move(it->second);
+  incoming_.erase(it);
+  std::string who = "node '" + link.peer.nodeId + "'";
+  spdlog::warn("peer link {} from {} lost: {}; failing {} id(s) it was delivering", linkId, who,
+               why, link.dataIds.size());
+  link.pending->cancel(("[peer-lost] the link from " + who + " was lost: " + why).c_str());
+  for (const std::string& dataId : link.dataIds) {
+    table_.failWaiters(dataId, who + ", which was sending it, was lost (" + why + ")");
+  }
+}
+
+kj::Promise<void> NodeTransfers::heartbeat(uint32_t linkId) {
+  return onOwner([this, linkId]() { incoming(linkId).lastHeardMs = nowMs(); });
+}
+
+kj::Promise<void> NodeTransfers::peerCloseStream(uint32_t linkId, std::string dataId,
+                                                 uint32_t numChunks, transfer::Rank senderRank,
+                                                 std::vector<transfer::Group> destinations) {
+  return onOwner([this, linkId, dataId = std::move(dataId), numChunks, senderRank,
+                  destinations = std::move(destinations)]() {
+    IncomingLink& link = incoming(linkId);
+    link.lastHeardMs = nowMs();
+    if (!place(destinations).remote.empty()) {
+      throw transferError("invalid-argument", "closeStream from node '" + link.peer.nodeId +
+                                                  "' names ranks that do not live on this node");
+    }
+    link.dataIds.insert(dataId);
+    take(table_.closeStream(senderRank, dataId, numChunks, destinations));
+  });
+}
+
+kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) {
+  return onOwner([this, linkId, chunk = std::move(chunk)]() mutable -> kj::Promise<void> {
+    IncomingLink& link = incoming(linkId);
+    link.lastHeardMs = nowMs();
+    if (!place(chunk.destinations).remote.empty()) {
+      throw transferError("invalid-argument", "a chunk from node '" + link.peer.nodeId +
+                                                  "' names ranks that do not live on this node");
+    }
+    link.dataIds.insert(chunk.dataId);
+    if (auto* object = std::get_if<transfer::ObjectChunk>(&chunk.payload)) {
+      take(table_.send(chunk.senderRank, chunk.senderGroup, chunk.dataId, chunk.chunkId,
+                       chunk.numChunks, chunk.destinations, std::move(*object)));
+      ++link.chunks;
+      return kj::READY_NOW;
+    }
+    // The continuations below refer to the chunk: keep it at a stable address until they ran.
+    auto held = kj::heap<rpc::PeerChunk>(std::move(chunk));
+    rpc::PeerChunk& kept = *held;
+    auto& tensor = std::get<rpc::PeerTensor>(kept.payload);
+    uint64_t elements = 1;
+    for (int64_t dim : tensor.shape) {
+      if (dim < 0) throw transferError("invalid-argument", "a peer sent a negative dimension");
+      elements *= static_cast<uint64_t>(dim);
+    }
+    if (transfer::dtypeBytes(tensor.dtype) == 0 ||
+        elements * transfer::dtypeBytes(tensor.dtype) != tensor.sizeBytes) {
+      throw transferError("invalid-argument", "a peer's tensor header does not add up: shape and "
+                                              "dtype disagree with its size");
+    }
+    if (tensor.viaUcx) {
+      if (bodies_ == nullptr) {
+        throw transferError("invalid-argument", "a peer sent a UCX body, but this daemon has no UCX");
+      }
+      if (tensor.pieces == 0 || tensor.pieces > 255 || tensor.pieceBytes == 0 ||
+          (tensor.pieces - 1) * tensor.pieceBytes >= tensor.sizeBytes ||
+          tensor.pieces * tensor.pieceBytes < tensor.sizeBytes) {
+        throw transferError("invalid-argument", "a peer's UCX pieces do not cover its tensor");
+      }
+    }
+    uint64_t hint = receiveHint(kept.destinations);
+    auto space = allocateBytes(std::max<uint64_t>(tensor.sizeBytes, 1), hint, options_.sendTimeoutMs);
+    // Owns the allocation until the table takes it: a failed or cancelled delivery frees it.
+    struct Landing {
+      shm::SlabAllocator& allocator;
+      std::optional<shm::Allocation> allocation;
+      ~Landing() {
+        if (allocation) allocator.free(*allocation);
+      }
+    };
+    auto landing = kj::heap<Landing>(Landing{allocator_, std::nullopt});
+    Landing& land = *landing;
+    auto received = space.then([this, &land, &tensor](shm::Allocation allocation) -> kj::Promise<void> {
+      land.allocation = allocation;
+      std::byte* destination = arena_.base() + allocation.offset;
+      if (!tensor.viaUcx) {
+        std::memcpy(destination, tensor.inlineBytes.data(), tensor.sizeBytes);
+        return kj::READY_NOW;
+      }
+      auto pieces = kj::heapArrayBuilder<kj::Promise<void>>(tensor.pieces);
+      for (uint32_t i = 0; i < tensor.pieces; ++i) {
+        uint64_t offset = uint64_t{i} * tensor.pieceBytes;
+        uint64_t bytes = std::min(tensor.pieceBytes, tensor.sizeBytes - offset);
+        pieces.add(bodies_->receive(tensor.tag + i, destination + offset, bytes));
+      }
+      return kj::joinPromises(pieces.finish());
+    });
+    auto stored = link.pending->wrap(kj::mv(received))
+                      .then([this, &land, &kept, &tensor, linkId]() {
+                        transfer::TensorChunk stored{tensor.dtype, tensor.shape, tensor.sizeBytes,
+                                                     *land.allocation};
+                        auto result = table_.send(kept.senderRank, kept.senderGroup, kept.dataId,
+                                                  kept.chunkId, kept.numChunks,
+                                                  kept.destinations, std::move(stored));
+                        if (auto* error = std::get_if<transfer::Error>(&result)) {
+                          throw transferError(*error);  // the Landing frees the space
+                        }
+                        land.allocation.reset();  // the table owns it now
+                        auto it = incoming_.find(linkId);
+                        if (it != incoming_.end()) {
+                          ++it->second.chunks;
+                          it->second.bytes += tensor.sizeBytes;
+                        }
+                      });
+    return stored.attach(kj::mv(landing), kj::mv(held));
   });
 }
 

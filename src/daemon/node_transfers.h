@@ -10,9 +10,15 @@
 #include <kj/timer.h>
 
 #include <map>
+#include <set>
 #include <thread>
 #include <unordered_map>
 
+#include "daemon/body_transport.h"
+#include "daemon/peer_links.h"
+#include "daemon/rank_directory.h"
+#include "reactor/reactor.h"
+#include "rpc/peer_backend.h"
 #include "rpc/transfer_backend.h"
 #include "shm/arena.h"
 #include "shm/slab_allocator.h"
@@ -23,16 +29,31 @@ namespace sidecar::daemon {
 struct TransferOptions {
   uint32_t sendTimeoutMs = 30'000;    // default wait for arena space
   transfer::TransferLimits limits;
+  PeerSettings peers;                 // where ranks live; empty: every rank is local
+  rpc::PeerIdentity self;             // this daemon, as it introduces itself to peers
+  uint64_t inlineBytesMax = 64 << 10; // cross-node tensors up to this ride in the control message
+  uint64_t pieceBytes = 8 << 20;      // larger ones move over the body transport in such pieces
 };
 
-class NodeTransfers final : public rpc::TransferBackend, private transfer::TransferTable::Hooks {
+// Cross-node transfers (see docs/PROTOCOL.md, "Between daemons"): a send whose destinations
+// include groups on other nodes is stored here like any other (the remote groups hold it as
+// proxies), forwarded once per remote node, and the proxies' holds are released when that node
+// answered (stored) or failed; the sender's send() resolves only then, so a failure reaches it.
+// Incoming chunks from peers are stored after the receiving side allocated their space (waiting
+// while the arena is full: the backpressure between nodes) and received their body.
+class NodeTransfers final : public rpc::TransferBackend,
+                            public rpc::PeerBackend,
+                            private transfer::TransferTable::Hooks {
  public:
   NodeTransfers(const shm::Arena& arena, shm::SlabAllocator& allocator, TransferOptions options);
   ~NodeTransfers() noexcept;
 
   // Called on the owner core's thread once its loop runs: from then on, calls from other cores
   // are forwarded there. Starts the periodic expiry of holds.
-  void attachOwner(kj::Timer& timer);
+  void attachOwner(kj::Timer& timer, reactor::Reactor& reactor);
+  // Before attachOwner: the transport for large cross-node bodies (UCX). Without one, bodies
+  // ride inline in control messages (up to PeerLinks::kInlineHardMaxBytes).
+  void setBodyTransport(BodyTransport* bodies) { bodies_ = bodies; }
   // Called on the owner core before its loop stops: fails waiters, frees everything.
   void detachOwner();
 
@@ -51,6 +72,15 @@ class NodeTransfers final : public rpc::TransferBackend, private transfer::Trans
   kj::Promise<rpc::TransferSummary> summary() override;
   kj::Promise<std::string> inspect(std::string dataId) override;
   int arenaFd() const override { return arena_.fd(); }
+
+  // rpc::PeerBackend: the receiving end of links from other nodes.
+  kj::Promise<rpc::PeerIdentity> openPeerLink(rpc::PeerIdentity peer) override;
+  void closePeerLink(uint32_t linkId) override;
+  kj::Promise<void> deliver(uint32_t linkId, rpc::PeerChunk chunk) override;
+  kj::Promise<void> peerCloseStream(uint32_t linkId, std::string dataId, uint32_t numChunks,
+                                    transfer::Rank senderRank,
+                                    std::vector<transfer::Group> destinations) override;
+  kj::Promise<void> heartbeat(uint32_t linkId) override;
   uint64_t arenaBytes() const override { return arena_.sizeBytes(); }
 
  private:
@@ -61,12 +91,37 @@ class NodeTransfers final : public rpc::TransferBackend, private transfer::Trans
   };
   class AllocateWaiter;
   class RecvAdapter;
+  // A link from another node's daemon (we are its receiving end).
+  struct IncomingLink {
+    rpc::PeerIdentity peer;
+    uint64_t lastHeardMs = 0;
+    std::set<std::string> dataIds;  // ids it delivered into: their waiters fail if it is lost
+    kj::Own<kj::Canceler> pending;  // its deliveries in progress
+    uint64_t chunks = 0;            // stored from it
+    uint64_t bytes = 0;
+  };
+  // Destinations split by node: local groups, and per remote node address its groups.
+  struct Placement {
+    std::vector<transfer::Group> local;
+    std::map<std::string, std::vector<transfer::Group>> remote;
+  };
 
   template <typename Func>
   kj::PromiseForResult<Func, void> onOwner(Func&& func);
   Session& session(rpc::SessionId id);
   void dropSession(rpc::SessionId id);
   kj::Promise<void> expireLoop();
+  kj::Promise<shm::Allocation> allocateBytes(uint64_t sizeBytes, uint64_t hint, uint32_t waitMs);
+  Placement place(const std::vector<transfer::Group>& destinations);
+  kj::Promise<void> forwardChunk(const transfer::Group& senderGroup, transfer::Rank sender,
+                                 const std::string& dataId, uint32_t chunkId, uint32_t numChunks,
+                                 const Placement& placement, const transfer::Payload& stored);
+  void registerProxies(const Placement& placement);
+  void releaseProxies(const std::string& dataId, uint32_t chunkId,
+                      const std::vector<transfer::Group>& groups);
+  IncomingLink& incoming(uint32_t linkId);
+  void loseIncoming(uint32_t linkId, const std::string& why);
+  uint64_t receiveHint(const std::vector<transfer::Group>& destinations) const;
 
   void release(const shm::Allocation& allocation) override;
   uint64_t nowMs() override;
@@ -80,6 +135,13 @@ class NodeTransfers final : public rpc::TransferBackend, private transfer::Trans
   kj::Own<const kj::Executor> ownerExecutor_;
   kj::Timer* timer_ = nullptr;
   kj::Promise<void> expiry_ = nullptr;
+
+  RankDirectory directory_;
+  BodyTransport* bodies_ = nullptr;
+  kj::Own<PeerLinks> links_;             // outgoing, created by attachOwner
+  std::set<transfer::Rank> proxies_;     // remote ranks registered in the table as proxies
+  uint32_t nextLinkId_ = 1;
+  std::map<uint32_t, IncomingLink> incoming_;
 
   rpc::SessionId nextSession_ = 1;
   std::unordered_map<rpc::SessionId, Session> sessions_;

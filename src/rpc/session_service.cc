@@ -24,22 +24,7 @@ kj::Exception transferError(const char* kind, const std::string& message) {
 }
 
 kj::Exception transferError(const transfer::Error& error) {
-  using transfer::Errc;
-  const char* kind = "invalid-argument";
-  switch (error.code) {
-    case Errc::kInvalidArgument: kind = "invalid-argument"; break;
-    case Errc::kChunkOutOfRange: kind = "chunk-out-of-range"; break;
-    case Errc::kNumChunksMismatch: kind = "num-chunks-mismatch"; break;
-    case Errc::kAlreadySent: kind = "already-sent"; break;
-    case Errc::kAlreadyDone: kind = "already-done"; break;
-    case Errc::kNotReceiver: kind = "not-receiver"; break;
-    case Errc::kNotAvailable: kind = "not-available"; break;
-    case Errc::kTooLarge: kind = "too-large"; break;
-    case Errc::kExpired: kind = "expired"; break;
-    case Errc::kCancelled: kind = "cancelled"; break;
-    case Errc::kTimeout: kind = "timeout"; break;
-  }
-  return transferError(kind, error.message);
+  return transferError(transfer::errcName(error.code), error.message);
 }
 
 transfer::Dtype fromProto(proto::Dtype dtype) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "rpc/peer_service.h"
 #include "rpc/session_service.h"
 
 namespace sidecar::rpc {
@@ -107,6 +108,19 @@ kj::Promise<void> SidecarService::transfers(TransfersContext context) {
       rank.setBytesAllocated(summary.ranks[i].bytesAllocated);
       rank.setBytesHeld(summary.ranks[i].bytesHeld);
     }
+    auto peers = out.initPeers(static_cast<unsigned>(summary.peers.size()));
+    for (size_t i = 0; i < summary.peers.size(); ++i) {
+      const PeerLinkSummary& p = summary.peers[i];
+      auto peer = peers[static_cast<unsigned>(i)];
+      peer.setOutgoing(p.outgoing);
+      peer.setNodeId(p.nodeId);
+      peer.setAddress(p.address);
+      peer.setIncarnation(p.incarnation);
+      peer.setUp(p.up);
+      peer.setBodies(p.bodies);
+      peer.setChunks(p.chunks);
+      peer.setBytes(p.bytes);
+    }
   });
 }
 
@@ -114,6 +128,30 @@ kj::Promise<void> SidecarService::inspect(InspectContext context) {
   std::string id(context.getParams().getDataId().cStr());
   return backend().inspect(id).then([context](std::string description) mutable {
     context.getResults().setDescription(description);
+  });
+}
+
+kj::Promise<void> SidecarService::peer(PeerContext context) {
+  if (peers_ == nullptr) {
+    return transferError("invalid-argument", "this server does not accept peer links");
+  }
+  if (fdPassing_) {
+    return transferError("invalid-argument",
+                         "peer links come over TCP (listen.tcp), not the node's unix socket");
+  }
+  PeerIdentity caller = readHello(context.getParams().getHello());
+  if (caller.protocolVersion != proto::PROTOCOL_VERSION) {
+    return transferError("version-mismatch",
+                         "peer '" + caller.nodeId + "' speaks protocol " +
+                             std::to_string(caller.protocolVersion) + ", this daemon " +
+                             std::to_string(proto::PROTOCOL_VERSION) +
+                             "; run the same sidecar version on every node");
+  }
+  PeerBackend& peers = *peers_;
+  return peers.openPeerLink(kj::mv(caller)).then([context, &peers](PeerIdentity self) mutable {
+    auto results = context.getResults();
+    writeHello(self, results.initHello());
+    results.setPeer(kj::heap<PeerService>(peers, self.linkId));
   });
 }
 

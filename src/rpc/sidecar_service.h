@@ -3,6 +3,7 @@
 // One per connection, so it knows whether its connection can carry file descriptors.
 
 #include "rpc/node_state.h"
+#include "rpc/peer_backend.h"
 #include "rpc/transfer_backend.h"
 #include "sidecar.capnp.h"
 
@@ -16,9 +17,10 @@ class SidecarService final : public proto::Sidecar::Server {
   // `transfers` may be null (a node without transfers, tests): register then fails clearly.
   // `fdPassing`: the connection is a unix socket and can carry the arena's fd.
   // `peerPid`: the client's process when known (0 otherwise), to tell a dead rank holder.
+  // `peers` may be null (peer links refused clearly).
   explicit SidecarService(NodeState& node, TransferBackend* transfers = nullptr,
-                          bool fdPassing = true, int32_t peerPid = 0)
-      : node_(node), transfers_(transfers), fdPassing_(fdPassing), peerPid_(peerPid) {}
+                          bool fdPassing = true, int32_t peerPid = 0, PeerBackend* peers = nullptr)
+      : node_(node), transfers_(transfers), fdPassing_(fdPassing), peerPid_(peerPid), peers_(peers) {}
 
  protected:
   kj::Promise<void> ping(PingContext context) override;
@@ -26,6 +28,7 @@ class SidecarService final : public proto::Sidecar::Server {
   kj::Promise<void> register_(RegisterContext context) override;
   kj::Promise<void> transfers(TransfersContext context) override;
   kj::Promise<void> inspect(InspectContext context) override;
+  kj::Promise<void> peer(PeerContext context) override;
 
  private:
   TransferBackend& backend();
@@ -34,6 +37,7 @@ class SidecarService final : public proto::Sidecar::Server {
   TransferBackend* transfers_;
   bool fdPassing_;
   int32_t peerPid_;
+  PeerBackend* peers_;
 };
 
 // The unit in bytes of a memory hint: prod(rowShape) elements of dtype. Throws [invalid-argument]

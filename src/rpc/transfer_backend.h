@@ -49,10 +49,22 @@ struct RankSummary {
   uint64_t bytesHeld = 0;       // received data its group has not marked done
 };
 
+struct PeerLinkSummary {
+  bool outgoing = false;
+  std::string nodeId;
+  std::string address;
+  uint64_t incarnation = 0;
+  bool up = false;
+  std::string bodies;
+  uint64_t chunks = 0;
+  uint64_t bytes = 0;
+};
+
 struct TransferSummary {
   std::vector<std::string> dataIds;
   transfer::TransferStats stats;
   std::vector<RankSummary> ranks;
+  std::vector<PeerLinkSummary> peers;
 };
 
 using SessionId = uint64_t;

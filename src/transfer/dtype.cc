@@ -48,6 +48,7 @@ const char* errcName(Errc code) {
     case Errc::kExpired: return "expired";
     case Errc::kCancelled: return "cancelled";
     case Errc::kTimeout: return "timeout";
+    case Errc::kPeerLost: return "peer-lost";
   }
   return "unknown";
 }

@@ -37,6 +37,7 @@ constexpr uint8_t kReady = 2;
 constexpr uint8_t kDecide = 0;
 constexpr uint8_t kRankGone = 1;
 constexpr uint8_t kShutdown = 2;
+constexpr uint8_t kPeerLost = 3;  // above kShutdown: failWaiters() wins over a later reason
 
 // A set of small indices (positions in a group, or destination group indices): the first 64 inline.
 class IndexSet {
@@ -323,6 +324,7 @@ struct TransferTable::Impl {
   WaitList ready;
   bool draining = false;
   bool shuttingDown = false;
+  std::string peerLostWhy;  // the reason failWaiters() gives, for the waiters it wakes
 
   // Counters behind stats().
   uint64_t liveItems = 0;
@@ -661,6 +663,14 @@ struct TransferTable::Impl {
       } else {
         std::string what = "recv of " + chunkText(w->chunkId_, *item->key) + " by rank " +
                            std::to_string(w->rank_) + " was cancelled: ";
+        if (w->reason_ == kPeerLost && !shuttingDown) {
+          std::string message = "recv of " + chunkText(w->chunkId_, *item->key) + " by rank " +
+                                std::to_string(w->rank_) + " failed: " + peerLostWhy;
+          detach(w);
+          maybeErase(*item);
+          w->complete(err(Errc::kPeerLost, std::move(message)));
+          continue;
+        }
         what += (w->reason_ == kRankGone) ? "rank " + std::to_string(w->rank_) + " disconnected"
                                           : std::string("the transfer table is shutting down");
         result = err(Errc::kCancelled, std::move(what));
@@ -986,6 +996,17 @@ struct TransferTable::Impl {
     drain();
   }
 
+  void failWaiters(const std::string& dataId, const std::string& why) {
+    auto it = items.find(dataId);
+    if (it == items.end()) return;
+    peerLostWhy = why;
+    wake(it->second, [](RecvWaiter*) { return true; });
+    for (RecvWaiter* w = ready.head; w != nullptr; w = w->next_) {
+      if (itemOf(w) == &it->second) w->reason_ = std::max(w->reason_, kPeerLost);
+    }
+    drain();
+  }
+
   void rankGone(Rank rank) {
     registered.erase(rank);
     auto it = rankWaiters.find(rank);
@@ -1138,6 +1159,10 @@ TransferTable::~TransferTable() {
 void TransferTable::rankRegistered(Rank rank) { impl_->registered.insert(rank); }
 
 void TransferTable::rankGone(Rank rank) { impl_->rankGone(rank); }
+
+void TransferTable::failWaiters(const std::string& dataId, const std::string& why) {
+  impl_->failWaiters(dataId, why);
+}
 
 Result<Ok> TransferTable::send(Rank sender, const Group& senderGroup, const std::string& dataId,
                                uint32_t chunkId, uint32_t numChunks,

@@ -112,6 +112,7 @@ enum class Errc {
   kExpired,            // the hold or the item expired (time-to-live) before the call
   kCancelled,          // a waiter was cancelled (its rank went away, or the table shut down)
   kTimeout,            // a recv deadline passed
+  kPeerLost,           // the node the data was coming from died or was cut off (failWaiters)
 };
 const char* errcName(Errc code);
 
@@ -219,6 +220,11 @@ class TransferTable {
   void recv(Rank receiver, const std::string& dataId, uint32_t chunkId, RecvWaiter& waiter);
   // Removes a queued waiter without completing it. Returns false when it was not queued.
   bool cancel(RecvWaiter& waiter);
+
+  // Completes every queued recv of `dataId` with kPeerLost and the message "<recv of ...>: why"
+  // (its data was coming from a node that is gone). Stored chunks and holds are untouched; a
+  // later recv queues again. No-op for an unknown id.
+  void failWaiters(const std::string& dataId, const std::string& why);
 
   // Releases the receiver's group's hold on the chunk. Errors: kNotAvailable (id or chunk not
   // arrived), kNotReceiver, kChunkOutOfRange, kAlreadyDone (second markDone by the group),

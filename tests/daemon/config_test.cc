@@ -501,7 +501,7 @@ TEST(ConfigErrors, UnknownTopLevelKeyAndTable) {
   EXPECT_EQ(error(load({"--config", key.path()})),
             "sidecard: config error: " + key.path() +
                 ":1: unknown key 'nodeid'; known top-level keys: node_id, log_level, "
-                "log_format, [listen], [reactor], [arena], [transfer]");
+                "log_format, [listen], [reactor], [arena], [transfer], [peers]");
   TempToml table("\n[reacter]\ncores = 2\n");
   std::string line = error(load({"--config", table.path()}));
   EXPECT_NE(line.find(table.path() + ":2: unknown key 'reacter'"), std::string::npos) << line;
@@ -645,7 +645,7 @@ TEST(ConfigExample, UncommentedKeysAreExactlyTheDefaults) {
     }
     content += line + "\n";
   }
-  EXPECT_EQ(keys, 16);  // every key of Config but configPath
+  EXPECT_EQ(keys, 21);  // every key of Config but configPath and [peers] rank (no default)
   TempToml file(content);
   Config c = ok(load({"--config", file.path()}));
   expectDefaults(c);

@@ -263,6 +263,31 @@ TEST_F(TableTest, RankGoneCancelsOnlyThatRanksWaiters) {
   EXPECT_TRUE(table->dataIds().empty());
 }
 
+TEST_F(TableTest, FailWaitersFailsOnlyThatIdsQueuedRecvsAndKeepsItsChunks) {
+  TestWaiter first, second, other;
+  ASSERT_TRUE(isOk(send(0, {0}, "s", 0, 0, kTo2, tensor(Dtype::kUint8, {100}))));  // a stream
+  recv(2, "s", 1, first);
+  recv(2, "s", 2, second);
+  recv(2, "t", 0, other);
+  table->failWaiters("s", "node 'b' was lost");
+  table->checkInvariants();
+  EXPECT_EQ(first.code(), Errc::kPeerLost);
+  EXPECT_THAT(first.message(), HasSubstr("chunk 1"));
+  EXPECT_THAT(first.message(), HasSubstr("node 'b' was lost"));
+  EXPECT_EQ(second.code(), Errc::kPeerLost);
+  EXPECT_FALSE(other.done());
+  // The chunk that arrived stays readable; a new recv of a missing chunk queues again.
+  TestWaiter again, late;
+  recv(2, "s", 0, again);
+  EXPECT_NE(again.tensor(), nullptr);
+  recv(2, "s", 1, late);
+  EXPECT_FALSE(late.done());
+  table->failWaiters("unknown", "nothing");  // no-op
+  ASSERT_TRUE(isOk(markDone(2, "s", 0)));
+  table->rankGone(2);
+  table->rankGone(3);
+}
+
 TEST_F(TableTest, DestructionCancelsWaitersAndReleasesEverything) {
   TestWaiter w;
   recv(2, "d", 1, w);

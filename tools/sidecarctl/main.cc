@@ -119,6 +119,13 @@ nlohmann::json transfersJson_(const sidecar::TransferStatus& t) {
     j["ranks"].push_back({{"rank", r.rank}, {"group", r.group},
                           {"bytesAllocated", r.bytesAllocated}, {"bytesHeld", r.bytesHeld}});
   }
+  j["peers"] = nlohmann::json::array();
+  for (const auto& p : t.peers) {
+    j["peers"].push_back({{"direction", p.outgoing ? "out" : "in"}, {"nodeId", p.nodeId},
+                          {"address", p.address}, {"incarnation", fmt::format("{:016x}", p.incarnation)},
+                          {"up", p.up}, {"bodies", p.bodies}, {"chunks", p.chunks},
+                          {"bytes", p.bytes}});
+  }
   return j;
 }
 
@@ -133,6 +140,15 @@ void printTransfers(const sidecar::TransferStatus& t) {
   for (const auto& r : t.ranks) {
     fmt::print("{:<8}{:<20}{:>14}{:>14}\n", r.rank, fmt::format("[{}]", fmt::join(r.group, ",")),
                humanBytes(r.bytesAllocated), humanBytes(r.bytesHeld));
+  }
+  if (!t.peers.empty()) {
+    fmt::print("\n{:<5}{:<20}{:<24}{:<18}{:<6}{:>9}{:>12}  {}\n", "LINK", "NODE", "ADDRESS",
+               "INCARNATION", "UP", "CHUNKS", "BYTES", "BODIES");
+  }
+  for (const auto& p : t.peers) {
+    fmt::print("{:<5}{:<20}{:<24}{:<18}{:<6}{:>9}{:>12}  {}\n", p.outgoing ? "out" : "in", p.nodeId,
+               p.address.empty() ? "-" : p.address, fmt::format("{:016x}", p.incarnation),
+               p.up ? "yes" : "no", p.chunks, humanBytes(p.bytes), p.bodies);
   }
   if (!t.dataIds.empty()) fmt::print("\nDATA IDS\n");
   for (const auto& id : t.dataIds) fmt::print("  {}\n", id);

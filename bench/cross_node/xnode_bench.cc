@@ -1,0 +1,208 @@
+// Cross-node transfers between two running daemons (node A and node B, e.g. in two network
+// namespaces started by bench/cross_node/perftest), measured from a sender rank on A to a
+// receiver rank on B. This binary is only the two clients: it forks the receiver (rank 2 on B's
+// socket) and runs the sender (rank 0 on A's socket) itself. Both processes are on one machine,
+// so one-way times use one CLOCK_MONOTONIC: from before send() on A to after recv() returned the
+// view on B.
+//
+// Per size, `iterations` timed transfers (after `warmup` untimed ones), one at a time: the
+// receiver posts its recv, says "ready" over a pipe, the sender allocates a tensor in A's arena
+// (zero copy: only its first and last 8 bytes are written, the iteration number, which the
+// receiver checks), stamps the time and sends; the receiver stamps on arrival, marks it done and
+// reports the stamp. Prints one JSON line per size:
+//   {"name":"xfer_64MiB","bytes":67108864,"median_us":..,"p99_us":..,"gbps":..}
+// gbps = bytes / median one-way time (decimal GB/s, as ucx_perftest's MB/s are decimal).
+//
+// Usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes 4096,1048576,67108864]
+//                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2]
+
+#include <sidecar/sidecar.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+uint64_t nowNs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1'000'000'000u + uint64_t(ts.tv_nsec);
+}
+
+void writeAll(int fd, const void* data, size_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w <= 0) {
+      std::perror("write");
+      std::exit(2);
+    }
+    p += w;
+    n -= size_t(w);
+  }
+}
+
+void readAll(int fd, void* data, size_t n) {
+  char* p = static_cast<char*>(data);
+  while (n > 0) {
+    ssize_t r = read(fd, p, n);
+    if (r <= 0) {
+      std::fprintf(stderr, "xnode_bench: the other process is gone\n");
+      std::exit(2);
+    }
+    p += r;
+    n -= size_t(r);
+  }
+}
+
+std::string sizeName(uint64_t bytes) {
+  if (bytes % (1 << 20) == 0) return std::to_string(bytes >> 20) + "MiB";
+  if (bytes % 1024 == 0) return std::to_string(bytes >> 10) + "KiB";
+  return std::to_string(bytes) + "B";
+}
+
+struct Options {
+  std::string socketA, socketB;
+  std::vector<uint64_t> sizes{4096, 1 << 20, 64 << 20};
+  int iterations = 30;
+  int warmup = 5;
+  int rankA = 0;  // the sender, served by node A
+  int rankB = 2;  // the receiver, served by node B
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "xnode_bench: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--socket-a") o.socketA = next();
+    else if (a == "--socket-b") o.socketB = next();
+    else if (a == "--iterations") o.iterations = std::max(1, std::atoi(next().c_str()));
+    else if (a == "--warmup") o.warmup = std::max(0, std::atoi(next().c_str()));
+    else if (a == "--rank-a") o.rankA = std::atoi(next().c_str());
+    else if (a == "--rank-b") o.rankB = std::atoi(next().c_str());
+    else if (a == "--sizes") {
+      o.sizes.clear();
+      std::string list = next();
+      for (size_t start = 0; start <= list.size();) {
+        size_t comma = list.find(',', start);
+        if (comma == std::string::npos) comma = list.size();
+        o.sizes.push_back(std::strtoull(list.substr(start, comma - start).c_str(), nullptr, 10));
+        start = comma + 1;
+      }
+    } else {
+      std::fprintf(stderr,
+                   "usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes B,B,..] "
+                   "[--iterations N] [--warmup N] [--rank-a R] [--rank-b R]\n");
+      std::exit(a == "--help" ? 0 : 2);
+    }
+  }
+  if (o.socketA.empty() || o.socketB.empty()) {
+    std::fprintf(stderr, "xnode_bench: --socket-a and --socket-b are required\n");
+    std::exit(2);
+  }
+  return o;
+}
+
+std::string idOf(uint64_t size, int i) { return "xnode-" + std::to_string(size) + "-" + std::to_string(i); }
+
+// Rank 2 on node B: recv each transfer, check its stamps, report the arrival time.
+[[noreturn]] void receiver(const Options& o, int readyFd, int stampFd) {
+  try {
+    sidecar::RankConfig config;
+    config.rank = o.rankB;
+    config.sendHint = {sidecar::Dtype::kUint8, {4096}};
+    config.socketPath = o.socketB;
+    auto sc = sidecar::Sidecar::connect(config);
+    for (uint64_t size : o.sizes) {
+      for (int i = 0; i < o.warmup + o.iterations; ++i) {
+        auto pending = sc.recvAsync(idOf(size, i), 0, 60'000);
+        char ready = 1;
+        writeAll(readyFd, &ready, 1);
+        sidecar::Received r = pending.wait();
+        uint64_t arrived = nowNs();
+        uint64_t first = 0, last = 0;
+        std::memcpy(&first, r.tensor.data, 8);
+        std::memcpy(&last, static_cast<const char*>(r.tensor.data) + size - 8, 8);
+        if (r.tensor.sizeBytes != size || first != uint64_t(i) || last != uint64_t(i)) {
+          std::fprintf(stderr, "xnode_bench: transfer %s arrived wrong\n", idOf(size, i).c_str());
+          _exit(1);
+        }
+        sc.markDone(idOf(size, i), 0);
+        writeAll(stampFd, &arrived, sizeof arrived);
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "xnode_bench receiver: %s\n", e.what());
+    _exit(1);
+  }
+  _exit(0);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o = parse(argc, argv);
+  int ready[2], stamps[2];
+  if (pipe(ready) != 0 || pipe(stamps) != 0) return 2;
+  pid_t child = fork();
+  if (child == 0) {
+    close(ready[0]);
+    close(stamps[0]);
+    receiver(o, ready[1], stamps[1]);
+  }
+  close(ready[1]);
+  close(stamps[1]);
+  int rc = 0;
+  try {
+    sidecar::RankConfig config;
+    config.rank = o.rankA;
+    config.sendHint = {sidecar::Dtype::kUint8, {4096}};
+    config.socketPath = o.socketA;
+    auto sc = sidecar::Sidecar::connect(config);
+    for (uint64_t size : o.sizes) {
+      std::vector<double> us;
+      for (int i = 0; i < o.warmup + o.iterations; ++i) {
+        auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
+        uint64_t stamp = uint64_t(i);
+        std::memcpy(tensor.data(), &stamp, 8);
+        std::memcpy(static_cast<char*>(tensor.data()) + size - 8, &stamp, 8);
+        char r = 0;
+        readAll(ready[0], &r, 1);
+        uint64_t sent = nowNs();
+        sc.send(idOf(size, i), std::move(tensor), {{o.rankB}}).wait();
+        uint64_t arrived = 0;
+        readAll(stamps[0], &arrived, sizeof arrived);
+        if (i >= o.warmup) us.push_back(double(arrived - sent) / 1000.0);
+      }
+      std::sort(us.begin(), us.end());
+      double median = us[us.size() / 2];
+      double p99 = us[std::min(us.size() - 1, size_t(double(us.size()) * 0.99))];
+      std::printf("{\"name\":\"xfer_%s\",\"bytes\":%llu,\"median_us\":%.2f,\"p99_us\":%.2f,\"gbps\":%.3f}\n",
+                  sizeName(size).c_str(), (unsigned long long)size, median, p99,
+                  double(size) / (median * 1000.0));
+      std::fflush(stdout);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "xnode_bench sender: %s\n", e.what());
+    rc = 1;
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) rc = 1;
+  return rc;
+}

@@ -1,0 +1,38 @@
+#pragma once
+// How tensor bodies cross between nodes when they do not ride inline in the control message:
+// tagged messages on a data transport (UCX in the daemon, fakes in tests). Owned and called on
+// the transfer owner core only.
+//
+// Contract: receive() posted for a tag completes once a send with that tag from any endpoint has
+// filled the buffer (sends may come before the receive is posted). Dropping a receive's promise
+// cancels it and guarantees the buffer is not written afterwards. Dropping a send's promise
+// abandons it; the transport keeps the buffer's memory in use until its own completion (callers
+// keep the arena allocation alive until the send's promise settles, or the endpoint is gone).
+
+#include <kj/async.h>
+#include <kj/memory.h>
+
+#include <cstdint>
+#include <string>
+
+namespace sidecar::daemon {
+
+class BodyEndpoint {
+ public:
+  virtual ~BodyEndpoint() = default;
+  virtual kj::Promise<void> send(uint64_t tag, const void* buffer, uint64_t sizeBytes) = 0;
+};
+
+class BodyTransport {
+ public:
+  virtual ~BodyTransport() = default;
+  // This side's address, to give peers in PeerHello.ucxAddress.
+  virtual std::string address() const = 0;
+  // An endpoint to the transport at `remoteAddress` (a peer's PeerHello.ucxAddress).
+  virtual kj::Own<BodyEndpoint> connect(const std::string& remoteAddress) = 0;
+  virtual kj::Promise<void> receive(uint64_t tag, void* buffer, uint64_t sizeBytes) = 0;
+  // A short name for logs and info ("ucx tcp", "fake").
+  virtual std::string describe() const = 0;
+};
+
+}  // namespace sidecar::daemon

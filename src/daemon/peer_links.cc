@@ -1,0 +1,302 @@
+#include "daemon/peer_links.h"
+
+#include <capnp/rpc-twoparty.h>
+#include <spdlog/spdlog.h>
+
+#include <kj/debug.h>
+
+#include <cstring>
+
+#include "reactor/connector.h"
+#include "reactor/uring_stream.h"
+#include "rpc/peer_service.h"
+#include "rpc/session_service.h"
+#include "rpc/transfer_backend.h"
+
+namespace sidecar::daemon {
+
+using rpc::transferError;
+
+struct PeerLinks::Link : public kj::Refcounted {
+  explicit Link(std::string address) : address(std::move(address)) {}
+  ~Link() noexcept(false) {
+    canceler.cancel("peer link closed");
+  }
+
+  std::string address;
+  std::string nodeName() const {
+    return remote.nodeId.empty() ? address : "'" + remote.nodeId + "' (" + address + ")";
+  }
+
+  kj::Own<kj::AsyncIoStream> stream;
+  kj::Own<capnp::TwoPartyClient> client;
+  proto::Peer::Client peer = nullptr;
+  rpc::PeerIdentity remote;
+  kj::Own<BodyEndpoint> endpoint;
+  kj::Canceler canceler;  // every call on the link is wrapped: lose() fails them all
+  kj::Maybe<kj::ForkedPromise<void>> ready;
+  kj::Promise<void> heartbeat = nullptr;
+  kj::Promise<void> watch = nullptr;
+  bool up = false;
+  bool dead = false;
+  uint32_t nextSeq = 1;
+  uint64_t chunks = 0;  // delivered (answered) over this link
+  uint64_t bytes = 0;
+};
+
+namespace {
+
+// "[kind] message" of a peer's answer (possibly behind "remote exception: "), or none.
+bool splitKind(const std::string& description, std::string& kind, std::string& message) {
+  std::string d = description;
+  const std::string remote = "remote exception: ";
+  if (d.rfind(remote, 0) == 0) d = d.substr(remote.size());
+  if (d.size() < 3 || d[0] != '[') return false;
+  auto close = d.find("] ");
+  if (close == std::string::npos) return false;
+  kind = d.substr(1, close - 1);
+  message = d.substr(close + 2);
+  return true;
+}
+
+kj::Promise<void> deadline(kj::Timer& timer, uint32_t timeoutMs, std::string what) {
+  return timer.afterDelay(timeoutMs * kj::MILLISECONDS).then([what = std::move(what), timeoutMs]() {
+    kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, kj::str(what.c_str(), " took longer than ",
+                                                               timeoutMs, " ms (peers.timeout_ms)")));
+  });
+}
+
+}  // namespace
+
+PeerLinks::PeerLinks(reactor::Reactor& reactor, kj::Timer& timer, PeerLinkOptions options,
+                     BodyTransport* bodies)
+    : reactor_(reactor), timer_(timer), options_(std::move(options)), bodies_(bodies) {}
+
+PeerLinks::~PeerLinks() {
+  for (auto& [address, link] : links_) link->canceler.cancel("the daemon is stopping");
+  links_.clear();
+  graveyard_.clear();
+}
+
+kj::Exception PeerLinks::peerError(const Link& link, kj::Exception&& e) const {
+  std::string description = e.getDescription().cStr();
+  std::string kind, message;
+  if (splitKind(description, kind, message)) {
+    // The peer's own verdict (arena-full, invalid-argument, ...), or our link's loss.
+    if (kind == "peer-lost" || kind == "peer-unreachable" || message.find("node ") == 0) {
+      return transferError(kind.c_str(), message);
+    }
+    return transferError(kind.c_str(), "node " + link.nodeName() + ": " + message);
+  }
+  if (!link.up) {
+    return transferError("peer-unreachable", "cannot open a link to node " + link.nodeName() +
+                                                 ": " + description +
+                                                 " (is its sidecard running, and [peers] right?)");
+  }
+  return transferError("peer-lost", "link to node " + link.nodeName() + " lost: " + description);
+}
+
+kj::Promise<kj::Own<PeerLinks::Link>> PeerLinks::link(const std::string& address) {
+  auto it = links_.find(address);
+  if (it == links_.end()) {
+    auto fresh = kj::refcounted<Link>(address);
+    Link& l = *fresh;
+    it = links_.emplace(address, kj::mv(fresh)).first;
+    l.ready = l.canceler.wrap(open(l)).fork();
+  }
+  Link& l = *it->second;
+  auto ref = kj::addRef(l);
+  KJ_IF_MAYBE(ready, l.ready) {
+    return ready->addBranch().then(
+        [ref = kj::mv(ref)]() mutable { return kj::mv(ref); },
+        [this, ref = kj::addRef(l)](kj::Exception&& e) -> kj::Own<Link> {
+          throw peerError(*ref, kj::mv(e));
+        });
+  }
+  KJ_UNREACHABLE;
+}
+
+kj::Promise<void> PeerLinks::open(Link& l) {
+  reactor::HostPort hostPort;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { hostPort = reactor::parseHostPort(l.address); })) {
+    lose(l, e->getDescription().cStr());
+    return kj::mv(*e);
+  }
+  auto connected = reactor::connectTcpAsync(reactor_, hostPort)
+                       .exclusiveJoin(deadline(timer_, options_.timeoutMs, "connecting")
+                                          .then([]() -> kj::AutoCloseFd { KJ_UNREACHABLE; }));
+  return connected
+      .then([this, &l](kj::AutoCloseFd fd) {
+        l.stream = kj::heap<reactor::UringStream>(reactor_, kj::mv(fd));
+        l.client = kj::heap<capnp::TwoPartyClient>(*l.stream);
+        auto sidecar = l.client->bootstrap().castAs<proto::Sidecar>();
+        auto request = sidecar.peerRequest();
+        rpc::writeHello(options_.self, request.initHello());
+        auto answer = request.send().then([](auto response) { return kj::mv(response); });
+        return answer.exclusiveJoin(deadline(timer_, options_.timeoutMs, "the peer handshake")
+                                        .then([]() -> capnp::Response<proto::Sidecar::PeerResults> {
+                                          KJ_UNREACHABLE;
+                                        }));
+      })
+      .then([this, &l](capnp::Response<proto::Sidecar::PeerResults> response) {
+        l.remote = rpc::readHello(response.getHello());
+        l.peer = response.getPeer();
+        if (bodies_ != nullptr && !l.remote.ucxAddress.empty()) {
+          l.endpoint = bodies_->connect(l.remote.ucxAddress);
+        }
+        l.up = true;
+        spdlog::info("peer link to node {} up: incarnation {:016x}, bodies {}", l.nodeName(),
+                     l.remote.incarnation, l.endpoint ? bodies_->describe() : "inline");
+        l.heartbeat = heartbeatLoop(l).eagerlyEvaluate(nullptr);
+        l.watch = l.client->onDisconnect()
+                      .then([this, &l]() { lose(l, "the connection closed"); },
+                            [this, &l](kj::Exception&& e) { lose(l, e.getDescription().cStr()); })
+                      .eagerlyEvaluate(nullptr);
+      })
+      .catch_([this, &l](kj::Exception&& e) -> kj::Promise<void> {
+        spdlog::warn("peer link to {} failed to open: {}", l.address, e.getDescription().cStr());
+        kj::Exception mapped = peerError(l, kj::mv(e));
+        lose(l, mapped.getDescription().cStr());
+        return kj::mv(mapped);
+      });
+}
+
+kj::Promise<void> PeerLinks::heartbeatLoop(Link& l) {
+  uint32_t periodMs = std::max<uint32_t>(options_.timeoutMs / 3, 50);
+  return timer_.afterDelay(periodMs * kj::MILLISECONDS)
+      .then([this, &l]() {
+        return l.peer.heartbeatRequest().send().ignoreResult().exclusiveJoin(
+            deadline(timer_, options_.timeoutMs, "a heartbeat answer"));
+      })
+      .then([this, &l]() { return heartbeatLoop(l); },
+            [this, &l](kj::Exception&& e) { lose(l, e.getDescription().cStr()); });
+}
+
+void PeerLinks::lose(Link& l, const std::string& why) {
+  if (l.dead) return;
+  l.dead = true;
+  if (l.up) spdlog::warn("peer link to node {} lost: {}", l.nodeName(), why);
+  auto it = links_.find(l.address);
+  if (it != links_.end() && it->second.get() == &l) {
+    graveyard_.push_back(kj::mv(it->second));
+    links_.erase(it);
+  }
+  std::string message = l.up ? "[peer-lost] link to node " + l.nodeName() + " lost: " + why
+                             : "[peer-unreachable] cannot open a link to node " + l.nodeName() +
+                                   ": " + why;
+  l.canceler.cancel(KJ_EXCEPTION(FAILED, message.c_str()));
+  // Destroy on a later turn: lose() may run inside the link's own callbacks.
+  if (!burialPending_) {
+    burialPending_ = true;
+    burial_ = kj::evalLater([this]() {
+                auto dead = kj::mv(graveyard_);
+                graveyard_.clear();
+                dead.clear();
+                burialPending_ = false;
+              }).eagerlyEvaluate(nullptr);
+  }
+}
+
+kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk chunk) {
+  return link(address).then([this, chunk = kj::mv(chunk)](kj::Own<Link> l) mutable -> kj::Promise<void> {
+    auto request = l->peer.deliverRequest();
+    auto c = request.initChunk();
+    c.setDataId(chunk.dataId);
+    c.setChunkId(chunk.chunkId);
+    c.setNumChunks(chunk.numChunks);
+    c.setSenderRank(chunk.senderRank);
+    auto group = c.initSenderGroup(static_cast<unsigned>(chunk.senderGroup.size()));
+    for (size_t i = 0; i < chunk.senderGroup.size(); ++i) group.set(static_cast<unsigned>(i), chunk.senderGroup[i]);
+    auto destinations = c.initDestinations(static_cast<unsigned>(chunk.destinations.size()));
+    for (size_t d = 0; d < chunk.destinations.size(); ++d) {
+      auto ranks = destinations[static_cast<unsigned>(d)].initRanks(static_cast<unsigned>(chunk.destinations[d].size()));
+      for (size_t i = 0; i < chunk.destinations[d].size(); ++i) ranks.set(static_cast<unsigned>(i), chunk.destinations[d][i]);
+    }
+    kj::Promise<void> bodies = kj::NEVER_DONE;
+    if (!chunk.isTensor) {
+      auto o = c.initPayload().initObject();
+      o.setTypeTag(chunk.object.typeTag);
+      o.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(chunk.object.bytes.data()),
+                              chunk.object.bytes.size()));
+    } else {
+      auto t = c.initPayload().initTensor();
+      t.setDtype(rpc::toProto(chunk.dtype));
+      auto shape = t.initShape(static_cast<unsigned>(chunk.shape.size()));
+      for (size_t i = 0; i < chunk.shape.size(); ++i) shape.set(static_cast<unsigned>(i), chunk.shape[i]);
+      t.setSizeBytes(chunk.sizeBytes);
+      auto body = t.initBody();
+      if (chunk.sizeBytes <= options_.inlineBytesMax || !l->endpoint) {
+        if (chunk.sizeBytes > kInlineHardMaxBytes) {
+          return transferError("too-large",
+                               "a tensor of " + std::to_string(chunk.sizeBytes) +
+                                   " bytes for node " + l->nodeName() +
+                                   " needs the UCX body transport, which this link lacks");
+        }
+        body.setInline(kj::arrayPtr(static_cast<const kj::byte*>(chunk.body), chunk.sizeBytes));
+      } else {
+        uint64_t pieceBytes = std::max(options_.pieceBytes, (chunk.sizeBytes + 254) / 255);
+        uint32_t pieces = static_cast<uint32_t>((chunk.sizeBytes + pieceBytes - 1) / pieceBytes);
+        // Tags: the receiver's link id, a per-link sequence number, the piece index.
+        uint64_t tag = (uint64_t{l->remote.linkId} << 40) | (uint64_t{l->nextSeq++ & 0xffffffffu} << 8);
+        auto ucx = body.initUcx();
+        ucx.setTag(tag);
+        ucx.setPieces(pieces);
+        ucx.setPieceBytes(pieceBytes);
+        auto sends = kj::heapArrayBuilder<kj::Promise<void>>(pieces);
+        for (uint32_t i = 0; i < pieces; ++i) {
+          uint64_t offset = uint64_t{i} * pieceBytes;
+          uint64_t bytes = std::min(pieceBytes, chunk.sizeBytes - offset);
+          sends.add(l->endpoint->send(tag + i, static_cast<const char*>(chunk.body) + offset, bytes));
+        }
+        // A body that fails fails the delivery; one that succeeds proves nothing until the peer
+        // answers (it stores the chunk first), so success waits for the answer alone.
+        bodies = kj::joinPromises(sends.finish()).then([]() -> kj::Promise<void> { return kj::NEVER_DONE; });
+      }
+    }
+    uint64_t tensorBytes = chunk.isTensor ? chunk.sizeBytes : 0;
+    Link& raw = *l;
+    auto answered = request.send().ignoreResult().exclusiveJoin(kj::mv(bodies)).then([&raw, tensorBytes]() {
+      ++raw.chunks;
+      raw.bytes += tensorBytes;
+    });
+    return l->canceler.wrap(kj::mv(answered))
+        .catch_([this, l = kj::mv(l)](kj::Exception&& e) -> kj::Promise<void> {
+          return peerError(*l, kj::mv(e));
+        })
+        .attach(kj::addRef(raw));
+  });
+}
+
+std::vector<rpc::PeerLinkSummary> PeerLinks::summary() const {
+  std::vector<rpc::PeerLinkSummary> out;
+  for (auto& [address, l] : links_) {
+    out.push_back(rpc::PeerLinkSummary{true, l->remote.nodeId, address, l->remote.incarnation, l->up,
+                                       l->endpoint ? bodies_->describe() : "inline", l->chunks,
+                                       l->bytes});
+  }
+  return out;
+}
+
+kj::Promise<void> PeerLinks::closeStream(const std::string& address, std::string dataId,
+                                         uint32_t numChunks, transfer::Rank senderRank,
+                                         std::vector<transfer::Group> destinations) {
+  return link(address).then([this, dataId = kj::mv(dataId), numChunks, senderRank,
+                             destinations = kj::mv(destinations)](kj::Own<Link> l) mutable {
+    auto request = l->peer.closeStreamRequest();
+    request.setDataId(dataId);
+    request.setNumChunks(numChunks);
+    request.setSenderRank(senderRank);
+    auto list = request.initDestinations(static_cast<unsigned>(destinations.size()));
+    for (size_t d = 0; d < destinations.size(); ++d) {
+      auto ranks = list[static_cast<unsigned>(d)].initRanks(static_cast<unsigned>(destinations[d].size()));
+      for (size_t i = 0; i < destinations[d].size(); ++i) ranks.set(static_cast<unsigned>(i), destinations[d][i]);
+    }
+    auto answered = request.send().ignoreResult();
+    return l->canceler.wrap(kj::mv(answered))
+        .catch_([this, l = kj::mv(l)](kj::Exception&& e) -> kj::Promise<void> {
+          return peerError(*l, kj::mv(e));
+        });
+  });
+}
+
+}  // namespace sidecar::daemon

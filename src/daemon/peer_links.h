@@ -1,0 +1,92 @@
+#pragma once
+// The sending side of links to other nodes' daemons: one link per remote node, opened lazily on
+// first use (no mesh at start-up), kept alive by heartbeats, and dropped when the peer dies, the
+// network is cut or the peer restarts. Owned by the transfer owner core and used only there.
+//
+// Failure model: every call made over a link is tied to the link. When the link is lost (the
+// connection closed, or a heartbeat went unanswered for timeoutMs), every pending call on it
+// fails with [peer-lost] at once; a later call opens a new link (to the peer's new incarnation
+// if it restarted). Connecting is bounded by timeoutMs too ([peer-unreachable]).
+//
+// Bodies: a tensor of at most inlineBytesMax rides inside the deliver call (one message, the
+// latency path); a larger one moves over the BodyTransport (UCX) in pieces, tied to the call by
+// its tag, while the call carries the descriptor. Without a transport every body rides inline
+// (up to kInlineHardMaxBytes, which the control connection's message limit allows).
+
+#include <kj/async.h>
+#include <kj/timer.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "daemon/body_transport.h"
+#include "reactor/reactor.h"
+#include "rpc/peer_backend.h"
+#include "rpc/transfer_backend.h"
+#include "transfer/transfer_table.h"
+
+namespace sidecar::daemon {
+
+// A chunk to hand to another node. Tensor bytes are read from `body` until the returned promise
+// settles; the caller keeps them alive (the transfer table's hold does).
+struct OutgoingChunk {
+  std::string dataId;
+  uint32_t chunkId = 0;
+  uint32_t numChunks = 1;
+  transfer::Rank senderRank = 0;
+  transfer::Group senderGroup;
+  std::vector<transfer::Group> destinations;  // the groups on that node
+  bool isTensor = false;
+  transfer::Dtype dtype = transfer::Dtype::kUint8;
+  std::vector<int64_t> shape;
+  uint64_t sizeBytes = 0;
+  const void* body = nullptr;
+  transfer::ObjectChunk object;  // when !isTensor
+};
+
+struct PeerLinkOptions {
+  rpc::PeerIdentity self;             // what this daemon says in its hello
+  uint32_t timeoutMs = 5'000;         // connect, handshake, and heartbeat silence
+  uint64_t inlineBytesMax = 64 << 10; // larger tensors go over the body transport
+  uint64_t pieceBytes = 8 << 20;      // UCX piece size (at most 255 pieces per chunk)
+};
+
+class PeerLinks {
+ public:
+  static constexpr uint64_t kInlineHardMaxBytes = 48ull << 20;
+
+  PeerLinks(reactor::Reactor& reactor, kj::Timer& timer, PeerLinkOptions options,
+            BodyTransport* bodies);
+  ~PeerLinks();
+
+  // Resolves once the node at `address` has stored the chunk for its destination groups.
+  kj::Promise<void> deliver(const std::string& address, OutgoingChunk chunk);
+  kj::Promise<void> closeStream(const std::string& address, std::string dataId,
+                                uint32_t numChunks, transfer::Rank senderRank,
+                                std::vector<transfer::Group> destinations);
+
+  // Links that are up or connecting, for status.
+  size_t linkCount() const { return links_.size(); }
+  std::vector<rpc::PeerLinkSummary> summary() const;
+
+ private:
+  struct Link;
+  kj::Promise<kj::Own<Link>> link(const std::string& address);
+  kj::Promise<void> open(Link& link);
+  kj::Promise<void> heartbeatLoop(Link& link);
+  void lose(Link& link, const std::string& why);
+  kj::Exception peerError(const Link& link, kj::Exception&& e) const;
+
+  reactor::Reactor& reactor_;
+  kj::Timer& timer_;
+  PeerLinkOptions options_;
+  BodyTransport* bodies_;
+  std::map<std::string, kj::Own<Link>> links_;
+  std::vector<kj::Own<Link>> graveyard_;  // lost links, destroyed on a later turn
+  kj::Promise<void> burial_ = nullptr;
+  bool burialPending_ = false;
+};
+
+}  // namespace sidecar::daemon

@@ -1,0 +1,30 @@
+#pragma once
+// The receiving end of a peer link (schema: interface Peer): translates another daemon's calls into
+// PeerBackend calls. One per link; its destructor (the link's connection closed or broke) tells
+// the backend, which fails what depended on the link.
+
+#include "rpc/peer_backend.h"
+#include "sidecar.capnp.h"
+
+namespace sidecar::rpc {
+
+class PeerService final : public proto::Peer::Server {
+ public:
+  PeerService(PeerBackend& backend, uint32_t linkId) : backend_(backend), linkId_(linkId) {}
+  ~PeerService();
+
+ protected:
+  kj::Promise<void> deliver(DeliverContext context) override;
+  kj::Promise<void> closeStream(CloseStreamContext context) override;
+  kj::Promise<void> heartbeat(HeartbeatContext context) override;
+
+ private:
+  PeerBackend& backend_;
+  uint32_t linkId_;
+};
+
+// PeerHello <-> PeerIdentity.
+PeerIdentity readHello(proto::PeerHello::Reader hello);
+void writeHello(const PeerIdentity& identity, proto::PeerHello::Builder hello);
+
+}  // namespace sidecar::rpc
