@@ -11,6 +11,10 @@
 #include "shm/shm_stats.h"
 #include "shm/sizes.h"
 #include "sidecar_build_config.h"
+#if SIDECAR_HAVE_UCX
+#include "daemon/ucx_bodies.h"
+#include "net/ucx_context.h"
+#endif
 
 namespace sidecar::daemon {
 
@@ -67,6 +71,19 @@ void Daemon::start() {
   transferOptions.self.incarnation = incarnation_;
   transferOptions.self.address = config_.peers.advertise;
   transfers_ = std::make_unique<NodeTransfers>(*arena_, *allocator_, transferOptions);
+#if SIDECAR_HAVE_UCX
+  try {
+    // The arena is registered once; every body moves between arena slabs.
+    ucxContext_ = std::make_shared<net::UcxContext>(arena_->base(), arena_->sizeBytes());
+  } catch (const std::exception& e) {
+    bodiesWhy_ = e.what();
+    spdlog::warn("UCX unavailable, cross-node bodies will ride in control messages (at most 48 "
+                 "MiB each): {}",
+                 bodiesWhy_);
+  }
+#else
+  bodiesWhy_ = "built without UCX";
+#endif
   spdlog::info("arena: {} of {} pages{}; {}", shm::formatBytes(arena_->sizeBytes()),
                shm::pageKindName(arena_->pageKind()), arena_->mlocked() ? ", locked in RAM" : "",
                arena_->pageKindReason());
@@ -92,7 +109,23 @@ void Daemon::start() {
     cores_.back()->start();
   }
   // Core 0 owns the allocator and the transfer table.
-  cores_[0]->post([this]() { transfers_->attachOwner(cores_[0]->timer(), cores_[0]->reactor()); });
+  cores_[0]->post([this]() {
+#if SIDECAR_HAVE_UCX
+    if (ucxContext_ != nullptr) {
+      try {
+        bodies_ = std::make_unique<UcxBodies>(*static_cast<net::UcxContext*>(ucxContext_.get()),
+                                              cores_[0]->reactor());
+        transfers_->setBodyTransport(bodies_.get());
+        spdlog::info("cross-node bodies: {}", bodies_->describe());
+      } catch (const std::exception& e) {
+        bodiesWhy_ = e.what();
+        spdlog::warn("UCX worker unavailable, cross-node bodies will ride in control messages: {}",
+                     bodiesWhy_);
+      }
+    }
+#endif
+    transfers_->attachOwner(cores_[0]->timer(), cores_[0]->reactor());
+  });
   // Core 0 accepts on both sockets and deals connections out to the cores in turn.
   auto dispatch = [this, next = size_t{0}](kj::AutoCloseFd fd, bool unixSocket) mutable {
     cores_[next++ % cores_.size()]->adopt(kj::mv(fd), unixSocket);
@@ -109,7 +142,10 @@ void Daemon::stop() {
   if (stopped_.exchange(true) || cores_.empty()) return;
   // Core 0 first: it owns the listeners, so nothing new arrives while the others stop; it frees
   // what the transfer service holds before its loop ends.
-  cores_[0]->post([this]() { transfers_->detachOwner(); });
+  cores_[0]->post([this]() {
+    transfers_->detachOwner();
+    bodies_.reset();  // after the links that used its worker
+  });
   for (auto& core : cores_) {
     core->requestStop();
     core->join();
@@ -141,7 +177,7 @@ kj::Promise<void> Daemon::fillInfo(proto::NodeInfo::Builder info) {
     }
   }
   info.setCudaAvailable(false);  // the CUDA copy engine arrives with the GPU issue
-  info.setUcxAvailable(false);   // the UCX transport arrives with the cross-node issue
+  info.setUcxAvailable(bodies_ != nullptr);
   if (allocator_ == nullptr || cores_.empty()) return kj::READY_NOW;
 
   // The allocator belongs to core 0: take its statistics there and fill them in here.

@@ -12,6 +12,7 @@
 
 #include "daemon/config.h"
 #include "daemon/core.h"
+#include "daemon/body_transport.h"
 #include "daemon/node_transfers.h"
 #include "rpc/node_state.h"
 #include "shm/arena.h"
@@ -52,6 +53,12 @@ class Daemon final : public rpc::NodeState {
   std::optional<shm::Arena> arena_;
   std::unique_ptr<shm::SlabAllocator> allocator_;
   std::unique_ptr<NodeTransfers> transfers_;
+  // Cross-node bodies over UCX (absent without UCX, or when it failed to start: bodies then ride
+  // inline in control messages). The context is the daemon's; the transport (its worker) lives
+  // on core 0 and is created and destroyed there.
+  std::shared_ptr<void> ucxContext_;
+  std::unique_ptr<BodyTransport> bodies_;
+  std::string bodiesWhy_;  // why there is no UCX, for the log and info
   std::vector<std::unique_ptr<Core>> cores_;
   std::atomic<bool> stopped_{false};
 };

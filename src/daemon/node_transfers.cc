@@ -503,12 +503,18 @@ kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup
                                               const transfer::Payload& stored) {
   // Releases the remote groups' holds when the forward ends, however it ends (answered, failed,
   // or dropped at shutdown).
+  // Built in place on the heap (never copied: a copy's destructor would release the holds).
   struct ProxyHolds {
+    ProxyHolds(NodeTransfers& self, std::string dataId, uint32_t chunkId,
+               std::vector<transfer::Group> groups)
+        : self(self), dataId(std::move(dataId)), chunkId(chunkId), groups(std::move(groups)) {}
+    ProxyHolds(const ProxyHolds&) = delete;
+    ProxyHolds& operator=(const ProxyHolds&) = delete;
+    ~ProxyHolds() { self.releaseProxies(dataId, chunkId, groups); }
     NodeTransfers& self;
     std::string dataId;
     uint32_t chunkId;
     std::vector<transfer::Group> groups;
-    ~ProxyHolds() { self.releaseProxies(dataId, chunkId, groups); }
   };
   auto forwards = kj::heapArrayBuilder<kj::Promise<void>>(placement.remote.size());
   for (auto& [address, groups] : placement.remote) {
@@ -528,7 +534,7 @@ kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup
     } else {
       chunk.object = std::get<transfer::ObjectChunk>(stored);
     }
-    auto holds = kj::heap<ProxyHolds>(ProxyHolds{*this, dataId, chunkId, groups});
+    auto holds = kj::heap<ProxyHolds>(*this, dataId, chunkId, groups);
     forwards.add(links_->deliver(address, kj::mv(chunk)).attach(kj::mv(holds)));
   }
   return kj::joinPromises(forwards.finish());
@@ -664,13 +670,16 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
     auto space = allocateBytes(std::max<uint64_t>(tensor.sizeBytes, 1), hint, options_.sendTimeoutMs);
     // Owns the allocation until the table takes it: a failed or cancelled delivery frees it.
     struct Landing {
+      explicit Landing(shm::SlabAllocator& allocator) : allocator(allocator) {}
+      Landing(const Landing&) = delete;
+      Landing& operator=(const Landing&) = delete;
+      ~Landing() {
+        if (allocation) (void)allocator.free(*allocation);
+      }
       shm::SlabAllocator& allocator;
       std::optional<shm::Allocation> allocation;
-      ~Landing() {
-        if (allocation) allocator.free(*allocation);
-      }
     };
-    auto landing = kj::heap<Landing>(Landing{allocator_, std::nullopt});
+    auto landing = kj::heap<Landing>(allocator_);
     Landing& land = *landing;
     auto received = space.then([this, &land, &tensor](shm::Allocation allocation) -> kj::Promise<void> {
       land.allocation = allocation;

@@ -96,11 +96,13 @@ class Process {
  public:
   // Starts argv[0] (a path) with this process's environment less every SIDECAR_* variable, plus
   // `env`. stdin is /dev/null. Returns nullptr (with errno-ish text in *error) when fork fails;
-  // an exec failure shows as exit code 127.
+  // an exec failure shows as exit code 127. `netnsPath` (e.g. NetnsCluster::netnsPath(i)), when
+  // not empty, is the network namespace the child joins before exec; failing that it exits 124.
   static std::unique_ptr<Process> start(const std::vector<std::string>& argv,
                                         const std::vector<std::string>& env,
                                         const std::string& stdoutPath,
-                                        const std::string& stderrPath) {
+                                        const std::string& stderrPath,
+                                        const std::string& netnsPath = "") {
     // Everything the child needs is prepared before fork(): after it, only async-signal-safe calls.
     std::vector<std::string> envStrings;
     for (char** e = environ; *e != nullptr; ++e) {
@@ -130,6 +132,11 @@ class Process {
       dup2(in, 0);
       dup2(out, 1);
       dup2(err, 2);
+      if (!netnsPath.empty()) {
+        int ns = open(netnsPath.c_str(), O_RDONLY | O_CLOEXEC);
+        if (ns < 0 || setns(ns, CLONE_NEWNET) != 0) _exit(124);
+        close(ns);
+      }
       execve(argvPtrs[0], argvPtrs.data(), envPtrs.data());
       _exit(127);
     }

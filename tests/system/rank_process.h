@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sidecar/error.h>
 #include <sidecar/sidecar.h>
@@ -143,7 +144,10 @@ class Signal {
 class RankProcess {
  public:
   // Forks and runs `body` in the child. The caller must hold no live sidecar::Client or Sidecar.
-  static std::unique_ptr<RankProcess> fork(std::string name, std::function<void()> body) {
+  // `netnsPath` (e.g. NetnsCluster::netnsPath(i)), when not empty, is the network namespace the
+  // child joins first (cross-node tests); failing that it exits 124.
+  static std::unique_ptr<RankProcess> fork(std::string name, std::function<void()> body,
+                                           const std::string& netnsPath = "") {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error(std::string("pipe2: ") + strerror(errno));
     std::fflush(stdout);
@@ -159,6 +163,11 @@ class RankProcess {
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() != parent) _exit(126);
       close(fds[0]);
+      if (!netnsPath.empty()) {
+        int ns = open(netnsPath.c_str(), O_RDONLY | O_CLOEXEC);
+        if (ns < 0 || setns(ns, CLONE_NEWNET) != 0) _exit(124);
+        close(ns);
+      }
       std::string failure;
       try {
         body();

@@ -23,7 +23,9 @@
 // The *inter* setup (issue 5) runs the same binary with SIDECAR_TEST_NODES=2 (meson test
 // 'system_transfer_matrix_inter'): two daemons, each its own arena, socket and TCP address,
 // ranks {0,1} on node A and {2,3} on node B, joined by a [peers] rank map. Every rank connects to
-// its own node's daemon; the daemons move the data between them.
+// its own node's daemon; the daemons move the data between them. As root, each daemon runs in its
+// own network namespace (tests/common/netns.h: real separate hosts joined by veth pairs, UCX over
+// TCP between them); otherwise on 127.0.0.1 (the test says so).
 
 #include <gtest/gtest.h>
 #include <sidecar/client.h>
@@ -48,6 +50,7 @@
 #include <thread>
 #include <vector>
 
+#include "../common/netns.h"
 #include "daemon_process.h"
 #include "rank_process.h"
 
@@ -64,6 +67,7 @@ using sidecar::RankConfig;
 using sidecar::Received;
 using sidecar::Sidecar;
 using sidecar::TensorRef;
+using sidecar::testing::NetnsCluster;
 using Group = std::vector<int32_t>;
 
 constexpr uint32_t kRecvTimeoutMs = 60'000;  // a lost chunk fails the rank instead of hanging
@@ -309,6 +313,7 @@ class TransferMatrixTest : public ::testing::Test {
       if (HasFailure()) std::printf("--- peer sidecard stderr (tail):\n%s\n", tail(peer->err()).c_str());
     }
     peerDaemons_.clear();
+    cluster_.reset();  // the namespaces go once nothing runs in them
     signals_.clear();
     if (!dir_.empty()) {
       std::error_code ec;
@@ -336,8 +341,16 @@ class TransferMatrixTest : public ::testing::Test {
     }
     std::vector<std::string> addresses;
     std::string map;
+    std::string reason;
+    if (NetnsCluster::available(&reason)) {
+      cluster_ = std::make_unique<NetnsCluster>(nodes_);
+      ASSERT_TRUE(cluster_->ok()) << cluster_->error();
+    } else {
+      std::printf("note: nodes share 127.0.0.1, not namespaces: %s\n", reason.c_str());
+    }
     for (int i = 0; i < nodes_; ++i) {
-      addresses.push_back("127.0.0.1:" + std::to_string(freeTcpPort()));
+      addresses.push_back(cluster_ ? NetnsCluster::address(i) + ":7650"
+                                   : "127.0.0.1:" + std::to_string(freeTcpPort()));
       sockets_.push_back(i == 0 ? socket_ : dir_ + "/node" + std::to_string(i) + ".sock");
       map += (i ? "," : "") + std::to_string(2 * i) + "-" + std::to_string(2 * i + 1) + "=" +
              addresses[i];
@@ -350,7 +363,8 @@ class TransferMatrixTest : public ::testing::Test {
       argv.insert(argv.end(), extra.begin(), extra.end());
       std::string base = dir_ + "/sidecard" + std::to_string(i);
       nodeArgv_.push_back(argv);
-      auto process = Process::start(argv, {}, base + ".out", base + ".err");
+      // Between namespaces of one host UCX would pick shared memory and never touch the link.
+      auto process = Process::start(argv, {"UCX_TLS=tcp"}, base + ".out", base + ".err", netnsOf(i));
       ASSERT_NE(process, nullptr) << "fork failed";
       if (i == 0) {
         daemon_ = std::move(process);
@@ -387,6 +401,8 @@ class TransferMatrixTest : public ::testing::Test {
     FAIL() << "sidecard did not answer within 15 s: " << lastError << "\n" << daemon.err();
   }
 
+  std::string netnsOf(int i) const { return cluster_ ? cluster_->netnsPath(i) : ""; }
+
   // Inter setup: the daemon process of node i.
   Process& node(int i) { return i == 0 ? *daemon_ : *peerDaemons_[static_cast<size_t>(i - 1)]; }
 
@@ -394,7 +410,8 @@ class TransferMatrixTest : public ::testing::Test {
   // until it answers.
   void restartNode(int i) {
     std::string base = dir_ + "/sidecard" + std::to_string(i) + "-restarted";
-    auto process = Process::start(nodeArgv_[static_cast<size_t>(i)], {}, base + ".out", base + ".err");
+    auto process = Process::start(nodeArgv_[static_cast<size_t>(i)], {"UCX_TLS=tcp"}, base + ".out",
+                                  base + ".err", netnsOf(i));
     ASSERT_NE(process, nullptr) << "fork failed";
     (i == 0 ? daemon_ : peerDaemons_[static_cast<size_t>(i - 1)]) = std::move(process);
     ASSERT_NO_FATAL_FAILURE(awaitDaemon(node(i), sockets_[static_cast<size_t>(i)]));
@@ -593,6 +610,7 @@ class TransferMatrixTest : public ::testing::Test {
   std::vector<std::string> sockets_;    // per node, in the inter setup (sockets_[0] == socket_)
   std::vector<std::unique_ptr<Process>> peerDaemons_;  // nodes 1.. in the inter setup
   std::vector<std::vector<std::string>> nodeArgv_;      // per node, for restartNode()
+  std::unique_ptr<NetnsCluster> cluster_;               // as root: one namespace per node
   sidecar::ArenaStatus arena_;
   std::vector<std::unique_ptr<Signal>> signals_;
   std::vector<std::unique_ptr<RankProcess>> ranks_;
@@ -1594,6 +1612,19 @@ TEST_F(TransferMatrixTest, FrozenPeerFailsSendsWithinTheTimeoutThenRecovers) {
   });
   ASSERT_TRUE(linkUp.tryWait(30'000));
   node(1).signal(SIGSTOP);
+  // kill() returns before every thread of the target has stopped: wait until they all have.
+  auto stopped = [pid = node(1).pid()] {
+    std::string taskDir = "/proc/" + std::to_string(pid) + "/task";
+    for (const auto& task : std::filesystem::directory_iterator(taskDir)) {
+      std::string stat = readFile(task.path().string() + "/stat");
+      auto close = stat.rfind(')');
+      if (close == std::string::npos || close + 2 >= stat.size() || stat[close + 2] != 'T') return false;
+    }
+    return true;
+  };
+  auto stopDeadline = Clock::now() + 5s;
+  while (!stopped() && Clock::now() < stopDeadline) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(stopped()) << "node 1 did not stop";
   frozen.post();
   std::this_thread::sleep_for(4s);  // not a timing assertion: lets the sender's bound run out
   node(1).signal(SIGCONT);
@@ -1654,4 +1685,143 @@ TEST_F(TransferMatrixTest, BroadcastCrossesEachLinkOnce) {
     EXPECT_EQ(t.peers[0].chunks, kChunks) << "node " << n << " got a chunk more than once";
   }
   expectDaemonEmpty();
+}
+
+// The network between node A and node B is cut (node B's link down, as root with namespaces):
+// A's pending send to B fails with [peer-lost], B's receiver waiting for the rest of A's stream
+// gets [peer-lost], both within 10 s, and B holds nothing for it. With the link back, traffic
+// resumes without restarting anything.
+TEST_F(TransferMatrixTest, CutLinkFailsBothSidesThenRecovers) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  std::string reason;
+  if (!NetnsCluster::available(&reason)) GTEST_SKIP() << "needs network namespaces: " << reason;
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--peer-timeout-ms", "2000"}));
+  MemoryHint hint{Dtype::kUint8, {4096}};
+  ChunkPlan small;
+  small.dtype = Dtype::kUint8;
+  small.shape = {4096};
+  small.seed = seedOf("cut", 0, 0);
+  ItemPlan stream{id("cut-stream"), {small, small}};
+  Signal& firstSent = newSignal();
+  Signal& waiting = newSignal();
+  Signal& cut = newSignal();
+  Signal& restored = newSignal();
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  forkRank("sender on node A", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    sendChunk(sc, stream, 0, 0, {{2}}, buffer);
+    firstSent.post();
+    cut.wait("link cut");
+    auto started = Clock::now();
+    expectError(ErrorCode::kPeerLost, "send over a cut link",
+                [&] { sc.send(id("during-cut"), Object{kStr, "lost"}, {{2}}).wait(); }, {"node1"});
+    require(Clock::now() - started < 10s, "the send failed only after 10 s");
+    restored.wait("link restored");
+    for (int attempt = 0;; ++attempt) {
+      try {
+        sc.send(id("after-cut") + std::to_string(attempt), Object{kStr, "back"}, {{2}}).wait();
+        break;
+      } catch (const sidecar::Error& e) {
+        require(attempt < 5, std::string("sends keep failing after the link came back: ") + e.what());
+        std::this_thread::sleep_for(500ms);
+      }
+    }
+  });
+  forkRank("receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    verifyChunk(sc.recv(stream.id, 0, kRecvTimeoutMs), stream, 0);
+    sc.markDone(stream.id, 0);
+    waiting.post();
+    auto started = Clock::now();
+    expectError(ErrorCode::kPeerLost, "recv of the rest of a stream over a cut link",
+                [&] { sc.recv(stream.id, 1, 10'000); }, {"node0"});
+    require(Clock::now() - started < 10s, "the recv failed only after 10 s");
+  });
+  ASSERT_TRUE(firstSent.tryWait(30'000));
+  ASSERT_TRUE(waiting.tryWait(30'000));
+  sidecar::TransferStatus t;
+  auto deadline = Clock::now() + 10s;
+  while ((t = transfersAt(1)).waiters == 0 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  ASSERT_EQ(t.waiters, 1u) << describe(t);
+  ASSERT_TRUE(cluster_->setLinkUp(1, false));
+  cut.post();
+  std::this_thread::sleep_for(5s);  // not an assertion: both sides' bounds run out meanwhile
+  ASSERT_TRUE(cluster_->setLinkUp(1, true));
+  restored.post();
+  expectRanksSucceed(60s);
+  t = transfersAt(1);
+  EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
+  EXPECT_EQ(t.waiters, 0u) << describe(t);
+}
+
+// Node A dies while node B's daemon holds A's delivery waiting for arena space (B's arena is
+// full: the backpressure between nodes). The waiting delivery is dropped with the link, so when
+// B's receiver frees the space nothing is allocated for the dead transfer: B ends empty.
+TEST_F(TransferMatrixTest, PeerKilledWhileItsDeliveryWaitsForSpace) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--peer-timeout-ms", "2000", "--send-timeout-ms", "60000"}));
+  MemoryHint hint{Dtype::kUint8, {1 << 20}};
+  ChunkPlan big;
+  big.dtype = Dtype::kUint8;
+  big.shape = {40 << 20};
+  big.seed = seedOf("space", 0, 0);
+  ItemPlan first{id("fills-b"), {big}}, second{id("waits-on-b"), {big}};
+  second.chunks[0].seed = seedOf("space", 1, 0);
+  Signal& firstHeld = newSignal();
+  Signal& peerDead = newSignal();
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  forkRank("sender on node A", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    sendChunk(sc, first, 0, 1, {{2}}, buffer);
+    firstHeld.wait("node B holds the first tensor");
+    auto pending = sc.send(second.id, TensorRef{Dtype::kUint8, {40 << 20}, {}, buffer.data()}, {{2}});
+    try {
+      pending.wait();  // runs the client's loop (the request goes out); B makes it wait for space
+    } catch (const sidecar::Error&) {
+    }
+    for (;;) pause();  // its daemon was killed under it; the test kills it too
+  });
+  forkRank("receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    verifyChunk(sc.recv(first.id, 0, kRecvTimeoutMs), first, 0);
+    firstHeld.post();
+    peerDead.wait("node A killed");
+    sc.markDone(first.id, 0);
+  });
+  // Wait until B's daemon has the second delivery queued for space (an allocation wait).
+  auto waitsForSpace = [&] {
+    auto s = withClientAt<sidecar::NodeStatus>(sockets_[1], [](sidecar::Client& c) { return c.status(); });
+    uint64_t waits = 0;
+    if (s.arena) {
+      for (const auto& h : s.arena->hints) waits += h.allocationWaits;
+    }
+    return waits > 0;
+  };
+  auto deadline = Clock::now() + 30s;
+  while (!waitsForSpace() && Clock::now() < deadline) std::this_thread::sleep_for(20ms);
+  ASSERT_TRUE(waitsForSpace()) << "node B never waited for space; node A: " << describe(transfersAt(0))
+                               << "; node B: " << describe(transfersAt(1)) << "; sender: "
+                               << ranks_.front()->failure();
+  node(0).signal(SIGKILL);
+  node(0).waitFor(10s);
+  ranks_.front()->kill9();
+  peerDead.post();
+  // Only the receiver is left; it must succeed.
+  ASSERT_TRUE(ranks_.back()->waitUntil(Clock::now() + 30s));
+  EXPECT_TRUE(ranks_.back()->failure().empty()) << ranks_.back()->failure();
+  ranks_.clear();
+  sidecar::TransferStatus t;
+  deadline = Clock::now() + 5s;
+  uint64_t used = 1;
+  while (Clock::now() < deadline) {
+    t = transfersAt(1);
+    auto s = withClientAt<sidecar::NodeStatus>(sockets_[1], [](sidecar::Client& c) { return c.status(); });
+    used = s.arena ? s.arena->usedBytes : 1;
+    if (t.bytesHeld == 0 && used == 0) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
+  EXPECT_EQ(used, 0u) << "arena bytes still allocated on node B for the dead transfer";
 }

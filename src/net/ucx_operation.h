@@ -1,0 +1,51 @@
+#pragma once
+// Internal to src/net: one tag send or receive as the adapter of a KJ promise
+// (kj::newAdaptedPromise). The UCX request's slot of ours (UcxContext::kRequestSlotBytes) points
+// back at this record while the promise exists, and is cleared when the promise goes away first,
+// so a late UCX callback never touches freed memory.
+
+#include <kj/async.h>
+#include <ucp/api/ucp.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace sidecar::net {
+
+class UcxWorker;
+
+class UcxOperation {
+ public:
+  enum class Kind { kSend, kRecv };
+
+  // Posts the operation (ucp_tag_send_nbx on `endpoint`, or ucp_tag_recv_nbx on the worker).
+  // When UCX completes it at once (eager data already there) the promise is fulfilled here.
+  UcxOperation(kj::PromiseFulfiller<size_t>& fulfiller, UcxWorker& worker, Kind kind,
+               ucp_ep_h endpoint, uint64_t tag, void* buffer, size_t sizeBytes);
+  // Receive: cancels, then waits until UCX is done with the buffer. Send: detaches (see
+  // UcxEndpoint::tagSend for why it cannot wait).
+  ~UcxOperation();
+
+  // ucp_params.request_init: a fresh request's slot is null.
+  static void requestInit(void* request);
+  UcxOperation(const UcxOperation&) = delete;
+  UcxOperation& operator=(const UcxOperation&) = delete;
+
+ private:
+  static void onSendDone(void* request, ucs_status_t status, void* worker);
+  static void onRecvDone(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
+                         void* worker);
+  static void requestDone(void* request, ucs_status_t status, size_t lengthBytes, void* worker);
+  void finish(ucs_status_t status, size_t lengthBytes);
+
+  kj::PromiseFulfiller<size_t>& fulfiller_;
+  UcxWorker& worker_;
+  Kind kind_;
+  uint64_t tag_;
+  size_t sizeBytes_;
+  void* request_ = nullptr;  // the pending UCX request; null once UCX has finished with it
+  bool dropping_ = false;    // the promise is being destroyed: do not touch the fulfiller
+  bool finished_ = false;
+};
+
+}  // namespace sidecar::net
