@@ -17,6 +17,7 @@
 #include <sidecar/error.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -106,6 +107,11 @@ class SendHandle {
   SendHandle& operator=(SendHandle&&) noexcept;
   ~SendHandle();
   void wait();
+  // Completion without waiting, for executors that multiplex many calls on the Sidecar's thread
+  // (the Python package's owner thread): `onDone` runs later on that thread, inside any wait on
+  // the Sidecar (a blocking call or Sidecar::waitForWake()), with nullptr or the error. Consumes
+  // the handle. Never runs once the Sidecar is destroyed (pending callbacks are dropped).
+  void onDone(std::function<void(const Error* error)> onDone);
 
  private:
   friend class Sidecar;
@@ -120,6 +126,8 @@ class RecvHandle {
   RecvHandle& operator=(RecvHandle&&) noexcept;
   ~RecvHandle();
   Received wait();
+  // As SendHandle::onDone: exactly one of `received` and `error` is non-null.
+  void onDone(std::function<void(Received* received, const Error* error)> onDone);
 
  private:
   friend class Sidecar;
@@ -165,6 +173,13 @@ class Sidecar {
   // The arena as this process maps it (for tests and tools).
   const void* arenaBase() const;
   uint64_t arenaBytes() const;
+
+  // An owner thread's sleep: runs the Sidecar's events (onDone callbacks included) until wake()
+  // is called; returns at once when wake() was called since the last return. Not from inside an
+  // onDone callback.
+  void waitForWake();
+  // The one method other threads may call (while the Sidecar lives): ends waitForWake().
+  void wake() const;
 
  private:
   friend class SendHandle;

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <optional>
 
 #include "base/dtype_table.h"
@@ -158,6 +159,11 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   uint64_t arenaBytes = 0;
   kj::TaskSet background;
   std::vector<Error> failedSends;
+
+  // waitForWake()/wake(): `woken` is set by wake(); `wakeFulfiller` exists while the owner sleeps.
+  mutable std::mutex wakeMutex;
+  bool woken = false;
+  kj::Own<kj::CrossThreadPromiseFulfiller<void>> wakeFulfiller;
 };
 
 struct SendHandle::State {
@@ -392,6 +398,58 @@ void Sidecar::markDone(const std::string& dataId, uint32_t chunkId) {
     request.setChunkId(chunkId);
     request.send().wait(impl_->ws());
   });
+}
+
+// Completion callbacks and the owner thread's sleep (for the Python package).
+
+void SendHandle::onDone(std::function<void(const Error* error)> onDone) {
+  if (!state_) throw invalid("send: this handle was already waited on");
+  auto state = std::move(state_);
+  state->impl->background.add(state->promise.then(
+      [onDone]() { onDone(nullptr); },
+      [onDone](kj::Exception&& e) {
+        Error error = client::translate(e, "send");
+        onDone(&error);
+      }));
+}
+
+void RecvHandle::onDone(std::function<void(Received* received, const Error* error)> onDone) {
+  if (!state_) throw invalid("recv: this handle was already waited on");
+  auto state = std::move(state_);
+  state->impl->background.add(state->promise.then(
+      [onDone](Received received) { onDone(&received, nullptr); },
+      [onDone](kj::Exception&& e) {
+        Error error = client::translate(e, "recv");
+        onDone(nullptr, &error);
+      }));
+}
+
+void Sidecar::waitForWake() {
+  kj::Promise<void> woken = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(impl_->wakeMutex);
+    if (impl_->woken) {
+      impl_->woken = false;
+      return;
+    }
+    auto pair = kj::newPromiseAndCrossThreadFulfiller<void>();
+    impl_->wakeFulfiller = kj::mv(pair.fulfiller);
+    woken = kj::mv(pair.promise);
+  }
+  client::call("waitForWake", [&]() { woken.wait(impl_->ws()); });
+  std::lock_guard<std::mutex> lock(impl_->wakeMutex);
+  // A wake() after the fulfilment and before here needs no second return: the caller looks at
+  // its work after this returns.
+  impl_->woken = false;
+  impl_->wakeFulfiller = nullptr;
+}
+
+void Sidecar::wake() const {
+  std::lock_guard<std::mutex> lock(impl_->wakeMutex);
+  impl_->woken = true;
+  if (impl_->wakeFulfiller.get() != nullptr && impl_->wakeFulfiller->isWaiting()) {
+    impl_->wakeFulfiller->fulfill();
+  }
 }
 
 }  // namespace sidecar

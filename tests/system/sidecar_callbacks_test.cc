@@ -1,0 +1,157 @@
+// libsidecar's completion callbacks (SendHandle/RecvHandle::onDone) and the owner thread's sleep
+// (Sidecar::waitForWake/wake), which the Python package's owner thread is built on, against the
+// real sidecard ($SIDECARD). Two Sidecars in this process, each on its own thread (a Sidecar
+// belongs to the thread that created it).
+
+#include <gtest/gtest.h>
+#include <sidecar/error.h>
+#include <sidecar/sidecar.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "daemon_process.h"
+
+namespace {
+
+using namespace sidecar::systest;
+using namespace std::chrono_literals;
+using sidecar::Dtype;
+using sidecar::Error;
+using sidecar::ErrorCode;
+using sidecar::Object;
+using sidecar::RankConfig;
+using sidecar::Received;
+using sidecar::Sidecar;
+
+class SidecarCallbacksTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(sidecardPath().empty()) << "$SIDECARD must name the sidecard binary";
+    char tmpl[] = "/tmp/sidecar-callbacks-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr) << strerror(errno);
+    dir_ = tmpl;
+    socket_ = dir_ + "/sidecar.sock";
+    daemon_ = Process::start({sidecardPath(), "--socket", socket_, "--tcp", "off", "--arena-size", "64MiB",
+                              "--cores", "1", "--node-id", "callbacks"},
+                             {}, dir_ + "/sidecard.out", dir_ + "/sidecard.err");
+    ASSERT_NE(daemon_, nullptr);
+    auto deadline = Clock::now() + 15s;
+    struct stat st {};
+    while (lstat(socket_.c_str(), &st) != 0) {
+      ASSERT_TRUE(daemon_->running()) << daemon_->err();
+      ASSERT_LT(Clock::now(), deadline) << "no socket after 15 s\n" << daemon_->err();
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+
+  void TearDown() override {
+    daemon_.reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+
+  RankConfig config(int32_t rank) {
+    RankConfig c;
+    c.rank = rank;
+    c.sendHint = {Dtype::kUint8, {64}};
+    c.socketPath = socket_;
+    return c;
+  }
+
+  std::string dir_, socket_;
+  std::unique_ptr<Process> daemon_;
+};
+
+TEST_F(SidecarCallbacksTest, WakeBeforeWaitReturnsAtOnceAndWakeFromAnotherThreadEndsTheWait) {
+  Sidecar sc = Sidecar::connect(config(1));
+  sc.wake();
+  sc.waitForWake();  // returns at once: woken since the last return (a hang fails by timeout)
+  std::atomic<bool> woken{false};
+  std::thread waker([&] {
+    std::this_thread::sleep_for(50ms);
+    woken = true;
+    sc.wake();
+  });
+  sc.waitForWake();
+  EXPECT_TRUE(woken.load()) << "waitForWake returned before wake()";
+  waker.join();
+}
+
+TEST_F(SidecarCallbacksTest, RecvCallbacksCompleteInArrivalOrderWhileTheOwnerSleeps) {
+  // Rank 2 (this thread) issues three recvs and sleeps; rank 1 (another thread) sends the ids in
+  // reverse order. Each callback wakes the sleeper.
+  Sidecar receiver = Sidecar::connect(config(2));
+  std::vector<std::string> order;
+  std::vector<std::string> values;
+  for (const char* id : {"a", "b", "c"}) {
+    receiver.recvAsync(id).onDone([&receiver, &order, &values, id](Received* r, const Error* e) {
+      receiver.wake();  // from inside a callback too: ends the current waitForWake
+      ASSERT_EQ(e, nullptr) << e->what();
+      ASSERT_EQ(r->kind, Received::Kind::kObject);
+      order.push_back(id);
+      values.push_back(r->object.bytes);
+    });
+  }
+  std::thread sender([&] {
+    Sidecar sc = Sidecar::connect(config(1));
+    for (const char* id : {"c", "b", "a"}) {
+      // Waited: each chunk is stored (and its recv answered) before the next is sent.
+      sc.send(id, Object{1, std::string("value-") + id}, {{2}}).wait();
+    }
+  });
+  auto deadline = Clock::now() + 30s;
+  while (order.size() < 3 && Clock::now() < deadline) receiver.waitForWake();
+  sender.join();
+  ASSERT_EQ(order, (std::vector<std::string>{"c", "b", "a"}));
+  EXPECT_EQ(values, (std::vector<std::string>{"value-c", "value-b", "value-a"}));
+  for (const char* id : {"a", "b", "c"}) receiver.markDone(id);
+}
+
+TEST_F(SidecarCallbacksTest, ErrorsReachTheCallbacks) {
+  Sidecar sc = Sidecar::connect(config(3));
+  std::optional<ErrorCode> recvError, sendError;
+  bool recvCalled = false, sendCalled = false;
+  sc.recvAsync("never", 0, 50).onDone([&](Received* r, const Error* e) {
+    recvCalled = true;
+    EXPECT_EQ(r, nullptr);
+    if (e != nullptr) recvError = e->code();
+  });
+  sc.send("mismatch", Object{1, "x"}, {{4}}, 0, 2).wait();
+  sc.send("mismatch", Object{1, "y"}, {{4}}, 1, 3).onDone([&](const Error* e) {
+    sendCalled = true;
+    if (e != nullptr) sendError = e->code();
+  });
+  auto deadline = Clock::now() + 30s;
+  while (!(recvCalled && sendCalled) && Clock::now() < deadline) {
+    std::thread tick([&] {
+      std::this_thread::sleep_for(10ms);
+      sc.wake();
+    });
+    sc.waitForWake();
+    tick.join();
+  }
+  ASSERT_TRUE(recvCalled && sendCalled);
+  EXPECT_EQ(recvError, ErrorCode::kTimeout);
+  EXPECT_EQ(sendError, ErrorCode::kNumChunksMismatch);
+}
+
+TEST_F(SidecarCallbacksTest, PendingCallbacksAreDroppedWithTheSidecar) {
+  bool called = false;
+  {
+    Sidecar sc = Sidecar::connect(config(5));
+    sc.recvAsync("never").onDone([&](Received*, const Error*) { called = true; });
+  }
+  EXPECT_FALSE(called) << "a callback ran after its Sidecar was destroyed";
+  // The rank was unregistered: it can register again.
+  Sidecar again = Sidecar::connect(config(5));
+}
+
+}  // namespace
