@@ -26,6 +26,8 @@ enum class ErrorCode {
   kArenaFull,          // no space in the arena within the send timeout
   kAlreadyRegistered,  // another live client holds this rank
   kNotRegistered,      // the session's rank is no longer registered
+  kGpuUnavailable,     // a GPU tensor, but no CUDA or no GPU here or at the daemon (send host tensors)
+  kGpuCopyFailed,      // the daemon could not copy the GPU tensor (the message says why)
 };
 
 const char* toString(ErrorCode code);

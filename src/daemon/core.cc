@@ -121,6 +121,8 @@ Core::Core(CoreOptions options, rpc::NodeState& node, rpc::TransferBackend* tran
 
 kj::Timer& Core::timer() { return loop_.load()->loop.timer(); }
 
+reactor::Reactor& Core::reactor() { return loop_.load()->loop.reactor(); }
+
 Core::~Core() {
   if (thread_.joinable()) {
     requestStop();
