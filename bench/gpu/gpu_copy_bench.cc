@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   mkdir(dir.c_str(), 0700);
   std::string socket = dir + "/sidecar.sock";
   std::vector<std::string> args = {argv[1], "--socket", socket, "--tcp", "off", "--arena-size",
-                                   "3GiB", "--cores", "2", "--log-level", "warn"};
+                                   "3GiB", "--cores", "2", "--log-level", "info"};
   std::vector<char*> argvPtrs;
   for (auto& a : args) argvPtrs.push_back(a.data());
   argvPtrs.push_back(nullptr);

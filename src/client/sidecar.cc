@@ -366,6 +366,18 @@ SendHandle Sidecar::send(const std::string& dataId, const DeviceTensorRef& tenso
   } catch (const cuda::DeviceError& e) {
     throw deviceError(e, "send");
   }
+  if (exported.stage) {
+    // A small allocation (see cuda::ExportedTensor::stage): copied here, then sent zero copy.
+    ArenaTensor arena = allocateTensor(tensor.dtype, tensor.shape);
+    try {
+      impl_->deviceExporter().stageToArena(arena.data_, tensor.data, bytes, tensor.device,
+                                           tensor.stream, impl_->arenaBase, impl_->arenaBytes);
+    } catch (const cuda::DeviceError& e) {
+      release(std::move(arena));
+      throw deviceError(e, "send");
+    }
+    return send(dataId, std::move(arena), destinations, chunkId, numChunks);
+  }
   SendHandle handle;
   client::call("send", [&]() {
     auto request = impl_->session.sendDeviceRequest();

@@ -4,10 +4,10 @@
 //
 // Contract:
 // - Everything but create() runs on the thread of the reactor it was created with (core 0).
-// - No call blocks on GPU work: copies are queued with cudaMemcpyAsync; completion is found by
-//   poll() (cudaEventQuery of the oldest pending piece of each stream) while the core is busy, and
-//   by a host function that writes an eventfd, launched by arm() only when the core is about to
-//   sleep.
+// - No call blocks on GPU work: the producer's event and the pieces' events are queried by poll()
+//   while the core is busy; arm(), called only when the core is about to sleep, launches host
+//   functions that write an eventfd. A copy starts once the producer's event has fired, so the
+//   received data is what the producer's kernels wrote.
 // - A copy is cut into pieces (Options::pieceBytes); `onPiece` runs once per piece as it lands in
 //   the arena, in order, so a caller can put piece k on the network while k+1 is still copying.
 //   `onDone` runs once after the last piece (or the first failure).
@@ -57,6 +57,7 @@ struct CopyEngineStats {
   uint64_t bytes = 0;
   uint64_t hostFunctionsArmed = 0;  // eventfd notifications asked for (the core was idle)
   uint64_t handlesOpen = 0;
+  uint64_t waitStreamsAbandoned = 0;  // producers that ended while the copy waited for them
 };
 
 class CopyEngine {

@@ -1,21 +1,30 @@
 // The CUDA copy engine (see copy_engine.h for the contract).
 //
-// Per GPU: `streamsPerDevice` non-blocking streams; copies are dealt to them in turn, and the
-// pieces of one copy stay on one stream (so they land in order). Each piece is followed by a
-// cudaEvent (timing off) that poll() queries; the oldest pending piece of each stream is the
-// only one queried, as a stream completes in order.
+// A copy goes through two stages:
+//  1. Waiting for the producer: the producer's interprocess event is queried from poll(). The
+//     copy streams never wait on a producer's event (cudaStreamWaitEvent): a producer that dies
+//     before its event fires would block a copy stream, and every copy queued behind it, forever.
+//     To sleep while a producer's kernel runs, arm() queues cudaStreamWaitEvent + a host function
+//     on a *wait stream* of that copy alone (from a pool); if the producer dies, only that wait
+//     stream is abandoned (counted in stats), and the copy fails when the producer's session ends.
+//  2. Copying: per GPU `streamsPerDevice` non-blocking copy streams; copies are dealt to them in
+//     turn, the pieces of one copy stay on one stream (so they land in order). Each piece is
+//     followed by an event (timing off) that poll() queries; only the oldest pending piece of
+//     each stream is queried, as a stream completes in order. arm() launches one host function
+//     per copy stream with unnotified pieces.
+// Host functions run on a CUDA thread and only write the eventfd (they must not call CUDA).
 //
-// Sleeping: arm() launches one host function per stream with pending pieces (unless one is
-// already queued behind the stream's newest piece); it writes the eventfd that the reactor's
-// ring watches. Host functions run on a CUDA thread and only write(2), as they must not call CUDA.
+// IPC handles are opened once per daemon (opening one twice fails with cudaErrorAlreadyMapped)
+// and reference-counted by the sessions that used them; a session's handles are released when it
+// ends and nothing of it is queued.
 
 #include <cuda_runtime.h>
-#include <sys/eventfd.h>
-#include <unistd.h>
 
 #include <cstring>
 #include <deque>
+#include <list>
 #include <map>
+#include <mutex>
 #include <set>
 #include <vector>
 
@@ -30,9 +39,28 @@ std::string cudaText(const char* what, cudaError_t rc) {
   return std::string(what) + ": " + cudaGetErrorName(rc) + " (" + cudaGetErrorString(rc) + ")";
 }
 
+// What host functions signal. Outlives the engine when a wait stream was abandoned (its host
+// function may still run one day), hence heap-allocated and detached under a mutex.
+struct Notifier {
+  std::mutex mutex;
+  reactor::EventFdSource* source = nullptr;
+};
+
+void CUDART_CB notify(void* raw) {
+  auto* notifier = static_cast<Notifier*>(raw);
+  std::lock_guard<std::mutex> lock(notifier->mutex);
+  if (notifier->source != nullptr) notifier->source->signal();
+}
+
 struct Job {
   uint64_t session = 0;
   CopyCallbacks callbacks;
+  int device = 0;
+  const std::byte* src = nullptr;
+  uint64_t sizeBytes = 0;
+  uint64_t arenaOffset = 0;
+  cudaEvent_t producerEvent = nullptr;  // null: ready
+  cudaStream_t waitStream = nullptr;    // set by arm() while waiting
   uint32_t piecesLeft = 0;
   std::string error;
 };
@@ -48,26 +76,28 @@ struct Stream {
   int device = 0;
   cudaStream_t stream = nullptr;
   std::deque<Piece> pending;
-  uint64_t enqueued = 0;    // pieces ever queued
-  uint64_t armedUpTo = 0;   // a host function is queued behind this many pieces
+  uint64_t enqueued = 0;   // pieces ever queued
+  uint64_t armedUpTo = 0;  // a host function is queued behind this many pieces
 };
 
 struct Device {
   int index = 0;
   DeviceUuid uuid{};
-  std::vector<size_t> streams;  // indices into Engine::streams_
+  std::vector<size_t> streams;  // indices into streams_
   size_t next = 0;
+  std::vector<cudaStream_t> freeWaitStreams;
 };
 
-struct OpenedMemory {
+template <typename Handle>
+struct Opened {
   int device = 0;
-  void* base = nullptr;
+  Handle handle{};
+  std::set<uint64_t> sessions;
 };
 
 struct SessionState {
-  std::map<IpcHandleBytes, OpenedMemory> memory;
-  std::map<IpcHandleBytes, cudaEvent_t> events;
-  uint64_t piecesQueued = 0;
+  std::set<IpcHandleBytes> memory, events;
+  uint64_t jobsQueued = 0;  // waiting or copying
   bool dropped = false;
   std::function<void()> whenIdle;
 };
@@ -77,7 +107,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
   CudaCopyEngine(reactor::Reactor& reactor, void* arenaBase, uint64_t arenaBytes,
                  CopyEngineOptions options)
       : reactor_(reactor), arena_(static_cast<std::byte*>(arenaBase)), arenaBytes_(arenaBytes),
-        options_(options) {
+        options_(options), notifier_(new Notifier) {
     if (options_.streamsPerDevice == 0) options_.streamsPerDevice = 1;
     if (options_.pieceBytes == 0) options_.pieceBytes = 16ull << 20;
     int count = 0;
@@ -119,28 +149,47 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
     }
     registered_ = true;
     wake_ = std::make_unique<reactor::EventFdSource>(reactor_, []() {});
+    notifier_->source = wake_.get();
     reactor_.addSource(*this);
     available_ = true;
   }
 
   ~CudaCopyEngine() override {
     if (available_) reactor_.removeSource(*this);
+    // Copy streams never wait on producers, so this ends (shutdown only).
     for (auto& stream : streams_) {
       if (stream.stream != nullptr) {
-        cudaStreamSynchronize(stream.stream);  // shutdown only: host functions must not outlive us
+        cudaStreamSynchronize(stream.stream);
         for (auto& piece : stream.pending) cudaEventDestroy(piece.event);
         cudaStreamDestroy(stream.stream);
       }
     }
-    for (auto& [id, session] : sessions_) closeHandles(session);
+    for (auto& device : devices_) {
+      for (cudaStream_t s : device.freeWaitStreams) cudaStreamDestroy(s);
+    }
+    for (auto& [bytes, opened] : memory_) {
+      cudaSetDevice(opened.device);
+      cudaIpcCloseMemHandle(opened.handle);
+    }
+    for (auto& [bytes, opened] : events_) cudaEventDestroy(opened.handle);
     for (cudaEvent_t event : freeEvents_) cudaEventDestroy(event);
     if (registered_) cudaHostUnregister(arena_);
+    {
+      std::lock_guard<std::mutex> lock(notifier_->mutex);
+      notifier_->source = nullptr;
+    }
+    // A host function behind an abandoned wait stream may still run: the notifier stays.
+    if (stats_.waitStreamsAbandoned == 0) delete notifier_;
   }
 
   bool available() const override { return available_; }
   const std::string& unavailableReason() const override { return reason_; }
   int deviceCount() const override { return static_cast<int>(devices_.size()); }
-  CopyEngineStats stats() const override { return stats_; }
+  CopyEngineStats stats() const override {
+    CopyEngineStats out = stats_;
+    out.handlesOpen = memory_.size();
+    return out;
+  }
 
   void copyToArena(uint64_t sessionId, const DeviceSource& source, uint64_t sizeBytes,
                    uint64_t arenaOffset, CopyCallbacks callbacks) override {
@@ -164,77 +213,66 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
                               "executors use)");
     }
     if (ended_.count(sessionId) != 0) return callbacks.onDone("the session has ended");
-    SessionState& session = sessions_[sessionId];
     cudaError_t rc = cudaSetDevice(device->index);
     if (rc != cudaSuccess) return callbacks.onDone(cudaText("cudaSetDevice", rc));
+    SessionState& session = sessions_[sessionId];
 
     void* base = nullptr;
-    auto found = session.memory.find(source.memHandle);
-    if (found != session.memory.end()) {
-      base = found->second.base;
+    auto found = memory_.find(source.memHandle);
+    if (found != memory_.end()) {
+      base = found->second.handle;
+      found->second.sessions.insert(sessionId);
     } else {
       cudaIpcMemHandle_t handle;
       memcpy(&handle, source.memHandle.data(), sizeof handle);
       rc = cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess);
       if (rc != cudaSuccess) {
-        return callbacks.onDone(cudaText("cannot open the producer's memory handle "
-                                         "(cudaIpcOpenMemHandle; is it from cudaMalloc, and is "
-                                         "the producer still alive?)", rc));
+        return callbacks.onDone(cudaText(
+            rc == cudaErrorAlreadyMapped
+                ? "the producer's allocation shares a driver block with another one already "
+                  "open here (cudaIpcOpenMemHandle); allocate device tensors of at least 2 MiB "
+                  "with cudaMalloc, as PyTorch's caching allocator does"
+                : "cannot open the producer's memory handle (cudaIpcOpenMemHandle; is it from "
+                  "cudaMalloc, and is the producer still alive?)",
+            rc));
       }
-      session.memory.emplace(source.memHandle, OpenedMemory{device->index, base});
-      ++stats_.handlesOpen;
+      memory_.emplace(source.memHandle, Opened<void*>{device->index, base, {sessionId}});
     }
-
-    Stream& stream = streams_[device->streams[device->next++ % device->streams.size()]];
-    if (source.eventHandle) {
-      cudaEvent_t event = nullptr;
-      auto e = session.events.find(*source.eventHandle);
-      if (e != session.events.end()) {
-        event = e->second;
-      } else {
-        cudaIpcEventHandle_t handle;
-        memcpy(&handle, source.eventHandle->data(), sizeof handle);
-        rc = cudaIpcOpenEventHandle(&event, handle);
-        if (rc != cudaSuccess) {
-          return callbacks.onDone(cudaText("cannot open the producer's event (cudaIpcOpenEventHandle)", rc));
-        }
-        session.events.emplace(*source.eventHandle, event);
-      }
-      // Orders the copy after the producer's kernels without anyone waiting on the host.
-      rc = cudaStreamWaitEvent(stream.stream, event, 0);
-      if (rc != cudaSuccess) return callbacks.onDone(cudaText("cudaStreamWaitEvent", rc));
-    }
+    session.memory.insert(source.memHandle);
 
     auto job = std::make_shared<Job>();
     job->session = sessionId;
     job->callbacks = std::move(callbacks);
+    job->device = device->index;
+    job->src = static_cast<const std::byte*>(base) + source.offsetBytes;
+    job->sizeBytes = sizeBytes;
+    job->arenaOffset = arenaOffset;
+    if (source.eventHandle) {
+      auto e = events_.find(*source.eventHandle);
+      if (e != events_.end()) {
+        job->producerEvent = e->second.handle;
+        e->second.sessions.insert(sessionId);
+      } else {
+        cudaIpcEventHandle_t handle;
+        memcpy(&handle, source.eventHandle->data(), sizeof handle);
+        rc = cudaIpcOpenEventHandle(&job->producerEvent, handle);
+        if (rc != cudaSuccess) {
+          return job->callbacks.onDone(
+              cudaText("cannot open the producer's event (cudaIpcOpenEventHandle)", rc));
+        }
+        events_.emplace(*source.eventHandle,
+                        Opened<cudaEvent_t>{device->index, job->producerEvent, {sessionId}});
+      }
+      session.events.insert(*source.eventHandle);
+    }
+    ++session.jobsQueued;
     ++stats_.copies;
-    const auto* src = static_cast<const std::byte*>(base) + source.offsetBytes;
-    uint64_t done = 0;
-    do {
-      uint64_t n = std::min(options_.pieceBytes, sizeBytes - done);
-      Piece piece;
-      piece.job = job;
-      piece.arenaOffset = arenaOffset + done;
-      piece.sizeBytes = n;
-      piece.event = takeEvent();
-      if (n > 0) {
-        rc = cudaMemcpyAsync(arena_ + arenaOffset + done, src + done, n, cudaMemcpyDeviceToHost,
-                             stream.stream);
-      }
-      if (rc == cudaSuccess) rc = cudaEventRecord(piece.event, stream.stream);
-      if (rc != cudaSuccess) {
-        job->error = cudaText("cudaMemcpyAsync device to arena", rc);
-        freeEvents_.push_back(piece.event);
-        break;
-      }
-      ++job->piecesLeft;
-      ++session.piecesQueued;
-      ++stream.enqueued;
-      stream.pending.push_back(std::move(piece));
-      done += n;
-    } while (done < sizeBytes);
-    if (job->piecesLeft == 0) job->callbacks.onDone(job->error);
+    // The producer's event was recorded before its send left: usually done already.
+    if (job->producerEvent != nullptr && cudaEventQuery(job->producerEvent) == cudaErrorNotReady) {
+      waiting_.push_back(std::move(job));
+      return;
+    }
+    startCopy(job);
   }
 
   void dropSession(uint64_t sessionId, std::function<void()> whenIdle) override {
@@ -243,6 +281,20 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
     if (it == sessions_.end()) return whenIdle();
     it->second.dropped = true;
     it->second.whenIdle = std::move(whenIdle);
+    // Copies still waiting for this producer will never be needed (and, if it died, its event
+    // may never fire): fail them now. Copies already on a copy stream finish.
+    for (auto job = waiting_.begin(); job != waiting_.end();) {
+      if ((*job)->session != sessionId) {
+        ++job;
+        continue;
+      }
+      if ((*job)->waitStream != nullptr) ++stats_.waitStreamsAbandoned;
+      auto failed = *job;
+      job = waiting_.erase(job);
+      failed->callbacks.onDone("the producer's session ended before its event fired "
+                               "(the producer exited or disconnected mid-send)");
+      --it->second.jobsQueued;
+    }
     finishIfIdle(sessionId);
   }
 
@@ -258,21 +310,69 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
     return event;
   }
 
-  void closeHandles(SessionState& session) {
-    for (auto& [bytes, opened] : session.memory) {
-      cudaSetDevice(opened.device);
-      cudaIpcCloseMemHandle(opened.base);
-      --stats_.handlesOpen;
+  // Queues the pieces of a job whose producer is done.
+  void startCopy(const std::shared_ptr<Job>& job) {
+    Device& device = devices_[static_cast<size_t>(job->device)];
+    Stream& stream = streams_[device.streams[device.next++ % device.streams.size()]];
+    cudaSetDevice(job->device);
+    cudaError_t rc = cudaSuccess;
+    uint64_t done = 0;
+    do {
+      uint64_t n = std::min(options_.pieceBytes, job->sizeBytes - done);
+      Piece piece;
+      piece.job = job;
+      piece.arenaOffset = job->arenaOffset + done;
+      piece.sizeBytes = n;
+      piece.event = takeEvent();
+      if (n > 0) {
+        rc = cudaMemcpyAsync(arena_ + piece.arenaOffset, job->src + done, n,
+                             cudaMemcpyDeviceToHost, stream.stream);
+      }
+      if (rc == cudaSuccess) rc = cudaEventRecord(piece.event, stream.stream);
+      if (rc != cudaSuccess) {
+        job->error = cudaText("cudaMemcpyAsync device to arena", rc);
+        freeEvents_.push_back(piece.event);
+        break;
+      }
+      ++job->piecesLeft;
+      ++stream.enqueued;
+      stream.pending.push_back(std::move(piece));
+      done += n;
+    } while (done < job->sizeBytes);
+    if (job->piecesLeft == 0) finishJob(*job);
+  }
+
+  void finishJob(Job& job) {
+    job.callbacks.onDone(job.error);
+    auto session = sessions_.find(job.session);
+    if (session != sessions_.end()) {
+      --session->second.jobsQueued;
+      finishIfIdle(job.session);
     }
-    for (auto& [bytes, event] : session.events) cudaEventDestroy(event);
-    session.memory.clear();
-    session.events.clear();
   }
 
   void finishIfIdle(uint64_t sessionId) {
     auto it = sessions_.find(sessionId);
-    if (it == sessions_.end() || !it->second.dropped || it->second.piecesQueued > 0) return;
-    closeHandles(it->second);
+    if (it == sessions_.end() || !it->second.dropped || it->second.jobsQueued > 0) return;
+    for (const auto& key : it->second.memory) {
+      auto opened = memory_.find(key);
+      if (opened == memory_.end()) continue;
+      opened->second.sessions.erase(sessionId);
+      if (opened->second.sessions.empty()) {
+        cudaSetDevice(opened->second.device);
+        cudaIpcCloseMemHandle(opened->second.handle);
+        memory_.erase(opened);
+      }
+    }
+    for (const auto& key : it->second.events) {
+      auto opened = events_.find(key);
+      if (opened == events_.end()) continue;
+      opened->second.sessions.erase(sessionId);
+      if (opened->second.sessions.empty()) {
+        cudaEventDestroy(opened->second.handle);
+        events_.erase(opened);
+      }
+    }
     auto whenIdle = std::move(it->second.whenIdle);
     sessions_.erase(it);
     if (whenIdle) whenIdle();
@@ -281,6 +381,26 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
   // EventSource -------------------------------------------------------------------------------
   bool poll() override {
     bool any = false;
+    for (auto job = waiting_.begin(); job != waiting_.end();) {
+      cudaError_t rc = cudaEventQuery((*job)->producerEvent);
+      if (rc == cudaErrorNotReady) {
+        ++job;
+        continue;
+      }
+      any = true;
+      auto ready = *job;
+      job = waiting_.erase(job);
+      if (ready->waitStream != nullptr) {
+        // Its wait and host function complete now too: the stream can serve again.
+        devices_[static_cast<size_t>(ready->device)].freeWaitStreams.push_back(ready->waitStream);
+      }
+      if (rc != cudaSuccess) {
+        ready->error = cudaText("the producer's event failed", rc);
+        finishJob(*ready);
+      } else {
+        startCopy(ready);
+      }
+    }
     for (auto& stream : streams_) {
       while (!stream.pending.empty()) {
         Piece& piece = stream.pending.front();
@@ -295,12 +415,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
         ++stats_.pieces;
         stats_.bytes += done.sizeBytes;
         if (job.error.empty() && job.callbacks.onPiece) job.callbacks.onPiece(done.arenaOffset, done.sizeBytes);
-        if (--job.piecesLeft == 0) job.callbacks.onDone(job.error);
-        auto session = sessions_.find(job.session);
-        if (session != sessions_.end()) {
-          --session->second.piecesQueued;
-          finishIfIdle(job.session);
-        }
+        if (--job.piecesLeft == 0) finishJob(job);
       }
     }
     return any;
@@ -308,12 +423,29 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
 
   bool arm() override {
     if (poll()) return false;
+    for (auto& job : waiting_) {
+      if (job->waitStream != nullptr) continue;
+      Device& device = devices_[static_cast<size_t>(job->device)];
+      cudaSetDevice(job->device);
+      cudaStream_t stream = nullptr;
+      if (!device.freeWaitStreams.empty()) {
+        stream = device.freeWaitStreams.back();
+        device.freeWaitStreams.pop_back();
+      } else if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+        return false;  // cannot sleep safely: keep polling
+      }
+      if (cudaStreamWaitEvent(stream, job->producerEvent, 0) != cudaSuccess ||
+          cudaLaunchHostFunc(stream, notify, notifier_) != cudaSuccess) {
+        device.freeWaitStreams.push_back(stream);
+        return false;
+      }
+      job->waitStream = stream;
+      ++stats_.hostFunctionsArmed;
+    }
     for (auto& stream : streams_) {
       if (stream.pending.empty() || stream.armedUpTo == stream.enqueued) continue;
       cudaSetDevice(stream.device);
-      if (cudaLaunchHostFunc(stream.stream, &CudaCopyEngine::notify, this) != cudaSuccess) {
-        return false;  // cannot sleep safely: keep polling
-      }
+      if (cudaLaunchHostFunc(stream.stream, notify, notifier_) != cudaSuccess) return false;
       stream.armedUpTo = stream.enqueued;
       ++stats_.hostFunctionsArmed;
     }
@@ -322,18 +454,20 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
 
   void disarm() override {}
 
-  static void CUDART_CB notify(void* self) { static_cast<CudaCopyEngine*>(self)->wake_->signal(); }
-
   reactor::Reactor& reactor_;
   std::byte* arena_;
   uint64_t arenaBytes_;
   CopyEngineOptions options_;
+  Notifier* notifier_;
   bool available_ = false;
   bool registered_ = false;
   std::string reason_;
   std::vector<Device> devices_;
   std::vector<Stream> streams_;
   std::vector<cudaEvent_t> freeEvents_;
+  std::list<std::shared_ptr<Job>> waiting_;  // producer's event not yet done
+  std::map<IpcHandleBytes, Opened<void*>> memory_;
+  std::map<IpcHandleBytes, Opened<cudaEvent_t>> events_;
   std::map<uint64_t, SessionState> sessions_;
   std::set<uint64_t> ended_;
   std::unique_ptr<reactor::EventFdSource> wake_;

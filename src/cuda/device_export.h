@@ -31,7 +31,14 @@ struct ExportedTensor {
   uint64_t allocationBytes = 0;
   std::array<uint8_t, 16> deviceUuid{};
   std::array<uint8_t, 64> eventHandle{};  // recorded on the stream at export time
+  // The allocation is under kIpcMinAllocationBytes: the driver may carve several such allocations
+  // out of one block, and a block opened twice by the daemon fails (cudaErrorAlreadyMapped). Such
+  // tensors are staged by the client instead (stageToArena); nothing else above is set.
+  bool stage = false;
 };
+
+// PyTorch's caching allocator asks cudaMalloc for segments of at least this size.
+constexpr uint64_t kIpcMinAllocationBytes = 2ull << 20;
 
 class DeviceExporter {
  public:
@@ -42,6 +49,11 @@ class DeviceExporter {
   // event on `stream` (a cudaStream_t; nullptr: the legacy default stream).
   virtual ExportedTensor exportTensor(const void* data, uint64_t sizeBytes, int device,
                                       void* stream) = 0;
+
+  // For a staged tensor: copies it into the arena on `stream` and waits for that stream (the
+  // tensor is small; this is the only GPU call of libsidecar that synchronizes).
+  virtual void stageToArena(void* arenaData, const void* deviceData, uint64_t sizeBytes,
+                            int device, void* stream, void* arenaBase, uint64_t arenaBytes) = 0;
 
   // Queues a host-to-device copy from the arena on `stream` (asynchronous). `arenaBase` and
   // `arenaBytes` describe this process's mapping; registered with CUDA on first use.

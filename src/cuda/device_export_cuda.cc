@@ -74,6 +74,10 @@ class CudaDeviceExporter final : public DeviceExporter {
     if (out.offsetBytes + sizeBytes > allocation.sizeBytes) {
       throw DeviceError(false, "the tensor reaches past the end of its device allocation");
     }
+    if (allocation.sizeBytes < kIpcMinAllocationBytes) {
+      out.stage = true;
+      return out;
+    }
     out.deviceUuid = uuid(device);
     cudaEvent_t event = streamEvent(device, stream, out.eventHandle);
     cudaError_t rc = cudaEventRecord(event, static_cast<cudaStream_t>(stream));
@@ -81,9 +85,27 @@ class CudaDeviceExporter final : public DeviceExporter {
     return out;
   }
 
+  void stageToArena(void* arenaData, const void* deviceData, uint64_t sizeBytes, int device,
+                    void* stream, void* arenaBase, uint64_t arenaBytes) override {
+    DeviceScope scope(device);
+    registerArena(arenaBase, arenaBytes);
+    cudaError_t rc = cudaMemcpyAsync(arenaData, deviceData, sizeBytes, cudaMemcpyDeviceToHost,
+                                     static_cast<cudaStream_t>(stream));
+    if (rc == cudaSuccess) rc = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+    if (rc != cudaSuccess) fail("copying a small device tensor into the arena", rc);
+  }
+
   void copyToDevice(void* deviceData, const void* arenaData, uint64_t sizeBytes, int device,
                     void* stream, void* arenaBase, uint64_t arenaBytes) override {
     DeviceScope scope(device);
+    registerArena(arenaBase, arenaBytes);
+    cudaError_t rc = cudaMemcpyAsync(deviceData, arenaData, sizeBytes, cudaMemcpyHostToDevice,
+                                     static_cast<cudaStream_t>(stream));
+    if (rc != cudaSuccess) fail("cudaMemcpyAsync from the arena to the device", rc);
+  }
+
+ private:
+  void registerArena(void* arenaBase, uint64_t arenaBytes) {
     if (registeredArena_ == nullptr && !registerTried_) {
       registerTried_ = true;
       // Pinned once: host-to-device copies from it are DMA and truly asynchronous. If it fails
@@ -94,12 +116,8 @@ class CudaDeviceExporter final : public DeviceExporter {
         cudaGetLastError();
       }
     }
-    cudaError_t rc = cudaMemcpyAsync(deviceData, arenaData, sizeBytes, cudaMemcpyHostToDevice,
-                                     static_cast<cudaStream_t>(stream));
-    if (rc != cudaSuccess) fail("cudaMemcpyAsync from the arena to the device", rc);
   }
 
- private:
   PointerGetAttributes getAttributes() {
     if (getAttributes_ == nullptr) {
       void* fn = nullptr;
@@ -132,6 +150,9 @@ class CudaDeviceExporter final : public DeviceExporter {
     CachedAllocation allocation;
     allocation.base = static_cast<uintptr_t>(start);
     allocation.sizeBytes = size;
+    if (size < kIpcMinAllocationBytes) {  // staged: no handle needed
+      return allocations_.emplace(bufferId, allocation).first->second;
+    }
     cudaIpcMemHandle_t handle;
     cudaError_t rc = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(start));
     if (rc != cudaSuccess) {

@@ -14,6 +14,9 @@ class NoDeviceExporter final : public DeviceExporter {
   ExportedTensor exportTensor(const void*, uint64_t, int, void*) override {
     throw DeviceError(true, kReason);
   }
+  void stageToArena(void*, const void*, uint64_t, int, void*, void*, uint64_t) override {
+    throw DeviceError(true, kReason);
+  }
   void copyToDevice(void*, const void*, uint64_t, int, void*, void*, uint64_t) override {
     throw DeviceError(true, kReason);
   }

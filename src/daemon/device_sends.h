@@ -60,6 +60,11 @@ class DeviceSends final : public rpc::DeviceSendBackend {
   std::unique_ptr<cuda::CopyEngine> engine_;  // owner core only
   std::atomic<bool> available_{false};
   std::atomic<bool> attached_{false};
+  // Where the time of a device send goes, summed in µs (logged when the daemon stops).
+  struct PhaseTotals {
+    std::atomic<uint64_t> sends{0}, allocateUs{0}, copyUs{0}, storeUs{0};
+  };
+  PhaseTotals phases_;
   mutable std::mutex reasonMutex_;
   std::string reason_ = "the GPU copy engine is starting";
 };

@@ -167,8 +167,8 @@ TEST_F(GpuTest, WithoutGpuInfoSaysUnavailableAndDeviceSendFailsClearly) {
 
 // A device buffer holding `bytes` for the test's life.
 struct DeviceBuffer {
-  explicit DeviceBuffer(size_t bytes) : bytes(bytes) {
-    if (cudaMalloc(&ptr, std::max<size_t>(bytes, 1)) != cudaSuccess) ptr = nullptr;
+  explicit DeviceBuffer(size_t bytes) : bytes(bytes) {  // 0: none
+    if (bytes > 0 && cudaMalloc(&ptr, bytes) != cudaSuccess) ptr = nullptr;
   }
   ~DeviceBuffer() {
     if (ptr != nullptr) cudaFree(ptr);
@@ -188,6 +188,10 @@ struct Scenario {
   int64_t tokensMin, tokensMax;
   bool concurrent;
   uint32_t count;
+  // false: each chunk sits at an offset inside one large cudaMalloc'ed pool, as with PyTorch's
+  // caching allocator (shared through CUDA IPC). true: each chunk is its own small cudaMalloc
+  // (the client stages those itself, see cuda::ExportedTensor::stage).
+  bool freshAllocations = false;
 };
 
 int64_t tokensFor(const Scenario& s, uint32_t id, uint32_t chunk) {
@@ -217,16 +221,26 @@ TEST_P(GpuMatrix, DeviceSourcesArriveEqualAsHostViewsAndOnDevice) {
       try {
         cudaSetDevice(0);
         auto sidecar = Sidecar::connect(config(rank, s.senders, s.dtype, s.chunkShape, s.concurrent));
+        const size_t poolBytes = 128 << 20;
+        DeviceBuffer pool(s.freshAllocations ? 0 : poolBytes);
+        size_t poolOffset = 0;
         for (uint32_t i = 0; i < s.count; ++i) {
           for (uint32_t c = 0; c < s.chunks; ++c) {
             int64_t n = tokensFor(s, i, c);
             auto bytes = chunkBytes(idOf(i), c, static_cast<size_t>(n) * rowBytes);
-            DeviceBuffer buffer(bytes.size());
-            if (buffer.ptr == nullptr) return fail("cudaMalloc failed");
-            cudaMemcpy(buffer.ptr, bytes.data(), bytes.size(), cudaMemcpyHostToDevice);
+            DeviceBuffer fresh(s.freshAllocations ? bytes.size() : 0);
+            void* data = fresh.ptr;
+            if (!s.freshAllocations) {
+              // Varying offsets (256-byte aligned) inside the pool; the previous send was waited.
+              if (poolOffset + bytes.size() > poolBytes) poolOffset = 0;
+              data = static_cast<char*>(pool.ptr) + poolOffset;
+              poolOffset = (poolOffset + bytes.size() + 255 + 4096 * c) & ~size_t{255};
+            }
+            if (data == nullptr) return fail("cudaMalloc failed");
             std::vector<int64_t> shape = {n};
             shape.insert(shape.end(), s.chunkShape.begin(), s.chunkShape.end());
-            DeviceTensorRef ref{s.dtype, shape, {}, buffer.ptr, 0, nullptr};
+            cudaMemcpy(data, bytes.data(), bytes.size(), cudaMemcpyHostToDevice);
+            DeviceTensorRef ref{s.dtype, shape, {}, data, 0, nullptr};
             sidecar.send(idOf(i), ref, {s.receivers}, c, s.chunks).wait();
           }
         }
@@ -292,7 +306,9 @@ INSTANTIATE_TEST_SUITE_P(
         Scenario{"concurrent_large", {0, 1}, {2, 3}, 1, {100}, Dtype::kFloat64, 5, 50, true, 10},
         Scenario{"concurrent_corner", {0, 1}, {2, 3}, 1, {100}, Dtype::kBFloat16, 1, 1, true, 3},
         // Beyond the table: one tensor of 100 MiB, cut into pieces by the copy engine.
-        Scenario{"pieces_100mib", {0}, {2}, 1, {1 << 20}, Dtype::kUint8, 100, 100, false, 1}),
+        Scenario{"pieces_100mib", {0}, {2}, 1, {1 << 20}, Dtype::kUint8, 100, 100, false, 1},
+        Scenario{"fresh_small_allocations", {0, 1}, {2, 3}, 2, {1176}, Dtype::kBFloat16, 5, 50,
+                 false, 6, true}),
     [](const ::testing::TestParamInfo<Scenario>& info) { return std::string(info.param.name); });
 
 TEST_F(GpuTest, InfoSaysCudaAvailable) {
