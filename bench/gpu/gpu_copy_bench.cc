@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -62,8 +63,10 @@ int main(int argc, char** argv) {
   std::string dir = "/tmp/sidecar-gpubench-" + std::to_string(getpid());
   mkdir(dir.c_str(), 0700);
   std::string socket = dir + "/sidecar.sock";
+  const char* logLevel = std::getenv("GPU_BENCH_DAEMON_LOG");  // e.g. debug: per-send phases
   std::vector<std::string> args = {argv[1], "--socket", socket, "--tcp", "off", "--arena-size",
-                                   "3GiB", "--cores", "2", "--log-level", "info"};
+                                   "3GiB", "--cores", "2", "--log-level",
+                                   logLevel != nullptr ? logLevel : "info"};
   std::vector<char*> argvPtrs;
   for (auto& a : args) argvPtrs.push_back(a.data());
   argvPtrs.push_back(nullptr);
@@ -112,8 +115,30 @@ int main(int argc, char** argv) {
   check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   check(cudaDeviceSynchronize(), "sync");
 
-  std::printf("%-8s %6s %14s %14s %7s %16s\n", "size", "batch", "daemon GB/s", "memcpy GB/s",
-              "ratio", "1 send latency");
+  // What the producer pays per send for its event: record and query of an interprocess event
+  // against a plain one.
+  {
+    cudaEvent_t ipc, plain;
+    check(cudaEventCreateWithFlags(&ipc, cudaEventInterprocess | cudaEventDisableTiming), "event");
+    check(cudaEventCreateWithFlags(&plain, cudaEventDisableTiming), "event");
+    for (cudaEvent_t e : {ipc, plain}) {
+      const int n = 2000;
+      auto t0 = Clock::now();
+      for (int i = 0; i < n; ++i) cudaEventRecord(e, stream);
+      auto t1 = Clock::now();
+      cudaStreamSynchronize(stream);
+      auto t2 = Clock::now();
+      for (int i = 0; i < n; ++i) cudaEventQuery(e);
+      auto t3 = Clock::now();
+      std::printf("%s event: record %.2f us, query %.2f us\n", e == ipc ? "interprocess" : "plain",
+                  seconds(t0, t1) * 1e6 / n, seconds(t2, t3) * 1e6 / n);
+    }
+    cudaEventDestroy(ipc);
+    cudaEventDestroy(plain);
+  }
+
+  std::printf("%-8s %6s %14s %14s %7s %16s %12s\n", "size", "batch", "daemon GB/s", "memcpy GB/s",
+              "ratio", "1 send latency", "send() call");
   uint64_t id = 0;
   for (uint64_t sizeMiB : {1ull, 16ull, 256ull}) {
     uint64_t size = sizeMiB * kMiB;
@@ -146,12 +171,15 @@ int main(int argc, char** argv) {
       check(cudaStreamSynchronize(stream), "sync");
       return double(batch * size) / seconds(start, Clock::now()) / 1e9;
     };
+    std::vector<double> issue;
     auto latencyRound = [&]() {
       std::string i = "l" + std::to_string(id++);
       sidecar::DeviceTensorRef ref{sidecar::Dtype::kUint8, {int64_t(size / 4096), 4096}, {},
                                    device, 0, stream};
       auto start = Clock::now();
-      producer.send(i, ref, {{1}}).wait();
+      auto handle = producer.send(i, ref, {{1}});
+      issue.push_back(seconds(start, Clock::now()) * 1e6);
+      handle.wait();
       double us = seconds(start, Clock::now()) * 1e6;
       consumer.recv(i);
       consumer.markDone(i);
@@ -166,8 +194,9 @@ int main(int argc, char** argv) {
       m.push_back(memcpyRound());
       l.push_back(latencyRound());
     }
-    std::printf("%5llu MiB %6llu %14.1f %14.1f %7.3f %13.0f us\n", (unsigned long long)sizeMiB,
-                (unsigned long long)batch, median(d), median(m), median(d) / median(m), median(l));
+    std::printf("%5llu MiB %6llu %14.1f %14.1f %7.3f %13.0f us %9.0f us\n",
+                (unsigned long long)sizeMiB, (unsigned long long)batch, median(d), median(m),
+                median(d) / median(m), median(l), median(issue));
     std::fflush(stdout);
   }
   kill(daemon, SIGTERM);

@@ -110,7 +110,8 @@ kj::Promise<void> DeviceSends::copyPieces(rpc::SessionId session, const cuda::De
   callbacks.onPiece = std::move(onPiece);
   // std::function must be copyable: share the fulfiller.
   auto shared = std::make_shared<kj::Own<kj::PromiseFulfiller<void>>>(kj::mv(fulfiller));
-  callbacks.onDone = [shared](const std::string& error) {
+  callbacks.onDone = [shared, session](const std::string& error) {
+    if (!error.empty()) spdlog::warn("session {}: device copy failed: {}", session, error);
     if (!(*shared)->isWaiting()) return;
     if (error.empty()) {
       (*shared)->fulfill();
@@ -160,10 +161,14 @@ kj::Promise<void> DeviceSends::sendDevice(rpc::SessionId session, rpc::DeviceSen
               tensor.offset = offset;
               tensor.sizeBytes = bytes;
               send.payload = std::move(tensor);
-              return transfers_.send(session, std::move(send)).then([this, copiedNs]() {
-                phases_.storeUs += (monotonicNs() - copiedNs) / 1000;
-                ++phases_.sends;
-              });
+              return transfers_.send(session, std::move(send))
+                  .then([this, allocatedNs, copiedNs, bytes]() {
+                    uint64_t storedNs = monotonicNs();
+                    phases_.storeUs += (storedNs - copiedNs) / 1000;
+                    ++phases_.sends;
+                    spdlog::debug("device send of {} B: copy {} us, store {} us", bytes,
+                                  (copiedNs - allocatedNs) / 1000, (storedNs - copiedNs) / 1000);
+                  });
             },
             [this, session, offset](kj::Exception&& e) -> kj::Promise<void> {
               // The copy failed: the region never reached the table; give it back.

@@ -196,6 +196,10 @@ kj::Promise<void> SessionService::sendDevice(SendDeviceContext context) {
     return transferError("gpu-unavailable",
                          "this daemon takes no GPU tensors (no CUDA); send host tensors");
   }
+  // A producer that goes away while its copy waits (e.g. for its own kernel) must end its session
+  // at once, which fails the waiting copy; a call that cannot be cancelled would keep the session
+  // alive and the copy waiting forever.
+  context.allowCancellation();
   auto params = context.getParams();
   DeviceSendRequest request;
   request.dataId = text(params.getDataId());
