@@ -16,11 +16,17 @@
 //
 // IPC handles are opened once per daemon (opening one twice fails with cudaErrorAlreadyMapped)
 // and reference-counted by the sessions that used them; a session's handles are released when it
-// ends and nothing of it is queued.
+// ends and nothing of it is queued. Releasing them (cudaIpcCloseMemHandle, cudaEventDestroy of a
+// producer's event) can block when the producer has just died, so it is done by a cleanup thread,
+// never by the reactor.
 
 #include <cuda_runtime.h>
+#include <spdlog/spdlog.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <thread>
 #include <deque>
 #include <list>
 #include <map>
@@ -51,6 +57,59 @@ void CUDART_CB notify(void* raw) {
   std::lock_guard<std::mutex> lock(notifier->mutex);
   if (notifier->source != nullptr) notifier->source->signal();
 }
+
+// Runs blocking CUDA cleanup off the reactor thread, in order.
+class Cleaner {
+ public:
+  Cleaner() : thread_([this] { run(); }) {}
+
+  void post(std::function<void()> task) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tasks_.push_back(std::move(task));
+    wake_.notify_one();
+  }
+
+  // Waits up to `limit` for the queue to drain and the thread to end; a thread stuck in the driver
+  // is left behind (detached) rather than hanging the daemon's shutdown.
+  // Returns false when the thread was left behind: then this object must be leaked.
+  bool stop(std::chrono::milliseconds limit) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    stopping_ = true;
+    wake_.notify_one();
+    if (idle_.wait_for(lock, limit, [this] { return finished_; })) {
+      lock.unlock();
+      thread_.join();
+      return true;
+    }
+    spdlog::warn("GPU cleanup is stuck in the CUDA driver; leaving it behind");
+    lock.unlock();
+    thread_.detach();
+    return false;
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
+      if (tasks_.empty()) break;
+      auto task = std::move(tasks_.front());
+      tasks_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+    finished_ = true;
+    idle_.notify_all();
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, idle_;
+  std::deque<std::function<void()>> tasks_;
+  bool stopping_ = false;
+  bool finished_ = false;
+  std::thread thread_;  // last: starts after the rest exists
+};
 
 struct Job {
   uint64_t session = 0;
@@ -167,11 +226,11 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
     for (auto& device : devices_) {
       for (cudaStream_t s : device.freeWaitStreams) cudaStreamDestroy(s);
     }
-    for (auto& [bytes, opened] : memory_) {
-      cudaSetDevice(opened.device);
-      cudaIpcCloseMemHandle(opened.handle);
-    }
-    for (auto& [bytes, opened] : events_) cudaEventDestroy(opened.handle);
+    for (auto& [bytes, opened] : memory_) closeMemory(opened.device, opened.handle);
+    for (auto& [bytes, opened] : events_) closeEvent(opened.handle);
+    memory_.clear();
+    events_.clear();
+    if (cleaner_->stop(std::chrono::seconds(5))) delete cleaner_;
     for (cudaEvent_t event : freeEvents_) cudaEventDestroy(event);
     if (registered_) cudaHostUnregister(arena_);
     {
@@ -289,6 +348,8 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
         continue;
       }
       if ((*job)->waitStream != nullptr) ++stats_.waitStreamsAbandoned;
+      spdlog::info("session {} ended while its copy waited for the producer's event: the copy "
+                   "is dropped", sessionId);
       auto failed = *job;
       job = waiting_.erase(job);
       failed->callbacks.onDone("the producer's session ended before its event fired "
@@ -351,6 +412,18 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
     }
   }
 
+  void closeMemory(int device, void* base) {
+    cleaner_->post([device, base] {
+      cudaSetDevice(device);
+      cudaError_t rc = cudaIpcCloseMemHandle(base);
+      if (rc != cudaSuccess) spdlog::warn("{}", cudaText("cudaIpcCloseMemHandle", rc));
+    });
+  }
+
+  void closeEvent(cudaEvent_t event) {
+    cleaner_->post([event] { cudaEventDestroy(event); });
+  }
+
   void finishIfIdle(uint64_t sessionId) {
     auto it = sessions_.find(sessionId);
     if (it == sessions_.end() || !it->second.dropped || it->second.jobsQueued > 0) return;
@@ -359,8 +432,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
       if (opened == memory_.end()) continue;
       opened->second.sessions.erase(sessionId);
       if (opened->second.sessions.empty()) {
-        cudaSetDevice(opened->second.device);
-        cudaIpcCloseMemHandle(opened->second.handle);
+        closeMemory(opened->second.device, opened->second.handle);
         memory_.erase(opened);
       }
     }
@@ -369,7 +441,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
       if (opened == events_.end()) continue;
       opened->second.sessions.erase(sessionId);
       if (opened->second.sessions.empty()) {
-        cudaEventDestroy(opened->second.handle);
+        closeEvent(opened->second.handle);
         events_.erase(opened);
       }
     }
@@ -472,6 +544,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
   std::set<uint64_t> ended_;
   std::unique_ptr<reactor::EventFdSource> wake_;
   CopyEngineStats stats_;
+  Cleaner* cleaner_ = new Cleaner;  // leaked if it gets stuck (see Cleaner::stop)
 };
 
 }  // namespace
