@@ -57,7 +57,7 @@ struct CopyEngineStats {
   uint64_t bytes = 0;
   uint64_t hostFunctionsArmed = 0;  // eventfd notifications asked for (the core was idle)
   uint64_t handlesOpen = 0;
-  uint64_t waitStreamsAbandoned = 0;  // producers that ended while the copy waited for them
+  uint64_t waitStreamsAbandoned = 0;  // copies dropped: the producer ended while they waited
 };
 
 class CopyEngine {

@@ -4,9 +4,11 @@
 //  1. Waiting for the producer: the producer's interprocess event is queried from poll(). The
 //     copy streams never wait on a producer's event (cudaStreamWaitEvent): a producer that dies
 //     before its event fires would block a copy stream, and every copy queued behind it, forever.
-//     To sleep while a producer's kernel runs, arm() queues cudaStreamWaitEvent + a host function
-//     on a *wait stream* of that copy alone (from a pool); if the producer dies, only that wait
-//     stream is abandoned (counted in stats), and the copy fails when the producer's session ends.
+//     To sleep while a producer's kernel runs, arm() hands the producers' events to a watcher
+//     thread that queries them every ~20 us and writes the eventfd when one fired (GPU-side waits,
+//     cudaStreamWaitEvent + a host function, were tried: a stream waiting on the event of a
+//     producer that died never completes, and the daemon then hangs at exit). If the producer
+//     dies, its copy fails when its session ends.
 //  2. Copying: per GPU `streamsPerDevice` non-blocking copy streams; copies are dealt to them in
 //     turn, the pieces of one copy stay on one stream (so they land in order). Each piece is
 //     followed by an event (timing off) that poll() queries; only the oldest pending piece of
@@ -111,6 +113,55 @@ class Cleaner {
   std::thread thread_;  // last: starts after the rest exists
 };
 
+// Queries producers' events while the reactor sleeps (see the top of this file).
+class Watcher {
+ public:
+  explicit Watcher(Notifier* notifier) : notifier_(notifier), thread_([this] { run(); }) {}
+  ~Watcher() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+      wake_.notify_one();
+    }
+    thread_.join();
+  }
+
+  // Reactor thread: watch these until one fires or clear() (the events stay valid until then).
+  void watch(std::vector<cudaEvent_t> events) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    events_ = std::move(events);
+    wake_.notify_one();
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    events_.clear();
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stopping_ || !events_.empty(); });
+      if (stopping_) return;
+      bool fired = false;
+      for (cudaEvent_t event : events_) fired |= cudaEventQuery(event) != cudaErrorNotReady;
+      if (fired) {
+        events_.clear();
+        notify(notifier_);
+        continue;
+      }
+      wake_.wait_for(lock, std::chrono::microseconds(20), [this] { return stopping_; });
+    }
+  }
+
+  Notifier* notifier_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::vector<cudaEvent_t> events_;
+  bool stopping_ = false;
+  std::thread thread_;  // last
+};
+
 struct Job {
   uint64_t session = 0;
   CopyCallbacks callbacks;
@@ -119,7 +170,6 @@ struct Job {
   uint64_t sizeBytes = 0;
   uint64_t arenaOffset = 0;
   cudaEvent_t producerEvent = nullptr;  // null: ready
-  cudaStream_t waitStream = nullptr;    // set by arm() while waiting
   uint32_t piecesLeft = 0;
   std::string error;
 };
@@ -144,7 +194,6 @@ struct Device {
   DeviceUuid uuid{};
   std::vector<size_t> streams;  // indices into streams_
   size_t next = 0;
-  std::vector<cudaStream_t> freeWaitStreams;
 };
 
 template <typename Handle>
@@ -223,9 +272,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
         cudaStreamDestroy(stream.stream);
       }
     }
-    for (auto& device : devices_) {
-      for (cudaStream_t s : device.freeWaitStreams) cudaStreamDestroy(s);
-    }
+    watcher_.reset();
     for (auto& [bytes, opened] : memory_) closeMemory(opened.device, opened.handle);
     for (auto& [bytes, opened] : events_) closeEvent(opened.handle);
     memory_.clear();
@@ -238,7 +285,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
       notifier_->source = nullptr;
     }
     // A host function behind an abandoned wait stream may still run: the notifier stays.
-    if (stats_.waitStreamsAbandoned == 0) delete notifier_;
+    delete notifier_;  // the watcher is gone and no host function is pending any more
   }
 
   bool available() const override { return available_; }
@@ -340,6 +387,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
     if (it == sessions_.end()) return whenIdle();
     it->second.dropped = true;
     it->second.whenIdle = std::move(whenIdle);
+    watcher_->clear();  // it may hold this session's events, which are about to be destroyed
     // Copies still waiting for this producer will never be needed (and, if it died, its event
     // may never fire): fail them now. Copies already on a copy stream finish.
     for (auto job = waiting_.begin(); job != waiting_.end();) {
@@ -347,7 +395,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
         ++job;
         continue;
       }
-      if ((*job)->waitStream != nullptr) ++stats_.waitStreamsAbandoned;
+      ++stats_.waitStreamsAbandoned;
       spdlog::info("session {} ended while its copy waited for the producer's event: the copy "
                    "is dropped", sessionId);
       auto failed = *job;
@@ -462,10 +510,6 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
       any = true;
       auto ready = *job;
       job = waiting_.erase(job);
-      if (ready->waitStream != nullptr) {
-        // Its wait and host function complete now too: the stream can serve again.
-        devices_[static_cast<size_t>(ready->device)].freeWaitStreams.push_back(ready->waitStream);
-      }
       if (rc != cudaSuccess) {
         ready->error = cudaText("the producer's event failed", rc);
         finishJob(*ready);
@@ -495,23 +539,10 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
 
   bool arm() override {
     if (poll()) return false;
-    for (auto& job : waiting_) {
-      if (job->waitStream != nullptr) continue;
-      Device& device = devices_[static_cast<size_t>(job->device)];
-      cudaSetDevice(job->device);
-      cudaStream_t stream = nullptr;
-      if (!device.freeWaitStreams.empty()) {
-        stream = device.freeWaitStreams.back();
-        device.freeWaitStreams.pop_back();
-      } else if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
-        return false;  // cannot sleep safely: keep polling
-      }
-      if (cudaStreamWaitEvent(stream, job->producerEvent, 0) != cudaSuccess ||
-          cudaLaunchHostFunc(stream, notify, notifier_) != cudaSuccess) {
-        device.freeWaitStreams.push_back(stream);
-        return false;
-      }
-      job->waitStream = stream;
+    if (!waiting_.empty()) {
+      std::vector<cudaEvent_t> events;
+      for (auto& job : waiting_) events.push_back(job->producerEvent);
+      watcher_->watch(std::move(events));
       ++stats_.hostFunctionsArmed;
     }
     for (auto& stream : streams_) {
@@ -524,7 +555,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
     return true;
   }
 
-  void disarm() override {}
+  void disarm() override { watcher_->clear(); }
 
   reactor::Reactor& reactor_;
   std::byte* arena_;
@@ -544,6 +575,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
   std::set<uint64_t> ended_;
   std::unique_ptr<reactor::EventFdSource> wake_;
   CopyEngineStats stats_;
+  std::unique_ptr<Watcher> watcher_ = std::make_unique<Watcher>(notifier_);
   Cleaner* cleaner_ = new Cleaner;  // leaked if it gets stuck (see Cleaner::stop)
 };
 
