@@ -55,9 +55,9 @@ struct CopyEngineStats {
   uint64_t copies = 0;
   uint64_t pieces = 0;
   uint64_t bytes = 0;
-  uint64_t hostFunctionsArmed = 0;  // eventfd notifications asked for (the core was idle)
+  uint64_t hostFunctionsArmed = 0;  // sleeps with copies pending (host function or watcher armed)
   uint64_t handlesOpen = 0;
-  uint64_t waitStreamsAbandoned = 0;  // copies dropped: the producer ended while they waited
+  uint64_t copiesDropped = 0;  // copies dropped: the producer ended while they waited
 };
 
 class CopyEngine {

@@ -395,7 +395,7 @@ class CudaCopyEngine final : public CopyEngine, private reactor::EventSource {
         ++job;
         continue;
       }
-      ++stats_.waitStreamsAbandoned;
+      ++stats_.copiesDropped;
       spdlog::info("session {} ended while its copy waited for the producer's event: the copy "
                    "is dropped", sessionId);
       auto failed = *job;

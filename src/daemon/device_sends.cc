@@ -79,11 +79,11 @@ void DeviceSends::detachOwner() {
   if (sends > 0 && engine_ != nullptr) {
     auto stats = engine_->stats();
     spdlog::info("device sends: {} stored; mean per send: allocate {} us, copy {} us (with the "
-                 "wait for the producer), store {} us; {} pieces, {} MiB, {} host functions armed, "
-                 "{} wait streams abandoned",
+                 "wait for the producer), store {} us; {} pieces, {} MiB, {} sleeps with copies "
+                 "pending, {} copies dropped (their producer went away while they waited)",
                  sends, phases_.allocateUs.load() / sends, phases_.copyUs.load() / sends,
                  phases_.storeUs.load() / sends, stats.pieces, stats.bytes >> 20,
-                 stats.hostFunctionsArmed, stats.waitStreamsAbandoned);
+                 stats.hostFunctionsArmed, stats.copiesDropped);
   }
   available_.store(false, std::memory_order_release);
   {

@@ -474,6 +474,14 @@ TEST_F(GpuTest, ProducerExitingMidTransferLeavesTheDaemonWorking) {
 #endif
 }
 
+#else  // !SIDECAR_HAVE_CUDA: the GPU tests are reported as skipped, with the reason.
+
+TEST_F(GpuTest, InfoSaysCudaAvailable) { GTEST_SKIP() << noGpuReason(); }
+TEST_F(GpuTest, BadDeviceTensorsGetClearErrors) { GTEST_SKIP() << noGpuReason(); }
+TEST_F(GpuTest, CopyWaitsForTheProducerKernelStillRunningAtSend) { GTEST_SKIP() << noGpuReason(); }
+TEST_F(GpuTest, ProducerExitingMidTransferLeavesTheDaemonWorking) { GTEST_SKIP() << noGpuReason(); }
+TEST_F(GpuTest, TensorScenariosWithDeviceSources) { GTEST_SKIP() << noGpuReason(); }
+
 #endif  // SIDECAR_HAVE_CUDA
 
 }  // namespace
