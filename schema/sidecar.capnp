@@ -147,6 +147,12 @@ interface Session {
   # Waits until the chunk is there (timeoutMs 0: no limit). Idempotent until markDone.
 
   markDone @5 (dataId :Text, chunkId :UInt32) -> ();
+
+  sendDevice @6 (dataId :Text, chunkId :UInt32, numChunks :UInt32,
+                 destinations :List(Destination), tensor :DeviceTensor) -> ();
+  # GPU (issue 6): sends a tensor that lives in the producer's GPU memory. The daemon copies it
+  # into the arena on its own copy streams, after the producer's event, and then stores it like
+  # `send`. Fails with [gpu-unavailable] on a daemon without CUDA or a GPU. See DeviceTensor.
 }
 
 struct TransferSummary {
@@ -265,4 +271,22 @@ interface Peer {
   heartbeat @2 () -> ();
   # The caller sends one every few seconds; a link silent for the peer timeout is dead on both
   # sides (pending work on it fails with [peer-lost]).
+}
+
+# ==== GPU (issue 6): device tensors ===========================================================
+# Kept in one block (with Session.sendDevice above) so that other additions merge cleanly.
+
+struct DeviceTensor {
+  # A contiguous tensor in GPU memory that the producer shares with the daemon through CUDA IPC.
+  # The daemon opens `memHandle` once per (session, handle) and closes it when the session ends.
+  dtype @0 :Dtype;
+  shape @1 :List(Int64);
+  sizeBytes @2 :UInt64;        # prod(shape) * size of dtype
+  memHandle @3 :Data;          # the 64-byte cudaIpcMemHandle_t of the allocation holding the tensor
+  offsetBytes @4 :UInt64;      # from the allocation's base to the tensor's first byte
+  deviceUuid @5 :Data;         # the 16-byte CUDA UUID of the GPU; the daemon maps it to its own
+                               # device index (indices differ between processes)
+  eventHandle @6 :Data;        # 64-byte cudaIpcEventHandle_t recorded on the producer's stream
+                               # after the work that writes the tensor; empty: ready now
+  allocationBytes @7 :UInt64;  # size of the allocation, so the daemon checks offset + size
 }

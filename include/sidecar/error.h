@@ -28,6 +28,8 @@ enum class ErrorCode {
   kNotRegistered,      // the session's rank is no longer registered
   kPeerUnreachable,    // the daemon of a destination's node could not be reached
   kPeerLost,           // the daemon of another node died or was cut off during the transfer
+  kGpuUnavailable,     // a GPU tensor, but no CUDA or no GPU here or at the daemon (send host tensors)
+  kGpuCopyFailed,      // the daemon could not copy the GPU tensor (the message says why)
 };
 
 const char* toString(ErrorCode code);

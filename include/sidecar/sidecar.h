@@ -58,6 +58,20 @@ struct TensorRef {
   const void* data = nullptr;
 };
 
+// A tensor in GPU memory (issue 6). Sending one hands the daemon a CUDA IPC handle of its
+// allocation (which must come from cudaMalloc, e.g. PyTorch's caching allocator) and an event
+// recorded on `stream`: the daemon copies the bytes off the GPU on its own streams after the work
+// queued on `stream` so far, and the caller never synchronizes. Keep the memory unchanged until
+// the send's handle is waited on. Receiving into one copies from the arena on `stream`.
+struct DeviceTensorRef {
+  Dtype dtype = Dtype::kUint8;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // in elements; empty or contiguous (others: kInvalidArgument)
+  void* data = nullptr;          // device pointer
+  int32_t device = 0;            // CUDA device index in this process
+  void* stream = nullptr;        // cudaStream_t; nullptr: the legacy default stream
+};
+
 // A small object: bytes with a tag saying what they are (the Python layer: str, bytes, int,
 // float, bool, dict). Rides in the control message.
 struct Object {
@@ -159,6 +173,17 @@ class Sidecar {
                              uint32_t timeoutMs = 0);
   SendHandle send(const std::string& dataId, ArenaTensor&& tensor, const Groups& destinations,
                   uint32_t chunkId = 0, uint32_t numChunks = 1);
+  // A GPU tensor: see DeviceTensorRef. Returns at once (no copy, no synchronization here); the
+  // handle tells when the daemon has copied and stored the chunk. Throws kGpuUnavailable when
+  // libsidecar or the daemon has no CUDA.
+  SendHandle send(const std::string& dataId, const DeviceTensorRef& tensor,
+                  const Groups& destinations, uint32_t chunkId = 0, uint32_t numChunks = 1);
+  // Receives a tensor chunk (as recv) and queues its copy from the arena into `destination` (at
+  // least the chunk's bytes) on destination.stream. Returns the host view as well. The copy is
+  // asynchronous: call markDone only after the stream has passed it (e.g. after
+  // cudaStreamSynchronize). Throws kInvalidArgument for an object or a too small destination.
+  Received recvToDevice(const std::string& dataId, const DeviceTensorRef& destination,
+                        uint32_t chunkId = 0, uint32_t timeoutMs = 0);
   // Gives back an arena tensor that will not be sent.
   void release(ArenaTensor&& tensor);
 

@@ -27,6 +27,8 @@ const char* toString(ErrorCode code) {
     case ErrorCode::kNotRegistered: return "not-registered";
     case ErrorCode::kPeerUnreachable: return "peer-unreachable";
     case ErrorCode::kPeerLost: return "peer-lost";
+    case ErrorCode::kGpuUnavailable: return "gpu-unavailable";
+    case ErrorCode::kGpuCopyFailed: return "gpu-copy-failed";
   }
   return "unknown";
 }
@@ -53,7 +55,7 @@ Error translate(const kj::Exception& e, const std::string& where) {
     if (close != std::string::npos) {
       std::string kind = description.substr(1, close - 1);
       std::string message = description.substr(close + 2);
-      for (int c = 0; c <= static_cast<int>(ErrorCode::kPeerLost); ++c) {
+      for (int c = 0; c <= static_cast<int>(ErrorCode::kGpuCopyFailed); ++c) {
         auto code = static_cast<ErrorCode>(c);
         if (kind == toString(code)) return Error(code, where + ": " + message);
       }

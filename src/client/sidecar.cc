@@ -12,6 +12,7 @@
 #include "base/dtype_table.h"
 #include "client/errors.h"
 #include "client/thread_loop.h"
+#include "cuda/device_export.h"
 #include "reactor/socket.h"
 #include "shm/arena.h"
 #include "reactor/uring_stream.h"
@@ -164,7 +165,26 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   mutable std::mutex wakeMutex;
   bool woken = false;
   kj::Own<kj::CrossThreadPromiseFulfiller<void>> wakeFulfiller;
+  std::unique_ptr<cuda::DeviceExporter> devices;  // created on the first GPU call
+
+  cuda::DeviceExporter& deviceExporter() {
+    if (!devices) devices = cuda::DeviceExporter::create();
+    return *devices;
+  }
 };
+
+namespace {
+
+Error deviceError(const cuda::DeviceError& e, const char* where) {
+  if (e.unavailable()) {
+    return Error(ErrorCode::kGpuUnavailable, std::string(where) + ": " + e.what() +
+                                                 "; no usable GPU in this process: send host "
+                                                 "tensors instead");
+  }
+  return Error(ErrorCode::kInvalidArgument, std::string(where) + ": " + e.what());
+}
+
+}  // namespace
 
 struct SendHandle::State {
   Sidecar::Impl* impl;
@@ -332,6 +352,85 @@ SendHandle Sidecar::send(const std::string& dataId, const Object& object,
         SendHandle::State{impl_.get(), request.send().ignoreResult()});
   });
   return handle;
+}
+
+SendHandle Sidecar::send(const std::string& dataId, const DeviceTensorRef& tensor,
+                         const Groups& destinations, uint32_t chunkId, uint32_t numChunks) {
+  uint64_t bytes = tensorBytes(tensor.dtype, tensor.shape);
+  if (!tensor.strides.empty() && tensor.strides.size() != tensor.shape.size()) {
+    throw invalid("tensor strides must be empty or one per dimension");
+  }
+  if (!isContiguous(tensor.shape, tensor.strides)) {
+    throw invalid("a GPU tensor must be contiguous (make it so on the GPU first, e.g. "
+                  ".contiguous() in PyTorch)");
+  }
+  if (tensor.data == nullptr) throw invalid("the GPU tensor's data is null");
+  impl_->throwDeferred();
+  cuda::ExportedTensor exported;
+  try {
+    exported = impl_->deviceExporter().exportTensor(tensor.data, bytes, tensor.device, tensor.stream);
+  } catch (const cuda::DeviceError& e) {
+    throw deviceError(e, "send");
+  }
+  if (exported.stage) {
+    // A small allocation (see cuda::ExportedTensor::stage): copied here, then sent zero copy.
+    ArenaTensor arena = allocateTensor(tensor.dtype, tensor.shape);
+    try {
+      impl_->deviceExporter().stageToArena(arena.data_, tensor.data, bytes, tensor.device,
+                                           tensor.stream, impl_->arenaBase, impl_->arenaBytes);
+    } catch (const cuda::DeviceError& e) {
+      release(std::move(arena));
+      throw deviceError(e, "send");
+    }
+    return send(dataId, std::move(arena), destinations, chunkId, numChunks);
+  }
+  SendHandle handle;
+  client::call("send", [&]() {
+    auto request = impl_->session.sendDeviceRequest();
+    request.setDataId(dataId);
+    request.setChunkId(chunkId);
+    request.setNumChunks(numChunks);
+    setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
+    auto t = request.initTensor();
+    t.setDtype(toProto(tensor.dtype));
+    auto shape = t.initShape(static_cast<unsigned>(tensor.shape.size()));
+    for (size_t i = 0; i < tensor.shape.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape[i]);
+    t.setSizeBytes(bytes);
+    t.setMemHandle(kj::arrayPtr(exported.memHandle.data(), exported.memHandle.size()));
+    t.setOffsetBytes(exported.offsetBytes);
+    t.setAllocationBytes(exported.allocationBytes);
+    t.setDeviceUuid(kj::arrayPtr(exported.deviceUuid.data(), exported.deviceUuid.size()));
+    t.setEventHandle(kj::arrayPtr(exported.eventHandle.data(), exported.eventHandle.size()));
+    handle.state_ = std::make_unique<SendHandle::State>(
+        SendHandle::State{impl_.get(), request.send().ignoreResult()});
+  });
+  return handle;
+}
+
+Received Sidecar::recvToDevice(const std::string& dataId, const DeviceTensorRef& destination,
+                               uint32_t chunkId, uint32_t timeoutMs) {
+  uint64_t capacity = tensorBytes(destination.dtype, destination.shape);
+  if (destination.data == nullptr) throw invalid("recvToDevice: the destination's data is null");
+  if (!isContiguous(destination.shape, destination.strides)) {
+    throw invalid("recvToDevice: the destination must be contiguous");
+  }
+  Received received = recv(dataId, chunkId, timeoutMs);
+  if (received.kind != Received::Kind::kTensor) {
+    throw invalid("recvToDevice: chunk " + std::to_string(chunkId) + " of '" + dataId +
+                  "' is not a tensor; use recv()");
+  }
+  if (received.tensor.sizeBytes > capacity) {
+    throw invalid("recvToDevice: the chunk has " + std::to_string(received.tensor.sizeBytes) +
+                  " bytes, the destination only " + std::to_string(capacity));
+  }
+  try {
+    impl_->deviceExporter().copyToDevice(destination.data, received.tensor.data,
+                                         received.tensor.sizeBytes, destination.device,
+                                         destination.stream, impl_->arenaBase, impl_->arenaBytes);
+  } catch (const cuda::DeviceError& e) {
+    throw deviceError(e, "recvToDevice");
+  }
+  return received;
 }
 
 void Sidecar::closeStream(const std::string& dataId, uint32_t numChunks, const Groups& destinations) {

@@ -63,7 +63,7 @@ class Core {
   const reactor::ReactorStats* reactorStats() const { return stats_.load(); }
   // The core's timer; use only on the core's own thread (e.g. inside a posted task).
   kj::Timer& timer();
-  // The core's reactor; likewise only on the core's own thread.
+  // The core's reactor (to add event sources); use only on the core's own thread.
   reactor::Reactor& reactor();
   // Runs work on this core from another core's event loop and returns its result there
   // (kj::Executor::executeAsync). Valid between start() and join().

@@ -84,6 +84,7 @@ void Daemon::start() {
 #else
   bodiesWhy_ = "built without UCX";
 #endif
+  deviceSends_ = std::make_unique<DeviceSends>(*transfers_, *arena_);
   spdlog::info("arena: {} of {} pages{}; {}", shm::formatBytes(arena_->sizeBytes()),
                shm::pageKindName(arena_->pageKind()), arena_->mlocked() ? ", locked in RAM" : "",
                arena_->pageKindReason());
@@ -126,6 +127,7 @@ void Daemon::start() {
 #endif
     transfers_->attachOwner(cores_[0]->timer(), cores_[0]->reactor());
   });
+  cores_[0]->post([this]() { deviceSends_->attachOwner(*cores_[0]); });
   // Core 0 accepts on both sockets and deals connections out to the cores in turn.
   auto dispatch = [this, next = size_t{0}](kj::AutoCloseFd fd, bool unixSocket) mutable {
     cores_[next++ % cores_.size()]->adopt(kj::mv(fd), unixSocket);
@@ -142,6 +144,7 @@ void Daemon::stop() {
   if (stopped_.exchange(true) || cores_.empty()) return;
   // Core 0 first: it owns the listeners, so nothing new arrives while the others stop; it frees
   // what the transfer service holds before its loop ends.
+  cores_[0]->post([this]() { deviceSends_->detachOwner(); });  // first: copies write the arena
   cores_[0]->post([this]() {
     transfers_->detachOwner();
     bodies_.reset();  // after the links that used its worker
@@ -176,7 +179,7 @@ kj::Promise<void> Daemon::fillInfo(proto::NodeInfo::Builder info) {
       core.setSleeps(stats->sleeps.load(std::memory_order_relaxed));
     }
   }
-  info.setCudaAvailable(false);  // the CUDA copy engine arrives with the GPU issue
+  info.setCudaAvailable(deviceSends_ != nullptr && deviceSends_->available());
   info.setUcxAvailable(bodies_ != nullptr);
   if (allocator_ == nullptr || cores_.empty()) return kj::READY_NOW;
 

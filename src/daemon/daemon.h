@@ -13,6 +13,7 @@
 #include "daemon/config.h"
 #include "daemon/core.h"
 #include "daemon/body_transport.h"
+#include "daemon/device_sends.h"
 #include "daemon/node_transfers.h"
 #include "rpc/node_state.h"
 #include "shm/arena.h"
@@ -38,6 +39,7 @@ class Daemon final : public rpc::NodeState {
   uint64_t incarnation() const { return incarnation_; }
 
   kj::Promise<void> fillInfo(proto::NodeInfo::Builder info) override;
+  rpc::DeviceSendBackend* deviceSends() override { return deviceSends_.get(); }
 
   // The node's transfer memory. The allocator is owned by core 0: call it only there.
   const shm::Arena& arena() const { return *arena_; }
@@ -59,6 +61,7 @@ class Daemon final : public rpc::NodeState {
   std::shared_ptr<void> ucxContext_;
   std::unique_ptr<BodyTransport> bodies_;
   std::string bodiesWhy_;  // why there is no UCX, for the log and info
+  std::unique_ptr<DeviceSends> deviceSends_;  // GPU tensors (issue 6)
   std::vector<std::unique_ptr<Core>> cores_;
   std::atomic<bool> stopped_{false};
 };

@@ -4,6 +4,7 @@
 
 #include <kj/async.h>
 
+#include "rpc/device_send_backend.h"
 #include "sidecar.capnp.h"
 
 namespace sidecar::rpc {
@@ -14,6 +15,9 @@ class NodeState {
   // the request; state owned by another core (the allocator) is read on that core, hence the
   // promise. `info` stays valid until the promise resolves.
   virtual kj::Promise<void> fillInfo(proto::NodeInfo::Builder info) = 0;
+
+  // GPU tensors (issue 6); null: this node cannot take device tensors.
+  virtual DeviceSendBackend* deviceSends() { return nullptr; }
 
  protected:
   ~NodeState() = default;

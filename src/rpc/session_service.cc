@@ -74,7 +74,15 @@ std::vector<transfer::Group> readDestinations(capnp::List<proto::Destination>::R
   return out;
 }
 
-SessionService::~SessionService() { backend_.unregister(session_); }
+SessionService::~SessionService() {
+  if (devices_ != nullptr) {
+    TransferBackend* backend = &backend_;
+    SessionId session = session_;
+    devices_->endSession(session, [backend, session]() { backend->unregister(session); });
+  } else {
+    backend_.unregister(session_);
+  }
+}
 
 kj::Promise<void> SessionService::allocate(AllocateContext context) {
   // A waiting call must end when its client goes away (or gives up), so that the session it holds
@@ -154,6 +162,46 @@ kj::Promise<void> SessionService::recv(RecvContext context) {
 kj::Promise<void> SessionService::markDone(MarkDoneContext context) {
   auto params = context.getParams();
   return backend_.markDone(session_, text(params.getDataId()), params.getChunkId());
+}
+
+}  // namespace sidecar::rpc
+
+namespace sidecar::rpc {
+
+namespace {
+
+std::string bytesOf(capnp::Data::Reader data) {
+  return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
+}
+
+}  // namespace
+
+kj::Promise<void> SessionService::sendDevice(SendDeviceContext context) {
+  if (devices_ == nullptr) {
+    return transferError("gpu-unavailable",
+                         "this daemon takes no GPU tensors (no CUDA); send host tensors");
+  }
+  // A producer that goes away while its copy waits (e.g. for its own kernel) must end its session
+  // at once, which fails the waiting copy; a call that cannot be cancelled would keep the session
+  // alive and the copy waiting forever.
+  context.allowCancellation();
+  auto params = context.getParams();
+  DeviceSendRequest request;
+  request.dataId = text(params.getDataId());
+  request.chunkId = params.getChunkId();
+  request.numChunks = params.getNumChunks();
+  request.destinations = readDestinations(params.getDestinations());
+  auto t = params.getTensor();
+  auto& tensor = request.tensor;
+  tensor.dtype = fromProto(t.getDtype());
+  for (int64_t dim : t.getShape()) tensor.shape.push_back(dim);
+  tensor.sizeBytes = t.getSizeBytes();
+  tensor.memHandle = bytesOf(t.getMemHandle());
+  tensor.offsetBytes = t.getOffsetBytes();
+  tensor.allocationBytes = t.getAllocationBytes();
+  tensor.deviceUuid = bytesOf(t.getDeviceUuid());
+  tensor.eventHandle = bytesOf(t.getEventHandle());
+  return devices_->sendDevice(session_, std::move(request));
 }
 
 }  // namespace sidecar::rpc

@@ -3,6 +3,7 @@
 // into TransferBackend calls. Lives on the core that serves the client's connection; when the
 // client drops it (or the connection breaks) the destructor unregisters the rank.
 
+#include "rpc/device_send_backend.h"
 #include "rpc/transfer_backend.h"
 #include "sidecar.capnp.h"
 
@@ -10,8 +11,9 @@ namespace sidecar::rpc {
 
 class SessionService final : public proto::Session::Server {
  public:
-  SessionService(TransferBackend& backend, SessionId session, transfer::Rank rank)
-      : backend_(backend), session_(session), rank_(rank) {}
+  SessionService(TransferBackend& backend, SessionId session, transfer::Rank rank,
+                 DeviceSendBackend* devices = nullptr)
+      : backend_(backend), session_(session), rank_(rank), devices_(devices) {}
   ~SessionService();
 
  protected:
@@ -21,11 +23,13 @@ class SessionService final : public proto::Session::Server {
   kj::Promise<void> closeStream(CloseStreamContext context) override;
   kj::Promise<void> recv(RecvContext context) override;
   kj::Promise<void> markDone(MarkDoneContext context) override;
+  kj::Promise<void> sendDevice(SendDeviceContext context) override;
 
  private:
   TransferBackend& backend_;
   SessionId session_;
   transfer::Rank rank_;
+  DeviceSendBackend* devices_;
 };
 
 // Carries the arena's memfd to the client (Capability::Client::getFd()).

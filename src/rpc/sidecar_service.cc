@@ -81,7 +81,7 @@ kj::Promise<void> SidecarService::register_(RegisterContext context) {
   return transfers.registerRank(std::move(registration))
       .then([this, context, rank, &transfers](SessionId session) mutable {
         auto results = context.getResults();
-        results.setSession(kj::heap<SessionService>(transfers, session, rank));
+        results.setSession(kj::heap<SessionService>(transfers, session, rank, node_.deviceSends()));
         results.setArena(kj::heap<ArenaHandleService>(transfers.arenaFd()));
         results.setArenaBytes(transfers.arenaBytes());
       });

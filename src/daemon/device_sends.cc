@@ -1,0 +1,193 @@
+#include "daemon/device_sends.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cstring>
+
+#include "base/clock.h"
+
+namespace sidecar::daemon {
+
+namespace {
+
+uint64_t tensorBytes(transfer::Dtype dtype, const std::vector<int64_t>& shape) {
+  uint64_t bytes = transfer::dtypeBytes(dtype);
+  for (int64_t dim : shape) {
+    if (dim < 0) throw rpc::transferError("invalid-argument", "tensor dimensions must be >= 0");
+    if (dim != 0 && bytes > UINT64_MAX / static_cast<uint64_t>(dim)) {
+      throw rpc::transferError("too-large", "the tensor's size overflows");
+    }
+    bytes *= static_cast<uint64_t>(dim);
+  }
+  return bytes;
+}
+
+cuda::DeviceSource toSource(const rpc::DeviceTensorDescriptor& tensor) {
+  if (tensor.memHandle.size() != 64) {
+    throw rpc::transferError("invalid-argument", "the device tensor's memHandle must be the 64 "
+                                                 "bytes of a cudaIpcMemHandle_t");
+  }
+  if (tensor.deviceUuid.size() != 16) {
+    throw rpc::transferError("invalid-argument", "the device tensor's deviceUuid must be the 16 "
+                                                 "bytes of the GPU's CUDA UUID");
+  }
+  if (!tensor.eventHandle.empty() && tensor.eventHandle.size() != 64) {
+    throw rpc::transferError("invalid-argument", "the device tensor's eventHandle must be empty or "
+                                                 "the 64 bytes of a cudaIpcEventHandle_t");
+  }
+  cuda::DeviceSource source;
+  memcpy(source.memHandle.data(), tensor.memHandle.data(), 64);
+  memcpy(source.deviceUuid.data(), tensor.deviceUuid.data(), 16);
+  if (!tensor.eventHandle.empty()) {
+    cuda::IpcHandleBytes event;
+    memcpy(event.data(), tensor.eventHandle.data(), 64);
+    source.eventHandle = event;
+  }
+  source.offsetBytes = tensor.offsetBytes;
+  source.allocationBytes = tensor.allocationBytes;
+  return source;
+}
+
+}  // namespace
+
+DeviceSends::DeviceSends(rpc::TransferBackend& transfers, const shm::Arena& arena,
+                         cuda::CopyEngineOptions options)
+    : transfers_(transfers), arena_(arena), options_(options) {}
+
+DeviceSends::~DeviceSends() = default;
+
+void DeviceSends::attachOwner(Core& owner) {
+  uint64_t startNs = monotonicNs();
+  owner_ = &owner;
+  engine_ = cuda::CopyEngine::create(owner.reactor(), arena_.base(), arena_.sizeBytes(), options_);
+  {
+    std::lock_guard<std::mutex> lock(reasonMutex_);
+    reason_ = engine_->unavailableReason();
+  }
+  attached_.store(true, std::memory_order_release);
+  available_.store(engine_->available(), std::memory_order_release);
+  if (engine_->available()) {
+    spdlog::info("GPU copy engine: {} GPU(s), arena registered with CUDA in {} ms",
+                 engine_->deviceCount(), (monotonicNs() - startNs) / 1'000'000);
+  } else {
+    spdlog::info("GPU copy engine unavailable: {}", engine_->unavailableReason());
+  }
+}
+
+void DeviceSends::detachOwner() {
+  uint64_t sends = phases_.sends.load();
+  if (sends > 0 && engine_ != nullptr) {
+    auto stats = engine_->stats();
+    spdlog::info("device sends: {} stored; mean per send: allocate {} us, copy {} us (with the "
+                 "wait for the producer), store {} us; {} pieces, {} MiB, {} sleeps with copies "
+                 "pending, {} copies dropped (their producer went away while they waited)",
+                 sends, phases_.allocateUs.load() / sends, phases_.copyUs.load() / sends,
+                 phases_.storeUs.load() / sends, stats.pieces, stats.bytes >> 20,
+                 stats.hostFunctionsArmed, stats.copiesDropped);
+  }
+  available_.store(false, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(reasonMutex_);
+    reason_ = "the daemon is stopping";
+  }
+  engine_.reset();
+}
+
+std::string DeviceSends::unavailableReason() const {
+  std::lock_guard<std::mutex> lock(reasonMutex_);
+  return reason_;
+}
+
+kj::Promise<void> DeviceSends::copyPieces(rpc::SessionId session, const cuda::DeviceSource& source,
+                                          uint64_t bytes, uint64_t arenaOffset,
+                                          std::function<void(uint64_t, uint64_t)> onPiece) {
+  if (engine_ == nullptr) {
+    return rpc::transferError("gpu-unavailable", "the daemon is stopping");
+  }
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  auto fulfiller = kj::mv(paf.fulfiller);
+  cuda::CopyCallbacks callbacks;
+  callbacks.onPiece = std::move(onPiece);
+  // std::function must be copyable: share the fulfiller.
+  auto shared = std::make_shared<kj::Own<kj::PromiseFulfiller<void>>>(kj::mv(fulfiller));
+  callbacks.onDone = [shared, session](const std::string& error) {
+    if (!error.empty()) spdlog::warn("session {}: device copy failed: {}", session, error);
+    if (!(*shared)->isWaiting()) return;
+    if (error.empty()) {
+      (*shared)->fulfill();
+    } else {
+      (*shared)->reject(rpc::transferError("gpu-copy-failed", error));
+    }
+  };
+  engine_->copyToArena(session, source, bytes, arenaOffset, std::move(callbacks));
+  return kj::mv(paf.promise);
+}
+
+kj::Promise<void> DeviceSends::sendDevice(rpc::SessionId session, rpc::DeviceSendRequest request) {
+  if (!available()) {
+    return rpc::transferError("gpu-unavailable",
+                              "this daemon cannot copy from GPUs: " + unavailableReason() +
+                                  "; send host tensors instead");
+  }
+  cuda::DeviceSource source = toSource(request.tensor);
+  uint64_t bytes = tensorBytes(request.tensor.dtype, request.tensor.shape);
+  if (bytes != request.tensor.sizeBytes) {
+    return rpc::transferError("invalid-argument",
+                              "sizeBytes " + std::to_string(request.tensor.sizeBytes) +
+                                  " is not prod(shape) * dtype size = " + std::to_string(bytes));
+  }
+  uint64_t startNs = monotonicNs();
+  return transfers_.allocate(session, std::max<uint64_t>(bytes, 1), 0)
+      .then([this, session, source, bytes, startNs,
+             request = std::move(request)](shm::Allocation allocation) mutable {
+        uint64_t offset = allocation.offset;
+        uint64_t allocatedNs = monotonicNs();
+        phases_.allocateUs += (allocatedNs - startNs) / 1000;
+        auto copied = owner_->executor().executeAsync([this, session, source, bytes, offset]() {
+          return copyPieces(session, source, bytes, offset, nullptr);
+        });
+        return copied.then(
+            [this, session, offset, bytes, allocatedNs, request = std::move(request)]() mutable {
+              uint64_t copiedNs = monotonicNs();
+              phases_.copyUs += (copiedNs - allocatedNs) / 1000;
+              rpc::SendRequest send;
+              send.dataId = std::move(request.dataId);
+              send.chunkId = request.chunkId;
+              send.numChunks = request.numChunks;
+              send.destinations = std::move(request.destinations);
+              rpc::TensorDescriptor tensor;
+              tensor.dtype = request.tensor.dtype;
+              tensor.shape = std::move(request.tensor.shape);
+              tensor.offset = offset;
+              tensor.sizeBytes = bytes;
+              send.payload = std::move(tensor);
+              return transfers_.send(session, std::move(send))
+                  .then([this, allocatedNs, copiedNs, bytes]() {
+                    uint64_t storedNs = monotonicNs();
+                    phases_.storeUs += (storedNs - copiedNs) / 1000;
+                    ++phases_.sends;
+                    spdlog::debug("device send of {} B: copy {} us, store {} us", bytes,
+                                  (copiedNs - allocatedNs) / 1000, (storedNs - copiedNs) / 1000);
+                  });
+            },
+            [this, session, offset](kj::Exception&& e) -> kj::Promise<void> {
+              // The copy failed: the region never reached the table; give it back.
+              auto failure = kj::cp(e);
+              return transfers_.release(session, offset)
+                  .then([e = kj::mv(e)]() mutable -> kj::Promise<void> { return kj::mv(e); },
+                        [failure = kj::mv(failure)](kj::Exception&&) mutable -> kj::Promise<void> {
+                          return kj::mv(failure);
+                        });
+            });
+      });
+}
+
+void DeviceSends::endSession(rpc::SessionId session, std::function<void()> unregister) {
+  if (!attached_.load(std::memory_order_acquire)) return unregister();
+  owner_->post([this, session, unregister = std::move(unregister)]() {
+    if (engine_ == nullptr) return unregister();
+    engine_->dropSession(session, unregister);
+  });
+}
+
+}  // namespace sidecar::daemon

@@ -1,0 +1,72 @@
+#pragma once
+// GPU tensors on the daemon (Session.sendDevice, issue 6): the orchestration of one device send.
+//
+//   allocate(session, bytes)  ->  copy engine: device -> arena at that offset, piece by piece
+//                             ->  send(session, tensor at that offset)   (NodeTransfers, unchanged)
+//
+// The copy engine lives on core 0 (the owner core) and completes through its reactor; calls from
+// other cores hop there through core 0's executor. A failed copy releases the allocation.
+//
+// Pipelining onto the network (cross-node, later): the engine calls `onPiece(arenaOffset, bytes)`
+// for every piece as it lands, in order; a cross-node send path can put each piece on the wire
+// from there instead of waiting for the whole copy (see copyPieces()).
+//
+// Sessions: a session's allocations must outlive the copies that write into them, so the end of a
+// session goes through endSession(): the engine closes the session's IPC handles and then the rank
+// is unregistered (which frees what it had not sent).
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "cuda/copy_engine.h"
+#include "daemon/core.h"
+#include "rpc/device_send_backend.h"
+#include "shm/arena.h"
+
+namespace sidecar::daemon {
+
+class DeviceSends final : public rpc::DeviceSendBackend {
+ public:
+  DeviceSends(rpc::TransferBackend& transfers, const shm::Arena& arena,
+              cuda::CopyEngineOptions options = {});
+  ~DeviceSends();
+
+  // On the owner core's thread, once its loop runs: creates the copy engine (registers the arena
+  // with CUDA, which takes time proportional to its size).
+  void attachOwner(Core& owner);
+  // On the owner core's thread before its loop stops: waits for queued copies, closes handles.
+  void detachOwner();
+
+  // Thread-safe, for `info`.
+  bool available() const { return available_.load(std::memory_order_acquire); }
+  std::string unavailableReason() const;
+
+  kj::Promise<void> sendDevice(rpc::SessionId session, rpc::DeviceSendRequest request) override;
+  void endSession(rpc::SessionId session, std::function<void()> unregister) override;
+
+  // On the owner core: copies `bytes` of `source` into the arena at `arenaOffset`; `onPiece` is
+  // called per piece as it lands. Resolves when all landed.
+  kj::Promise<void> copyPieces(rpc::SessionId session, const cuda::DeviceSource& source,
+                               uint64_t bytes, uint64_t arenaOffset,
+                               std::function<void(uint64_t, uint64_t)> onPiece);
+
+ private:
+  rpc::TransferBackend& transfers_;
+  const shm::Arena& arena_;
+  cuda::CopyEngineOptions options_;
+  Core* owner_ = nullptr;  // set on attach, before available_
+  std::unique_ptr<cuda::CopyEngine> engine_;  // owner core only
+  std::atomic<bool> available_{false};
+  std::atomic<bool> attached_{false};
+  // Where the time of a device send goes, summed in µs (logged when the daemon stops).
+  struct PhaseTotals {
+    std::atomic<uint64_t> sends{0}, allocateUs{0}, copyUs{0}, storeUs{0};
+  };
+  PhaseTotals phases_;
+  mutable std::mutex reasonMutex_;
+  std::string reason_ = "the GPU copy engine is starting";
+};
+
+}  // namespace sidecar::daemon
