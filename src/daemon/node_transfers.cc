@@ -181,6 +181,10 @@ NodeTransfers::Session& NodeTransfers::session(rpc::SessionId id) {
   if (it == sessions_.end()) {
     throw transferError("not-registered", "this session's rank was unregistered; register again");
   }
+  if (it->second.orphaned) {
+    throw transferError("not-registered", "rank " + std::to_string(it->second.registration.rank) +
+                                              " was taken over by a new client");
+  }
   return it->second;
 }
 
@@ -210,7 +214,12 @@ kj::Promise<rpc::SessionId> NodeTransfers::registerRank(rpc::RankRegistration re
       // Its client died and the daemon has not noticed the broken connection yet: take over.
       spdlog::info("rank {}: previous client (pid {}) is gone; re-registering", registration.rank,
                    existing.registration.peerPid);
-      dropSession(it->second);
+      // Not dropSession(): its connection's teardown frees its allocations, after any GPU copy
+      // still writing into them has finished (DeviceSendBackend::endSession).
+      Session& old = sessions_.at(it->second);
+      old.orphaned = true;
+      ranks_.erase(it);
+      table_.rankGone(registration.rank);
     }
     rpc::SessionId id = nextSession_++;
     transfer::Rank rank = registration.rank;
@@ -410,6 +419,7 @@ kj::Promise<rpc::TransferSummary> NodeTransfers::summary() {
     out.stats = table_.stats();
     auto held = table_.heldBytesByRank();
     for (auto& [id, s] : sessions_) {
+      if (s.orphaned) continue;
       transfer::Rank rank = s.registration.rank;
       auto h = held.find(rank);
       out.ranks.push_back(rpc::RankSummary{rank, s.registration.group, s.bytesAllocated,

@@ -88,6 +88,9 @@ class NodeTransfers final : public rpc::TransferBackend,
     rpc::RankRegistration registration;
     std::map<uint64_t, shm::Allocation> allocations;  // by offset: allocated, not yet sent
     uint64_t bytesAllocated = 0;
+    // Its rank was taken over by a new client: it no longer owns the rank, but keeps its
+    // allocations until its own connection ends (a GPU copy may still be writing into them).
+    bool orphaned = false;
   };
   class AllocateWaiter;
   class RecvAdapter;
