@@ -32,8 +32,10 @@ def _worker(rank: int, socket: str, jobs, results, inboxes) -> None:
 
 
 class RankPool:
-    def __init__(self, socket: str, count: int):
-        self.socket = socket
+    def __init__(self, socket, count: int):
+        """`socket`: one unix socket path for every rank, or a list with one per rank (the inter
+        setup: each rank talks to its own node's daemon)."""
+        self.sockets = list(socket) if isinstance(socket, (list, tuple)) else [socket] * count
         self.count = count
         self._ctx = mp.get_context("spawn")
         self._start()
@@ -43,7 +45,7 @@ class RankPool:
         self.inboxes = [ctx.Queue() for _ in range(self.count)]
         self.jobs = [ctx.Queue() for _ in range(self.count)]
         self.results = [ctx.Queue() for _ in range(self.count)]
-        self.procs = [ctx.Process(target=_worker, args=(r, self.socket, self.jobs[r], self.results[r], self.inboxes),
+        self.procs = [ctx.Process(target=_worker, args=(r, self.sockets[r], self.jobs[r], self.results[r], self.inboxes),
                                   daemon=True) for r in range(self.count)]
         for p in self.procs:
             p.start()
