@@ -12,6 +12,11 @@
 // reports the stamp. Prints one JSON line per size:
 //   {"name":"xfer_64MiB","bytes":67108864,"median_us":..,"p99_us":..,"gbps":..}
 // gbps = bytes / median one-way time (decimal GB/s, as ucx_perftest's MB/s are decimal).
+// Then, per size of at least 1 MiB, a stream like ucx_perftest's tag_bw: `streamCount` transfers
+// sent back to back with up to `window` sends in flight (each allocated in A's arena, waiting for
+// space when it is full), received in order, each marked done at once; prints
+//   {"name":"stream_64MiB","bytes":..,"count":..,"gbps":..}
+// gbps = count * bytes / (last arrival on B - first send on A).
 //
 // Usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes 4096,1048576,67108864]
 //                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2]
@@ -22,6 +27,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -74,6 +80,8 @@ struct Options {
   std::vector<uint64_t> sizes{4096, 1 << 20, 64 << 20};
   int iterations = 30;
   int warmup = 5;
+  int streamCount = 16;
+  int window = 4;
   int rankA = 0;  // the sender, served by node A
   int rankB = 2;  // the receiver, served by node B
 };
@@ -94,6 +102,8 @@ Options parse(int argc, char** argv) {
     else if (a == "--iterations") o.iterations = std::max(1, std::atoi(next().c_str()));
     else if (a == "--warmup") o.warmup = std::max(0, std::atoi(next().c_str()));
     else if (a == "--rank-a") o.rankA = std::atoi(next().c_str());
+    else if (a == "--stream-count") o.streamCount = std::max(0, std::atoi(next().c_str()));
+    else if (a == "--window") o.window = std::max(1, std::atoi(next().c_str()));
     else if (a == "--rank-b") o.rankB = std::atoi(next().c_str());
     else if (a == "--sizes") {
       o.sizes.clear();
@@ -107,7 +117,7 @@ Options parse(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes B,B,..] "
-                   "[--iterations N] [--warmup N] [--rank-a R] [--rank-b R]\n");
+                   "[--iterations N] [--warmup N] [--rank-a R] [--rank-b R] [--stream-count N] [--window N]\n");
       std::exit(a == "--help" ? 0 : 2);
     }
   }
@@ -119,6 +129,8 @@ Options parse(int argc, char** argv) {
 }
 
 std::string idOf(uint64_t size, int i) { return "xnode-" + std::to_string(size) + "-" + std::to_string(i); }
+std::string streamIdOf(uint64_t size, int i) { return "xstream-" + std::to_string(size) + "-" + std::to_string(i); }
+bool streamed(const Options& o, uint64_t size) { return o.streamCount > 0 && size >= (1u << 20); }
 
 // Rank 2 on node B: recv each transfer, check its stamps, report the arrival time.
 [[noreturn]] void receiver(const Options& o, int readyFd, int stampFd) {
@@ -145,6 +157,26 @@ std::string idOf(uint64_t size, int i) { return "xnode-" + std::to_string(size) 
         sc.markDone(idOf(size, i), 0);
         writeAll(stampFd, &arrived, sizeof arrived);
       }
+    }
+    for (uint64_t size : o.sizes) {
+      if (!streamed(o, size)) continue;
+      char ready = 1;
+      writeAll(readyFd, &ready, 1);
+      uint64_t arrived = 0;
+      for (int k = 0; k < o.streamCount; ++k) {
+        sidecar::Received r = sc.recv(streamIdOf(size, k), 0, 60'000);
+        arrived = nowNs();
+        uint64_t first = 0, last = 0;
+        std::memcpy(&first, r.tensor.data, 8);
+        std::memcpy(&last, static_cast<const char*>(r.tensor.data) + size - 8, 8);
+        if (r.tensor.sizeBytes != size || first != uint64_t(k) || last != uint64_t(k)) {
+          std::fprintf(stderr, "xnode_bench: stream transfer %s arrived wrong\n",
+                       streamIdOf(size, k).c_str());
+          _exit(1);
+        }
+        sc.markDone(streamIdOf(size, k), 0);
+      }
+      writeAll(stampFd, &arrived, sizeof arrived);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "xnode_bench receiver: %s\n", e.what());
@@ -195,6 +227,35 @@ int main(int argc, char** argv) {
       std::printf("{\"name\":\"xfer_%s\",\"bytes\":%llu,\"median_us\":%.2f,\"p99_us\":%.2f,\"gbps\":%.3f}\n",
                   sizeName(size).c_str(), (unsigned long long)size, median, p99,
                   double(size) / (median * 1000.0));
+      std::fflush(stdout);
+    }
+    for (uint64_t size : o.sizes) {
+      if (!streamed(o, size)) continue;
+      char r = 0;
+      readAll(ready[0], &r, 1);
+      std::deque<sidecar::SendHandle> inFlight;
+      uint64_t started = nowNs();
+      for (int k = 0; k < o.streamCount; ++k) {
+        if (int(inFlight.size()) >= o.window) {
+          inFlight.front().wait();
+          inFlight.pop_front();
+        }
+        auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
+        uint64_t stamp = uint64_t(k);
+        std::memcpy(tensor.data(), &stamp, 8);
+        std::memcpy(static_cast<char*>(tensor.data()) + size - 8, &stamp, 8);
+        inFlight.push_back(sc.send(streamIdOf(size, k), std::move(tensor), {{o.rankB}}));
+      }
+      while (!inFlight.empty()) {
+        inFlight.front().wait();
+        inFlight.pop_front();
+      }
+      uint64_t arrived = 0;
+      readAll(stamps[0], &arrived, sizeof arrived);
+      double seconds = double(arrived - started) / 1e9;
+      std::printf("{\"name\":\"stream_%s\",\"bytes\":%llu,\"count\":%d,\"window\":%d,\"gbps\":%.3f}\n",
+                  sizeName(size).c_str(), (unsigned long long)size, o.streamCount, o.window,
+                  double(size) * o.streamCount / seconds / 1e9);
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {
