@@ -132,14 +132,34 @@ std::string idOf(uint64_t size, int i) { return "xnode-" + std::to_string(size) 
 std::string streamIdOf(uint64_t size, int i) { return "xstream-" + std::to_string(size) + "-" + std::to_string(i); }
 bool streamed(const Options& o, uint64_t size) { return o.streamCount > 0 && size >= (1u << 20); }
 
+sidecar::Sidecar connectRank(int rank, const std::string& socket) {
+  sidecar::RankConfig config;
+  config.rank = rank;
+  config.sendHint = {sidecar::Dtype::kUint8, {4096}};
+  config.socketPath = socket;
+  return sidecar::Sidecar::connect(config);
+}
+
+// The first and last 8 bytes carry the transfer's number: written by the sender, checked here.
+void stamp(sidecar::ArenaTensor& tensor, uint64_t size, uint64_t number) {
+  std::memcpy(tensor.data(), &number, 8);
+  std::memcpy(static_cast<char*>(tensor.data()) + size - 8, &number, 8);
+}
+
+void checkStamp(const sidecar::Received& r, uint64_t size, uint64_t number, const std::string& id) {
+  uint64_t first = 0, last = 0;
+  std::memcpy(&first, r.tensor.data, 8);
+  std::memcpy(&last, static_cast<const char*>(r.tensor.data) + size - 8, 8);
+  if (r.tensor.sizeBytes != size || first != number || last != number) {
+    std::fprintf(stderr, "xnode_bench: transfer %s arrived wrong\n", id.c_str());
+    _exit(1);
+  }
+}
+
 // Rank 2 on node B: recv each transfer, check its stamps, report the arrival time.
 [[noreturn]] void receiver(const Options& o, int readyFd, int stampFd) {
   try {
-    sidecar::RankConfig config;
-    config.rank = o.rankB;
-    config.sendHint = {sidecar::Dtype::kUint8, {4096}};
-    config.socketPath = o.socketB;
-    auto sc = sidecar::Sidecar::connect(config);
+    auto sc = connectRank(o.rankB, o.socketB);
     for (uint64_t size : o.sizes) {
       for (int i = 0; i < o.warmup + o.iterations; ++i) {
         auto pending = sc.recvAsync(idOf(size, i), 0, 60'000);
@@ -147,13 +167,7 @@ bool streamed(const Options& o, uint64_t size) { return o.streamCount > 0 && siz
         writeAll(readyFd, &ready, 1);
         sidecar::Received r = pending.wait();
         uint64_t arrived = nowNs();
-        uint64_t first = 0, last = 0;
-        std::memcpy(&first, r.tensor.data, 8);
-        std::memcpy(&last, static_cast<const char*>(r.tensor.data) + size - 8, 8);
-        if (r.tensor.sizeBytes != size || first != uint64_t(i) || last != uint64_t(i)) {
-          std::fprintf(stderr, "xnode_bench: transfer %s arrived wrong\n", idOf(size, i).c_str());
-          _exit(1);
-        }
+        checkStamp(r, size, uint64_t(i), idOf(size, i));
         sc.markDone(idOf(size, i), 0);
         writeAll(stampFd, &arrived, sizeof arrived);
       }
@@ -166,14 +180,7 @@ bool streamed(const Options& o, uint64_t size) { return o.streamCount > 0 && siz
       for (int k = 0; k < o.streamCount; ++k) {
         sidecar::Received r = sc.recv(streamIdOf(size, k), 0, 60'000);
         arrived = nowNs();
-        uint64_t first = 0, last = 0;
-        std::memcpy(&first, r.tensor.data, 8);
-        std::memcpy(&last, static_cast<const char*>(r.tensor.data) + size - 8, 8);
-        if (r.tensor.sizeBytes != size || first != uint64_t(k) || last != uint64_t(k)) {
-          std::fprintf(stderr, "xnode_bench: stream transfer %s arrived wrong\n",
-                       streamIdOf(size, k).c_str());
-          _exit(1);
-        }
+        checkStamp(r, size, uint64_t(k), streamIdOf(size, k));
         sc.markDone(streamIdOf(size, k), 0);
       }
       writeAll(stampFd, &arrived, sizeof arrived);
@@ -201,18 +208,12 @@ int main(int argc, char** argv) {
   close(stamps[1]);
   int rc = 0;
   try {
-    sidecar::RankConfig config;
-    config.rank = o.rankA;
-    config.sendHint = {sidecar::Dtype::kUint8, {4096}};
-    config.socketPath = o.socketA;
-    auto sc = sidecar::Sidecar::connect(config);
+    auto sc = connectRank(o.rankA, o.socketA);
     for (uint64_t size : o.sizes) {
       std::vector<double> us;
       for (int i = 0; i < o.warmup + o.iterations; ++i) {
         auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
-        uint64_t stamp = uint64_t(i);
-        std::memcpy(tensor.data(), &stamp, 8);
-        std::memcpy(static_cast<char*>(tensor.data()) + size - 8, &stamp, 8);
+        stamp(tensor, size, uint64_t(i));
         char r = 0;
         readAll(ready[0], &r, 1);
         uint64_t sent = nowNs();
@@ -241,9 +242,7 @@ int main(int argc, char** argv) {
           inFlight.pop_front();
         }
         auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
-        uint64_t stamp = uint64_t(k);
-        std::memcpy(tensor.data(), &stamp, 8);
-        std::memcpy(static_cast<char*>(tensor.data()) + size - 8, &stamp, 8);
+        stamp(tensor, size, uint64_t(k));
         inFlight.push_back(sc.send(streamIdOf(size, k), std::move(tensor), {{o.rankB}}));
       }
       while (!inFlight.empty()) {

@@ -461,19 +461,7 @@ class TransferMatrixTest : public ::testing::Test {
   // process never holds a client's event loop across a fork.
   template <typename T>
   T withClient(const std::function<T(sidecar::Client&)>& fn) {
-    std::optional<T> out;
-    std::exception_ptr error;
-    std::thread t([&] {
-      try {
-        auto client = sidecar::Client::connectUnix(socket_);
-        out = fn(client);
-      } catch (...) {
-        error = std::current_exception();
-      }
-    });
-    t.join();
-    if (error) std::rethrow_exception(error);
-    return std::move(*out);
+    return withClientAt<T>(socket_, fn);
   }
 
   sidecar::TransferStatus transfers() {
