@@ -2,6 +2,7 @@
 // config files are private temp files, so nothing here depends on the machine's environment;
 // only resolveReactorCpus() reads the real affinity mask, and its tests adapt to it.
 #include "daemon/config.h"
+#include "daemon/rank_directory.h"
 #include "daemon/logging.h"
 
 #include <sched.h>
@@ -651,6 +652,44 @@ TEST(ConfigExample, UncommentedKeysAreExactlyTheDefaults) {
   expectDefaults(c);
   EXPECT_EQ(c.nodeId, "gpu-node-17");
 }
+
+// ---- [peers] (where ranks live: see also rank_directory_test.cc).
+
+TEST(PeersConfig, ReferenceEnvironmentVariables) {
+  auto r = load({}, {{"SIDECAR_WORLD_SIZE", "8"},
+                         {"SIDECAR_LOCAL_PEER_RANKS", "0,1,2,3"},
+                         {"SIDECAR_RANK", "2"},
+                         {"SIDECAR_PEER_DNS_TEMPLATE", "sidecar-{rank}.svc:7650"}});
+  ASSERT_TRUE(std::holds_alternative<Config>(r)) << std::get<ExitNow>(r).text;
+  const Config& c = std::get<Config>(r);
+  EXPECT_EQ(c.worldSize, 8);
+  EXPECT_EQ(c.peers.localRanks, (std::set<int32_t>{0, 1, 2, 3}));
+  RankDirectory directory(c.peers);
+  EXPECT_EQ(directory.remoteAddress(5), "sidecar-5.svc:7650");
+  EXPECT_EQ(c.peers.timeoutMs, 5000u);
+}
+
+TEST(PeersConfig, AdvertiseDefaultsToTheTcpListenerWhenItNamesAHost) {
+  auto r = load({"--tcp", "10.77.0.1:7650", "--peers", "0=10.77.0.1:7650,1=10.77.0.2:7650"});
+  ASSERT_TRUE(std::holds_alternative<Config>(r)) << std::get<ExitNow>(r).text;
+  RankDirectory directory(std::get<Config>(r).peers);
+  EXPECT_EQ(directory.remoteAddress(0), std::nullopt);
+  EXPECT_EQ(directory.remoteAddress(1), "10.77.0.2:7650");
+}
+
+TEST(PeersConfig, MapWithoutKnowingWhichEntryIsThisNodeIsAnError) {
+  auto r = load({"--peers", "0=10.77.0.1:7650"});  // listens on 0.0.0.0: which entry is us?
+  ASSERT_TRUE(std::holds_alternative<ExitNow>(r));
+  EXPECT_NE(std::get<ExitNow>(r).text.find("set [peers] advertise"), std::string::npos)
+      << std::get<ExitNow>(r).text;
+  auto bad = load({"--peer-timeout-ms", "5"});
+  ASSERT_TRUE(std::holds_alternative<ExitNow>(bad));
+  EXPECT_NE(std::get<ExitNow>(bad).text.find("--peer-timeout-ms"), std::string::npos);
+  auto badTemplate = load({"--peer-dns-template", "sidecar.svc:7650"});
+  ASSERT_TRUE(std::holds_alternative<ExitNow>(badTemplate));
+  EXPECT_NE(std::get<ExitNow>(badTemplate).text.find("{rank}"), std::string::npos);
+}
+
 
 // ---- [transfer].
 

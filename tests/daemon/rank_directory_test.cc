@@ -4,11 +4,9 @@
 
 #include <gtest/gtest.h>
 
-#include <map>
 #include <string>
 #include <vector>
 
-#include "daemon/config.h"
 
 namespace sidecar::daemon {
 namespace {
@@ -84,55 +82,6 @@ TEST(RankDirectory, LocalRanksWinAndOthersNeedAnAddress) {
     EXPECT_NE(std::string(e.what()).find("rank 3 is not one of this node's local_ranks"),
               std::string::npos);
   }
-}
-
-// ---- The [peers] keys of the daemon's configuration.
-
-LoadResult loadWith(std::vector<std::string> args, std::map<std::string, std::string> env = {}) {
-  args.insert(args.begin(), "sidecard");
-  std::vector<const char*> argv;
-  for (const std::string& a : args) argv.push_back(a.c_str());
-  argv.push_back(nullptr);
-  GetEnv getenv = [&env](const char* name) -> const char* {
-    auto it = env.find(name);
-    return it == env.end() ? nullptr : it->second.c_str();
-  };
-  return loadConfig(static_cast<int>(args.size()), argv.data(), getenv);
-}
-
-TEST(PeersConfig, ReferenceEnvironmentVariables) {
-  auto r = loadWith({}, {{"SIDECAR_WORLD_SIZE", "8"},
-                         {"SIDECAR_LOCAL_PEER_RANKS", "0,1,2,3"},
-                         {"SIDECAR_RANK", "2"},
-                         {"SIDECAR_PEER_DNS_TEMPLATE", "sidecar-{rank}.svc:7650"}});
-  ASSERT_TRUE(std::holds_alternative<Config>(r)) << std::get<ExitNow>(r).text;
-  const Config& c = std::get<Config>(r);
-  EXPECT_EQ(c.worldSize, 8);
-  EXPECT_EQ(c.peers.localRanks, (std::set<int32_t>{0, 1, 2, 3}));
-  RankDirectory directory(c.peers);
-  EXPECT_EQ(directory.remoteAddress(5), "sidecar-5.svc:7650");
-  EXPECT_EQ(c.peers.timeoutMs, 5000u);
-}
-
-TEST(PeersConfig, AdvertiseDefaultsToTheTcpListenerWhenItNamesAHost) {
-  auto r = loadWith({"--tcp", "10.77.0.1:7650", "--peers", "0=10.77.0.1:7650,1=10.77.0.2:7650"});
-  ASSERT_TRUE(std::holds_alternative<Config>(r)) << std::get<ExitNow>(r).text;
-  RankDirectory directory(std::get<Config>(r).peers);
-  EXPECT_EQ(directory.remoteAddress(0), std::nullopt);
-  EXPECT_EQ(directory.remoteAddress(1), "10.77.0.2:7650");
-}
-
-TEST(PeersConfig, MapWithoutKnowingWhichEntryIsThisNodeIsAnError) {
-  auto r = loadWith({"--peers", "0=10.77.0.1:7650"});  // listens on 0.0.0.0: which entry is us?
-  ASSERT_TRUE(std::holds_alternative<ExitNow>(r));
-  EXPECT_NE(std::get<ExitNow>(r).text.find("set [peers] advertise"), std::string::npos)
-      << std::get<ExitNow>(r).text;
-  auto bad = loadWith({"--peer-timeout-ms", "5"});
-  ASSERT_TRUE(std::holds_alternative<ExitNow>(bad));
-  EXPECT_NE(std::get<ExitNow>(bad).text.find("--peer-timeout-ms"), std::string::npos);
-  auto badTemplate = loadWith({"--peer-dns-template", "sidecar.svc:7650"});
-  ASSERT_TRUE(std::holds_alternative<ExitNow>(badTemplate));
-  EXPECT_NE(std::get<ExitNow>(badTemplate).text.find("{rank}"), std::string::npos);
 }
 
 }  // namespace
