@@ -144,6 +144,19 @@ TEST_F(PeerInputTest, BadPeerInputGetsTypedErrorsAndHarmsNothing) {
   EXPECT_NE(e.find("[invalid-argument]"), std::string::npos) << e;
   EXPECT_NE(e.find("does not add up"), std::string::npos) << e;
 
+  // A shape whose element count overflows 64 bits (it must not wrap around to the size).
+  e = deliverError([](proto::PeerChunk::Builder c) {
+    fillChunk(c, "overflow", {0});
+    auto t = c.initPayload().initTensor();
+    t.setDtype(proto::Dtype::UINT8);
+    auto shape = t.initShape(2);
+    shape.set(0, int64_t{1} << 62);
+    shape.set(1, 8);  // 2^65 wraps to 0 in 64 bits
+    t.setSizeBytes(0);
+    t.initBody().setInline(kj::heapArray<kj::byte>(0));
+  });
+  EXPECT_NE(e.find("[invalid-argument]"), std::string::npos) << e;
+
   // Inline bytes of the wrong length.
   e = deliverError([](proto::PeerChunk::Builder c) {
     fillChunk(c, "bad-inline", {0});
