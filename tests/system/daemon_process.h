@@ -3,7 +3,10 @@
 // child process with its output in files, and a watchdog that turns a hang into a failure.
 // Everything here is header-only and lives in sidecar::systest.
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -71,6 +74,20 @@ inline const char* envOrEmpty(const char* name) {
 }
 
 inline std::string sidecardPath() { return envOrEmpty("SIDECARD"); }
+
+// A loopback TCP port nothing listens on now (bound to 0 and closed; the caller's daemon binds
+// it right after, so another process could take it in between: fine for tests).
+inline int freeLoopbackTcpPort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t length = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
 inline std::string sidecarctlPath() { return envOrEmpty("SIDECARCTL"); }
 
 // Reactor threads to ask for: 2, or fewer when this process may run on fewer CPUs (sidecard pins

@@ -28,19 +28,6 @@ using namespace sidecar::systest;
 using namespace std::chrono_literals;
 namespace proto = sidecar::proto;
 
-// A port nothing listens on now (bound to 0 and closed; the daemon binds it right after).
-int freeTcpPort() {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t length = sizeof addr;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 class PeerInputTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -50,7 +37,7 @@ class PeerInputTest : public ::testing::Test {
     dir_ = tmpl;
     socket_ = dir_ + "/sidecar.sock";
     // Ranks 0-1 live here; 2-3 on a node that does not exist (never contacted by this test).
-    port_ = freeTcpPort();
+    port_ = freeLoopbackTcpPort();
     address_ = "127.0.0.1:" + std::to_string(port_);
     daemon_ = Process::start({sidecardPath(), "--socket", socket_, "--tcp", address_, "--peers",
                               "0-1=" + address_ + ",2-3=127.0.0.1:1", "--arena-size", "64MiB",

@@ -350,7 +350,7 @@ class TransferMatrixTest : public ::testing::Test {
     }
     for (int i = 0; i < nodes_; ++i) {
       addresses.push_back(cluster_ ? NetnsCluster::address(i) + ":7650"
-                                   : "127.0.0.1:" + std::to_string(freeTcpPort()));
+                                   : "127.0.0.1:" + std::to_string(freeLoopbackTcpPort()));
       sockets_.push_back(i == 0 ? socket_ : dir_ + "/node" + std::to_string(i) + ".sock");
       map += (i ? "," : "") + std::to_string(2 * i) + "-" + std::to_string(2 * i + 1) + "=" +
              addresses[i];
@@ -422,17 +422,6 @@ class TransferMatrixTest : public ::testing::Test {
                                                  [](sidecar::Client& c) { return c.transfers(); });
   }
 
-  static int freeTcpPort() {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-    socklen_t length = sizeof addr;
-    getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
-    close(fd);
-    return ntohs(addr.sin_port);
-  }
 
   // The unix socket of the node that serves `rank` ({0,1} on node A, {2,3} on node B, ...).
   std::string socketFor(int32_t rank) const {
