@@ -76,13 +76,12 @@ void Daemon::start() {
     // The arena is registered once; every body moves between arena slabs.
     ucxContext_ = std::make_shared<net::UcxContext>(arena_->base(), arena_->sizeBytes());
   } catch (const std::exception& e) {
-    bodiesWhy_ = e.what();
     spdlog::warn("UCX unavailable, cross-node bodies will ride in control messages (at most 48 "
                  "MiB each): {}",
-                 bodiesWhy_);
+                 e.what());
   }
 #else
-  bodiesWhy_ = "built without UCX";
+  spdlog::info("built without UCX: cross-node bodies ride in control messages (at most 48 MiB each)");
 #endif
   deviceSends_ = std::make_unique<DeviceSends>(*transfers_, *arena_);
   spdlog::info("arena: {} of {} pages{}; {}", shm::formatBytes(arena_->sizeBytes()),
@@ -119,9 +118,8 @@ void Daemon::start() {
         transfers_->setBodyTransport(bodies_.get());
         spdlog::info("cross-node bodies: {}", bodies_->describe());
       } catch (const std::exception& e) {
-        bodiesWhy_ = e.what();
         spdlog::warn("UCX worker unavailable, cross-node bodies will ride in control messages: {}",
-                     bodiesWhy_);
+                     e.what());
       }
     }
 #endif

@@ -60,7 +60,6 @@ class Daemon final : public rpc::NodeState {
   // on core 0 and is created and destroyed there.
   std::shared_ptr<void> ucxContext_;
   std::unique_ptr<BodyTransport> bodies_;
-  std::string bodiesWhy_;  // why there is no UCX, for the log and info
   std::unique_ptr<DeviceSends> deviceSends_;  // GPU tensors (issue 6)
   std::vector<std::unique_ptr<Core>> cores_;
   std::atomic<bool> stopped_{false};

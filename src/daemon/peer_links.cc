@@ -207,11 +207,8 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
     c.setSenderRank(chunk.senderRank);
     auto group = c.initSenderGroup(static_cast<unsigned>(chunk.senderGroup.size()));
     for (size_t i = 0; i < chunk.senderGroup.size(); ++i) group.set(static_cast<unsigned>(i), chunk.senderGroup[i]);
-    auto destinations = c.initDestinations(static_cast<unsigned>(chunk.destinations.size()));
-    for (size_t d = 0; d < chunk.destinations.size(); ++d) {
-      auto ranks = destinations[static_cast<unsigned>(d)].initRanks(static_cast<unsigned>(chunk.destinations[d].size()));
-      for (size_t i = 0; i < chunk.destinations[d].size(); ++i) ranks.set(static_cast<unsigned>(i), chunk.destinations[d][i]);
-    }
+    rpc::writeDestinations(c.initDestinations(static_cast<unsigned>(chunk.destinations.size())),
+                           chunk.destinations);
     kj::Promise<void> bodies = kj::NEVER_DONE;
     if (!chunk.isTensor) {
       auto o = c.initPayload().initObject();
@@ -286,11 +283,8 @@ kj::Promise<void> PeerLinks::closeStream(const std::string& address, std::string
     request.setDataId(dataId);
     request.setNumChunks(numChunks);
     request.setSenderRank(senderRank);
-    auto list = request.initDestinations(static_cast<unsigned>(destinations.size()));
-    for (size_t d = 0; d < destinations.size(); ++d) {
-      auto ranks = list[static_cast<unsigned>(d)].initRanks(static_cast<unsigned>(destinations[d].size()));
-      for (size_t i = 0; i < destinations[d].size(); ++i) ranks.set(static_cast<unsigned>(i), destinations[d][i]);
-    }
+    rpc::writeDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())),
+                           destinations);
     auto answered = request.send().ignoreResult();
     return l->canceler.wrap(kj::mv(answered))
         .catch_([this, l = kj::mv(l)](kj::Exception&& e) -> kj::Promise<void> {

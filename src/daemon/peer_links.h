@@ -68,7 +68,6 @@ class PeerLinks {
                                 std::vector<transfer::Group> destinations);
 
   // Links that are up or connecting, for status.
-  size_t linkCount() const { return links_.size(); }
   std::vector<rpc::PeerLinkSummary> summary() const;
 
  private:

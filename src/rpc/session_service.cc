@@ -74,6 +74,14 @@ std::vector<transfer::Group> readDestinations(capnp::List<proto::Destination>::R
   return out;
 }
 
+void writeDestinations(capnp::List<proto::Destination>::Builder list,
+                       const std::vector<transfer::Group>& groups) {
+  for (size_t d = 0; d < groups.size(); ++d) {
+    auto ranks = list[static_cast<unsigned>(d)].initRanks(static_cast<unsigned>(groups[d].size()));
+    for (size_t i = 0; i < groups[d].size(); ++i) ranks.set(static_cast<unsigned>(i), groups[d][i]);
+  }
+}
+
 SessionService::~SessionService() {
   if (devices_ != nullptr) {
     TransferBackend* backend = &backend_;

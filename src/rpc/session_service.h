@@ -46,5 +46,7 @@ class ArenaHandleService final : public proto::ArenaHandle::Server {
 transfer::Dtype fromProto(proto::Dtype dtype);
 proto::Dtype toProto(transfer::Dtype dtype);
 std::vector<transfer::Group> readDestinations(capnp::List<proto::Destination>::Reader list);
+void writeDestinations(capnp::List<proto::Destination>::Builder list,
+                       const std::vector<transfer::Group>& groups);  // list has groups.size()
 
 }  // namespace sidecar::rpc
