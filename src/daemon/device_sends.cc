@@ -3,24 +3,13 @@
 #include <spdlog/spdlog.h>
 
 #include <cstring>
+#include <optional>
 
 #include "base/clock.h"
 
 namespace sidecar::daemon {
 
 namespace {
-
-uint64_t tensorBytes(transfer::Dtype dtype, const std::vector<int64_t>& shape) {
-  uint64_t bytes = transfer::dtypeBytes(dtype);
-  for (int64_t dim : shape) {
-    if (dim < 0) throw rpc::transferError("invalid-argument", "tensor dimensions must be >= 0");
-    if (dim != 0 && bytes > UINT64_MAX / static_cast<uint64_t>(dim)) {
-      throw rpc::transferError("too-large", "the tensor's size overflows");
-    }
-    bytes *= static_cast<uint64_t>(dim);
-  }
-  return bytes;
-}
 
 cuda::DeviceSource toSource(const rpc::DeviceTensorDescriptor& tensor) {
   if (tensor.memHandle.size() != 64) {
@@ -130,12 +119,15 @@ kj::Promise<void> DeviceSends::sendDevice(rpc::SessionId session, rpc::DeviceSen
                                   "; send host tensors instead");
   }
   cuda::DeviceSource source = toSource(request.tensor);
-  uint64_t bytes = tensorBytes(request.tensor.dtype, request.tensor.shape);
-  if (bytes != request.tensor.sizeBytes) {
-    return rpc::transferError("invalid-argument",
-                              "sizeBytes " + std::to_string(request.tensor.sizeBytes) +
-                                  " is not prod(shape) * dtype size = " + std::to_string(bytes));
+  std::optional<uint64_t> counted = transfer::tensorBytes(request.tensor.dtype, request.tensor.shape);
+  if (counted != request.tensor.sizeBytes) {
+    return rpc::transferError(
+        "invalid-argument",
+        "sizeBytes " + std::to_string(request.tensor.sizeBytes) + " is not prod(shape) * dtype size" +
+            (counted ? " = " + std::to_string(*counted)
+                     : " (a negative dimension, an unknown dtype or a size over 64 bits)"));
   }
+  uint64_t bytes = *counted;
   uint64_t startNs = monotonicNs();
   return transfers_.allocate(session, std::max<uint64_t>(bytes, 1), 0)
       .then([this, session, source, bytes, startNs,

@@ -656,15 +656,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
     auto held = kj::heap<rpc::PeerChunk>(std::move(chunk));
     rpc::PeerChunk& kept = *held;
     auto& tensor = std::get<rpc::PeerTensor>(kept.payload);
-    uint64_t elements = 1;
-    bool overflow = false;
-    for (int64_t dim : tensor.shape) {
-      if (dim < 0) throw transferError("invalid-argument", "a peer sent a negative dimension");
-      overflow |= __builtin_mul_overflow(elements, static_cast<uint64_t>(dim), &elements);
-    }
-    uint64_t bytes = 0;
-    overflow |= __builtin_mul_overflow(elements, uint64_t{transfer::dtypeBytes(tensor.dtype)}, &bytes);
-    if (overflow || transfer::dtypeBytes(tensor.dtype) == 0 || bytes != tensor.sizeBytes) {
+    if (transfer::tensorBytes(tensor.dtype, tensor.shape) != tensor.sizeBytes) {
       throw transferError("invalid-argument", "a peer's tensor header does not add up: shape and "
                                               "dtype disagree with its size");
     }

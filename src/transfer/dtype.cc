@@ -35,6 +35,15 @@ std::optional<Dtype> parseDtype(std::string_view name) {
   return std::nullopt;
 }
 
+std::optional<uint64_t> tensorBytes(Dtype dtype, const std::vector<int64_t>& shape) {
+  uint64_t bytes = dtypeBytes(dtype);
+  if (bytes == 0) return std::nullopt;
+  for (int64_t dim : shape) {
+    if (dim < 0 || __builtin_mul_overflow(bytes, static_cast<uint64_t>(dim), &bytes)) return std::nullopt;
+  }
+  return bytes;
+}
+
 const char* errcName(Errc code) {
   switch (code) {
     case Errc::kInvalidArgument: return "invalid-argument";

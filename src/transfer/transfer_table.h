@@ -85,6 +85,9 @@ const char* dtypeName(Dtype dtype);
 // Added: parses "bfloat16", "bf16", "torch.bfloat16", "float32", "f32", "float", ... (the
 // names dtypeName returns, short forms and torch's); nullopt when unknown.
 std::optional<Dtype> parseDtype(std::string_view name);
+// prod(shape) * dtypeBytes(dtype), or nullopt for an unknown dtype, a negative dimension or a
+// count that overflows 64 bits (a header from a peer is checked with it before any allocation).
+std::optional<uint64_t> tensorBytes(Dtype dtype, const std::vector<int64_t>& shape);
 
 struct TensorChunk {
   Dtype dtype = Dtype::kUint8;

@@ -1089,3 +1089,14 @@ TEST_F(TableTest, StatsAreExact) {
 
 }  // namespace
 }  // namespace sidecar::transfer::testing
+
+namespace sidecar::transfer::testing {
+TEST(TensorBytes, CountsAndRefusesWhatCannotBeCounted) {
+  EXPECT_EQ(tensorBytes(Dtype::kFloat32, {10}), 40u);
+  EXPECT_EQ(tensorBytes(Dtype::kBFloat16, {}), 2u);  // a 0-d tensor is one element
+  EXPECT_EQ(tensorBytes(Dtype::kInt64, {3, 0}), 0u);
+  EXPECT_EQ(tensorBytes(Dtype::kUint8, {-1}), std::nullopt);
+  EXPECT_EQ(tensorBytes(Dtype::kUint8, {int64_t{1} << 62, 8}), std::nullopt);  // 2^65 would wrap to 0
+  EXPECT_EQ(tensorBytes(static_cast<Dtype>(200), {1}), std::nullopt);
+}
+}  // namespace sidecar::transfer::testing
