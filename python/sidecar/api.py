@@ -5,6 +5,8 @@ Differences from the reference, all in the caller's favour:
   returns None) that fails when the daemon refuses the chunk, and an unobserved failure is
   raised by the next call on that id;
 - CPU tensors and numpy arrays can be sent; received tensors keep the sent dtype and shape;
+- CUDA tensors are copied off the GPU by the daemon (CUDA IPC, on its own streams), not by torch
+  in the caller's process;
 - recv and recv_sync take an optional ``timeout`` in seconds.
 
 Threads: one owner thread per Sidecar runs libsidecar (see owner_thread.h); every method may be
@@ -153,6 +155,7 @@ class Sidecar:
         self._lock = threading.Lock()
         self._native = None
         self._forked = False
+        self._gpu_copy = True  # CUDA tensors through the daemon's GPU copy until that proves impossible
         self._mock = mock.MockBackend() if mock.enabled() else None
         if self._mock is not None:
             return
@@ -236,6 +239,11 @@ class Sidecar:
             self._mock.send(data, id, chunk_id)
             return _done_future()
 
+        if is_tensor and self._gpu_copy and tensors.is_cuda(data):
+            acked = self._send_cuda(data, id, groups, chunk_id, wire_chunks)
+            if acked is not None:
+                return acked
+
         handed = concurrent.futures.Future()
         acked = SendFuture()
 
@@ -258,6 +266,40 @@ class Sidecar:
             self._backend().send_object(id, tag, raw, groups, chunk_id, wire_chunks, on_handed, on_acked)
             handed.result()
         return acked
+
+    def _send_cuda(self, data: Any, id: str, groups: List[List[int]], chunk_id: int,
+                   wire_chunks: int) -> Optional[SendFuture]:
+        """A CUDA tensor through the daemon's GPU copy: libsidecar passes an IPC handle and an
+        event recorded on the tensor's current stream, and the daemon copies it off the GPU on its
+        own streams. Waits until the daemon has the chunk, so that the caller may change the tensor
+        when send() returns, as with CPU tensors. None (and no more GPU sends by this Sidecar) when
+        no GPU copy is possible here (libsidecar or the daemon without CUDA, memory without IPC
+        handles): the caller falls back to a host copy."""
+        cuda = tensors.describe_cuda(data)
+        issued = concurrent.futures.Future()
+        stored = concurrent.futures.Future()
+        self._backend().send_device_tensor(id, cuda.dtype, cuda.shape, cuda.strides, cuda.address, cuda.device,
+                                           cuda.stream, groups, chunk_id, wire_chunks,
+                                           lambda r, e: _settle_concurrent(issued, r, e),
+                                           lambda r, e: _settle_concurrent(stored, r, e))
+        error = issued.exception()
+        if error is None:
+            error = stored.exception()
+        del cuda  # the tensor may be freed or changed now: the daemon has its bytes
+        acked = SendFuture()
+        if error is None:
+            acked.set_result(None)
+            return acked
+        if getattr(error, "code", None) == "gpu-unavailable":
+            self._gpu_copy = False
+            log.warning("sidecar: the daemon cannot copy from the GPU (%s); CUDA tensors go through a host "
+                        "copy from now on", error)
+            return None
+        if not issued.exception():
+            self._record_failure(id, acked, error)
+            acked.set_exception(error)
+            return acked
+        raise error
 
     def close_stream(self, id: str, num_chunks: int, dst_sidecar_ranks: List[List[int]]) -> None:
         """Fixes the number of chunks of a stream sent with stream=True (any time: before,

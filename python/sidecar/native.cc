@@ -60,9 +60,11 @@ py::object toPython(const Error& error) {
   return py::module_::import("sidecar.errors").attr("from_native")(toString(error.code()), error.what());
 }
 
-void succeed(const Callback& done, py::object result = py::none()) {
+// Takes the GIL before it touches any Python object: even py::none() changes a reference count
+// (pybind11 >= 3 aborts when that happens without the GIL).
+void succeed(const Callback& done) {
   py::gil_scoped_acquire gil;
-  done->call(result, py::none());
+  done->call(py::none(), py::none());
 }
 
 void fail(const Callback& done, const Error& error) {
@@ -131,6 +133,19 @@ class NativeSidecar {
     post([id = std::move(id), tensor = std::move(tensor), destinations = std::move(destinations), chunkId,
           numChunks](Sidecar& sidecar) { return sidecar.send(id, tensor, destinations, chunkId, numChunks); },
          wrap(std::move(copied)), wrap(std::move(acked)));
+  }
+
+  // A CUDA tensor: libsidecar hands the daemon an IPC handle and an event recorded on `stream`
+  // (a cudaStream_t as an int; 0 the legacy default stream); the daemon copies it off the GPU.
+  // The caller keeps the tensor alive and unchanged until `acked` (the Python layer waits for it).
+  void sendDeviceTensor(std::string id, int dtype, std::vector<int64_t> shape, std::vector<int64_t> strides,
+                        uintptr_t data, int32_t device, uintptr_t stream, Groups destinations, uint32_t chunkId,
+                        uint32_t numChunks, py::object issued, py::object acked) {
+    DeviceTensorRef tensor{dtypeOf(dtype), std::move(shape), std::move(strides), reinterpret_cast<void*>(data),
+                           device, reinterpret_cast<void*>(stream)};
+    post([id = std::move(id), tensor = std::move(tensor), destinations = std::move(destinations), chunkId,
+          numChunks](Sidecar& sidecar) { return sidecar.send(id, tensor, destinations, chunkId, numChunks); },
+         wrap(std::move(issued)), wrap(std::move(acked)));
   }
 
   void sendObject(std::string id, uint32_t typeTag, py::bytes bytes, Groups destinations, uint32_t chunkId,
@@ -283,6 +298,7 @@ PYBIND11_MODULE(_native, m) {
            py::arg("rank"), py::arg("group"), py::arg("send_dtype"), py::arg("send_row_shape"),
            py::arg("recv_dtype"), py::arg("recv_row_shape"), py::arg("concurrent_copy"), py::arg("socket_path"))
       .def("send_tensor", &NativeSidecar::sendTensor)
+      .def("send_device_tensor", &NativeSidecar::sendDeviceTensor)
       .def("send_object", &NativeSidecar::sendObject)
       .def("close_stream", &NativeSidecar::closeStream)
       .def("mark_done", &NativeSidecar::markDone)

@@ -37,11 +37,42 @@ def is_tensor(data: Any) -> bool:
     return isinstance(data, np.ndarray) or (torch is not None and isinstance(data, torch.Tensor))
 
 
-def device_tensor_to_host(tensor: Any) -> Any:
-    """A CUDA (or other device) tensor's data on the host: the slow path, one device-to-host copy.
+@dataclass
+class CudaTensor:
+    """What libsidecar needs to let the daemon copy a CUDA tensor off the GPU: code, shape,
+    strides (elements, contiguous), device pointer, device index and the cudaStream_t (as an int)
+    whose queued work must finish first. `owner` keeps the memory alive until the daemon copied it."""
 
-    TODO(perf): the CUDA IPC path plugs in here: libsidecar sends an IPC handle and event and
-    the daemon copies from the GPU on its own stream (the CUDA work in src/client)."""
+    dtype: int
+    shape: List[int]
+    strides: List[int]
+    address: int
+    device: int
+    stream: int
+    owner: Any
+
+
+def is_cuda(data: Any) -> bool:
+    return torch is not None and isinstance(data, torch.Tensor) and data.device.type == "cuda"
+
+
+def describe_cuda(data: Any) -> CudaTensor:
+    """The CudaTensor of a CUDA torch tensor (made contiguous on its device first, on the current
+    stream); ValueError for unsupported dtypes."""
+    if data.dtype not in dtypes._TORCH_CODES:
+        raise ValueError(f"tensors of dtype {data.dtype} cannot be sent; use one of {', '.join(dtypes.NAMES)}")
+    data = data.detach()
+    if data.is_conj() or data.is_neg():
+        data = data.resolve_conj().resolve_neg()
+    data = data.contiguous()
+    stream = torch.cuda.current_stream(data.device).cuda_stream
+    return CudaTensor(dtypes._TORCH_CODES[data.dtype], list(data.shape), list(data.stride()), data.data_ptr(),
+                      data.device.index, stream, data)
+
+
+def device_tensor_to_host(tensor: Any) -> Any:
+    """A device tensor's data on the host: one device-to-host copy by torch. The fallback when the
+    daemon (or libsidecar) cannot copy from the GPU itself, and the path for non-CUDA devices."""
     return tensor.detach().to("cpu")
 
 

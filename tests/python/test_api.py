@@ -292,6 +292,40 @@ def test_cuda_tensor_source(pair, new_id):
     assert got.device.type == "cpu"
     _assert_same(got, t.cpu())
     consumer.mark_done_sync(id)
+    assert producer._gpu_copy, "the daemon's GPU copy was not used (fell back to a host copy)"
+
+
+_needs_cuda = pytest.mark.skipif(torch is None or not torch.cuda.is_available(), reason="needs torch with a CUDA GPU")
+
+
+@_needs_cuda
+def test_cuda_tensor_large_and_strided(pair, new_id):
+    producer, consumer = pair
+    id = new_id()
+    base = torch.arange(1024 * 4096, dtype=torch.float32, device="cuda").reshape(1024, 4096)
+    t = base.t()  # not contiguous: made contiguous on the GPU before the daemon copies it
+    producer.send(t, id, [[consumer.sidecar_rank]]).result(timeout=30)
+    got = consumer.recv_sync(id)
+    assert got.device.type == "cpu" and tuple(got.shape) == (4096, 1024)
+    assert torch.equal(got, t.cpu())
+    consumer.mark_done_sync(id)
+    assert producer._gpu_copy
+
+
+@_needs_cuda
+def test_cuda_send_is_ordered_after_queued_kernels(pair, new_id):
+    """The daemon's copy waits for the work queued on the tensor's stream before send(): a kernel
+    still running when send() is called decides what is received."""
+    producer, consumer = pair
+    id = new_id()
+    t = torch.zeros(8 * 1024 * 1024, dtype=torch.int32, device="cuda")
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the current stream
+    t.fill_(7)  # queued behind the sleep: still pending when send() is called
+    producer.send(t, id, [[consumer.sidecar_rank]]).result(timeout=30)
+    t.fill_(9)  # send() returned: the daemon has the bytes, changing the tensor changes nothing
+    got = consumer.recv_sync(id)
+    assert int(got.min()) == 7 and int(got.max()) == 7
+    consumer.mark_done_sync(id)
 
 
 # -- mark_done, streams, timeouts ------------------------------------------------------------------
