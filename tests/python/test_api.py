@@ -328,6 +328,25 @@ def test_cuda_send_is_ordered_after_queued_kernels(pair, new_id):
     consumer.mark_done_sync(id)
 
 
+@_needs_cuda
+def test_cuda_tensor_falls_back_to_a_host_copy_when_the_daemon_has_no_gpu(new_id):
+    from conftest import Daemon  # noqa: PLC0415
+
+    d = Daemon("64MiB", extra_env={"CUDA_VISIBLE_DEVICES": ""}, node_id="python-no-gpu")
+    try:
+        a, b = _ranks(2)
+        with Sidecar(_config(a, d.socket)) as producer, Sidecar(_config(b, d.socket)) as consumer:
+            for _ in range(2):  # the first finds out, the second goes straight to the host copy
+                id = new_id()
+                t = torch.arange(4 << 20, dtype=torch.int64, device="cuda")  # 32 MiB: an IPC export, not staged
+                producer.send(t, id, [[consumer.sidecar_rank]]).result(timeout=30)
+                assert not producer._gpu_copy
+                assert torch.equal(consumer.recv_sync(id), t.cpu())
+                consumer.mark_done_sync(id)
+    finally:
+        assert d.stop() == 0, d.log()
+
+
 # -- mark_done, streams, timeouts ------------------------------------------------------------------
 
 def test_mark_done_rules(pair, new_id):
