@@ -159,6 +159,9 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   T wait(kj::Promise<T>&& promise) {
     int cpu = sched_getcpu();
     bool shared = cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &daemonCpus);
+    // Writes the loop buffered in the turns before the answer (e.g. a Finish) leave now, not at
+    // the next call (UringStream coalesces writes until the reactor polls or sleeps).
+    KJ_DEFER(loop.reactor().flush());
     return client::spinThenWait(kj::mv(promise), ws(), shared ? 0 : waitSpinUs);
   }
 
@@ -587,7 +590,10 @@ void Sidecar::waitForWake() {
     impl_->wakeFulfiller = kj::mv(pair.fulfiller);
     woken = kj::mv(pair.promise);
   }
-  client::call("waitForWake", [&]() { woken.wait(impl_->ws()); });
+  client::call("waitForWake", [&]() {
+    KJ_DEFER(impl_->loop.reactor().flush());  // see Impl::wait
+    woken.wait(impl_->ws());
+  });
   std::lock_guard<std::mutex> lock(impl_->wakeMutex);
   // A wake() after the fulfilment and before here needs no second return: the caller looks at
   // its work after this returns.
