@@ -24,8 +24,8 @@
 // Like every KJ stream: at most one read and one write in flight at a time.
 
 #include <kj/async-io.h>
-#include <sys/uio.h>
 #include <kj/io.h>
+#include <sys/uio.h>
 
 #include <memory>
 #include <vector>
