@@ -11,7 +11,10 @@
 //   BM_ZeroCopySend64MiB     send(ArenaTensor) of 64 MiB allocated and filled beforehand (untimed)
 //                            until the consumer's recv returns the view. Args placement/MiB/x:
 //                            x = 0 the producer memsets the whole tensor just before the send,
-//                            x = 1 it writes only the 16 checked bytes (the send path alone)
+//                            x = 1 it writes only the 16 checked bytes (the send path alone);
+//                            diagnostics of what the fill costs: x = 2 fill, then 2 ms idle
+//                            before the send; x = 3 fill a private 64 MiB buffer (not the
+//                            arena) and only stamp the tensor
 //   BM_SocketpairRtt         one byte written and echoed by the child over a socketpair (blocking)
 //   BM_ObjectLatency64B      send of a 64-byte object until the consumer's recv returns it
 //   BM_TensorLatency4KiB     send(TensorRef) of 4 KiB until the consumer's recv returns the view
@@ -50,6 +53,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -467,15 +471,19 @@ void BM_CopySend64MiB(benchmark::State& state) {
 void BM_ZeroCopySend64MiB(benchmark::State& state) {
   const Placement& p = kPlacements[state.range(0)];
   uint64_t bytes = state.range(1) > 0 ? static_cast<uint64_t>(state.range(1)) * kMiB : kBigBytes;
-  bool fill = state.range(2) == 0;
+  int64_t variant = state.range(2);
+  bool fill = variant == 0 || variant == 2;
   guarded(state, [&]() {
     Setup setup(p);
     auto& sc = setup.sidecar();
     uint64_t seq = 0;
+    std::byte* elsewhere = variant == 3 ? touchedBuffer(bytes, false) : nullptr;
     auto transfer = [&]() {
       ++seq;
       auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {static_cast<int64_t>(bytes)});
       if (fill) memset(tensor.data(), static_cast<int>(seq), bytes);  // the producer's "fill", untimed
+      if (variant == 2) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      if (elsewhere != nullptr) memset(elsewhere, static_cast<int>(seq), bytes);
       stamp(static_cast<std::byte*>(tensor.data()), bytes, seq);
       return oneWay("zc-" + std::to_string(seq), seq, bytes, [&]() {
         sc.send("zc-" + std::to_string(seq), std::move(tensor), kToConsumer).wait();
@@ -486,9 +494,12 @@ void BM_ZeroCopySend64MiB(benchmark::State& state) {
     for (auto _ : state) samples.add(state, transfer());
     samples.report(state);
     finish();
+    if (elsewhere != nullptr) munmap(elsewhere, bytes);
   });
+  static const char* const kVariants[] = {" filled just before", " stamp only",
+                                          " filled, then 2 ms idle", " private buffer filled"};
   state.SetLabel(std::string(p.name) + " " + std::to_string(bytes / kMiB) + " MiB" +
-                 (fill ? " filled just before" : " stamp only"));
+                 kVariants[variant]);
 }
 
 // ---- latency ------------------------------------------------------------------------------------
@@ -615,7 +626,7 @@ void BM_ObjectSends64B(benchmark::State& state) {
 // Args: placement [, variant].
 BENCHMARK(BM_Memcpy64MiB)->Args({1, 0})->Args({1, 1})->Args({0, 1})->Iterations(30)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_CopySend64MiB)->Arg(1)->Arg(0)->Iterations(30)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_ZeroCopySend64MiB)->Args({1,64,0})->Args({1,64,1})->Args({1,1,0})->Args({1,16,0})->Args({0,64,0})->Iterations(30)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ZeroCopySend64MiB)->Args({1,64,0})->Args({1,64,1})->Args({1,1,0})->Args({1,16,0})->Args({0,64,0})->Args({2,64,0})->Args({1,64,2})->Args({1,64,3})->Iterations(30)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SocketpairRtt)->Arg(0)->Arg(1)->Arg(2)->Iterations(3000)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ObjectLatency64B)->Arg(0)->Arg(1)->Arg(2)->Iterations(2000)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_TensorLatency4KiB)->Args({0, 0})->Args({1, 0})->Args({2, 0})->Args({1, 1})->Iterations(2000)->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -682,14 +693,18 @@ int main(int argc, char** argv) {
                 get("BM_CopySend64MiB/" + n, "p99_us") / 1000, base, separate, memcpyAnon, copy / base,
                 get("BM_CopySend64MiB/" + n, "cold_ms"), get("BM_CopySend64MiB/" + n, "cold_minflt"));
   }
-  for (const char* args : {"1/64/0", "1/64/1", "1/16/0", "1/1/0", "0/64/0"}) {
+  static const char* const kZeroCopyVariants[] = {
+      "filled just before", "not filled, stamp only",
+      "diagnostic: filled, then 2 ms idle before the send",
+      "diagnostic: a private 64 MiB buffer filled instead, tensor stamped"};
+  for (const char* args : {"1/64/0", "1/64/1", "1/16/0", "1/1/0", "0/64/0", "2/64/0", "1/64/2", "1/64/3"}) {
     std::string n = std::string("BM_ZeroCopySend64MiB/") + args;
     if (get(n, "p50_us") == 0) continue;
     int pl = args[0] - '0';
     std::printf("  zero-copy send->recv of %s MiB [%s, %s]: median %.1f us, p99 %.1f us "
                 "(target for 64 MiB < 100 us)\n",
                 std::string(args + 2, strchr(args + 2, '/')).c_str(), kPlacements[pl].name,
-                args[strlen(args) - 1] == '0' ? "filled just before" : "not filled, stamp only",
+                kZeroCopyVariants[args[strlen(args) - 1] - '0'],
                 get(n, "p50_us"), get(n, "p99_us"));
   }
   for (int pl : {0, 1, 2}) {

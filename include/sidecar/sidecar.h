@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,14 @@ struct RankConfig {
   MemoryHint recvHint;         // empty rowShape: the send hint
   bool concurrentCopy = false;
   std::string socketPath = Client::defaultSocketPath();
+  // How long every wait of this connection (a send's handle, recv, allocateTensor, markDone...)
+  // polls for its answer before it sleeps, in microseconds; 0: sleep at once. Polling keeps the
+  // answer's wake-up of this thread off the critical path (25-35 us on a CPU gone idle) at the
+  // cost of at most this much CPU per wait; between polls the thread yields its CPU to others.
+  // A wait on a CPU that a daemon reactor is pinned to never polls (it would take that CPU from
+  // the daemon that must answer).
+  // Unset: $SIDECAR_WAIT_SPIN_US when set, else 50. At most 10000 (connect: kInvalidArgument).
+  std::optional<uint32_t> waitSpinUs;
 };
 
 // Destinations: a list of groups, each the sorted ranks of one receiving executor.

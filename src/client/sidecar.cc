@@ -2,8 +2,11 @@
 
 #include <capnp/rpc-twoparty.h>
 #include <kj/debug.h>
+#include <sched.h>
 #include <sys/mman.h>
 
+#include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -11,6 +14,7 @@
 
 #include "base/dtype_table.h"
 #include "client/errors.h"
+#include "client/spin_wait.h"
 #include "client/thread_loop.h"
 #include "cuda/device_export.h"
 #include "reactor/socket.h"
@@ -148,6 +152,19 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
 
   kj::WaitScope& ws() { return loop.waitScope(); }
 
+  // Every wait for an answer from the daemon (see client/spin_wait.h).
+  // No spin on a CPU a daemon reactor is pinned to: there the answer comes from a thread that
+  // needs this very CPU, and polling only delays it (measured: docs/PERFORMANCE.md).
+  template <typename T>
+  T wait(kj::Promise<T>&& promise) {
+    int cpu = sched_getcpu();
+    bool shared = cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &daemonCpus);
+    // Writes the loop buffered in the turns before the answer (e.g. a Finish) leave now, not at
+    // the next call (UringStream coalesces writes until the reactor polls or sleeps).
+    KJ_DEFER(loop.reactor().flush());
+    return client::spinThenWait(kj::mv(promise), ws(), shared ? 0 : waitSpinUs);
+  }
+
   client::ThreadLoop threadLoop;  // first: destroyed last
   reactor::ReactorLoop& loop;
   kj::Own<reactor::UringStream> stream;
@@ -155,6 +172,8 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   proto::Sidecar::Client bootstrap;
   proto::Session::Client session = nullptr;
   int32_t rank;
+  uint32_t waitSpinUs = 0;
+  cpu_set_t daemonCpus{};  // the CPUs the daemon's reactors are pinned to (from info at connect)
   std::optional<shm::ArenaView> arena;
   void* arenaBase = nullptr;
   uint64_t arenaBytes = 0;
@@ -202,7 +221,7 @@ SendHandle::~SendHandle() {
 void SendHandle::wait() {
   if (!state_) return;
   auto state = std::move(state_);
-  client::call("send", [&]() { state->promise.wait(state->impl->ws()); });
+  client::call("send", [&]() { state->impl->wait(kj::mv(state->promise)); });
 }
 
 struct RecvHandle::State {
@@ -219,7 +238,7 @@ Received RecvHandle::wait() {
   if (!state_) throw invalid("recv: this handle was already waited on");
   auto state = std::move(state_);
   Received out;
-  client::call("recv", [&]() { out = state->promise.wait(state->impl->ws()); });
+  client::call("recv", [&]() { out = state->impl->wait(kj::mv(state->promise)); });
   return out;
 }
 
@@ -232,12 +251,41 @@ int32_t Sidecar::rank() const { return impl_->rank; }
 const void* Sidecar::arenaBase() const { return impl_->arenaBase; }
 uint64_t Sidecar::arenaBytes() const { return impl_->arenaBytes; }
 
+namespace {
+
+// RankConfig::waitSpinUs, or $SIDECAR_WAIT_SPIN_US, or the default; checked.
+uint32_t resolveWaitSpinUs(const std::optional<uint32_t>& configured) {
+  constexpr uint32_t kDefaultWaitSpinUs = 50;
+  if (configured) {
+    if (*configured > client::kWaitSpinUsMax) {
+      throw invalid("waitSpinUs " + std::to_string(*configured) + " is over the limit of " +
+                    std::to_string(client::kWaitSpinUsMax) + " us; use 0 to sleep at once");
+    }
+    return *configured;
+  }
+  const char* env = std::getenv("SIDECAR_WAIT_SPIN_US");
+  if (env == nullptr || *env == '\0') return kDefaultWaitSpinUs;
+  char* end = nullptr;
+  errno = 0;
+  unsigned long value = std::strtoul(env, &end, 10);
+  if (*end != '\0' || errno != 0 || env[0] == '-' || value > client::kWaitSpinUsMax) {
+    throw invalid(std::string("SIDECAR_WAIT_SPIN_US='") + env + "' is not a number of "
+                  "microseconds from 0 to " + std::to_string(client::kWaitSpinUsMax) +
+                  "; fix or unset it");
+  }
+  return static_cast<uint32_t>(value);
+}
+
+}  // namespace
+
 Sidecar Sidecar::connect(const RankConfig& config) {
+  uint32_t waitSpinUs = resolveWaitSpinUs(config.waitSpinUs);
   kj::AutoCloseFd fd;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { fd = reactor::connectUnix(config.socketPath); })) {
     throw Error(ErrorCode::kUnavailable, e->getDescription().cStr());
   }
   auto impl = std::make_unique<Impl>(config, kj::mv(fd));
+  impl->waitSpinUs = waitSpinUs;
   client::call("register", [&]() {
     auto request = impl->bootstrap.registerRequest();
     auto r = request.initRegistration();
@@ -248,10 +296,10 @@ Sidecar Sidecar::connect(const RankConfig& config) {
     setHint(r.initSendHint(), config.sendHint);
     setHint(r.initRecvHint(), config.recvHint.rowShape.empty() ? config.sendHint : config.recvHint);
     r.setConcurrentCopy(config.concurrentCopy);
-    auto response = request.send().wait(impl->ws());
+    auto response = impl->wait(request.send());
     impl->session = response.getSession();
     impl->arenaBytes = response.getArenaBytes();
-    auto arenaFd = response.getArena().getFd().wait(impl->ws());
+    auto arenaFd = impl->wait(response.getArena().getFd());
     KJ_IF_MAYBE(raw, arenaFd) {
       // 2 MiB aligned, so a THP-backed arena maps with huge pages here too.
       auto view = shm::ArenaView::map(*raw, impl->arenaBytes);
@@ -263,6 +311,13 @@ Sidecar Sidecar::connect(const RankConfig& config) {
       impl->stream->setReadAhead(true);  // no more fds will come
     } else {
       throw Error(ErrorCode::kInternal, "the daemon did not pass the arena's file descriptor");
+    }
+    if (impl->waitSpinUs > 0) {
+      auto info = impl->wait(impl->bootstrap.infoRequest().send());
+      for (auto core : info.getInfo().getCores()) {
+        int cpu = core.getCpu();
+        if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &impl->daemonCpus);
+      }
     }
   });
   return Sidecar(std::move(impl));
@@ -279,7 +334,7 @@ ArenaTensor Sidecar::allocateTensor(Dtype dtype, const std::vector<int64_t>& sha
     auto request = impl_->session.allocateRequest();
     request.setSizeBytes(std::max<uint64_t>(out.sizeBytes_, 1));
     request.setTimeoutMs(timeoutMs);
-    auto response = request.send().wait(impl_->ws());
+    auto response = impl_->wait(request.send());
     out.offset_ = response.getOffset();
     if (out.offset_ + response.getSizeBytes() > impl_->arenaBytes) {
       throw Error(ErrorCode::kInternal, "the daemon allocated outside the arena");
@@ -293,7 +348,7 @@ void Sidecar::release(ArenaTensor&& tensor) {
   client::call("release", [&]() {
     auto request = impl_->session.releaseRequest();
     request.setOffset(tensor.offset_);
-    request.send().wait(impl_->ws());
+    impl_->wait(request.send());
   });
   tensor.data_ = nullptr;
 }
@@ -440,7 +495,7 @@ void Sidecar::closeStream(const std::string& dataId, uint32_t numChunks, const G
     request.setDataId(dataId);
     request.setNumChunks(numChunks);
     setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
-    request.send().wait(impl_->ws());
+    impl_->wait(request.send());
   });
 }
 
@@ -495,7 +550,7 @@ void Sidecar::markDone(const std::string& dataId, uint32_t chunkId) {
     auto request = impl_->session.markDoneRequest();
     request.setDataId(dataId);
     request.setChunkId(chunkId);
-    request.send().wait(impl_->ws());
+    impl_->wait(request.send());
   });
 }
 
@@ -535,7 +590,10 @@ void Sidecar::waitForWake() {
     impl_->wakeFulfiller = kj::mv(pair.fulfiller);
     woken = kj::mv(pair.promise);
   }
-  client::call("waitForWake", [&]() { woken.wait(impl_->ws()); });
+  client::call("waitForWake", [&]() {
+    KJ_DEFER(impl_->loop.reactor().flush());  // see Impl::wait
+    woken.wait(impl_->ws());
+  });
   std::lock_guard<std::mutex> lock(impl_->wakeMutex);
   // A wake() after the fulfilment and before here needs no second return: the caller looks at
   // its work after this returns.

@@ -80,6 +80,32 @@ void Reactor::cancel(Completion* completion) {
   SIDECAR_CHECK(rc >= 0 || rc == -ENOENT, "io_uring sync cancel: %d", rc);
 }
 
+void Reactor::queueFlush(Flushable& flushable) {
+  if (flushable.flushQueued_) return;
+  flushable.flushQueued_ = true;
+  flushes_.push_back(&flushable);
+}
+
+void Reactor::cancelFlush(Flushable& flushable) {
+  if (!flushable.flushQueued_) return;
+  flushable.flushQueued_ = false;
+  flushes_.erase(std::remove(flushes_.begin(), flushes_.end(), &flushable), flushes_.end());
+  // A flush() in progress skips it too (it checks flushQueued_ before calling).
+}
+
+void Reactor::flush() {
+  // A flush may queue again (or cancel another): work on a copy, and call only those still queued.
+  if (flushes_.empty()) return;
+  flushing_.swap(flushes_);
+  for (size_t i = 0; i < flushing_.size(); ++i) {
+    Flushable* f = flushing_[i];
+    if (!f->flushQueued_) continue;
+    f->flushQueued_ = false;
+    f->flush();
+  }
+  flushing_.clear();
+}
+
 void Reactor::addSource(EventSource& source) { sources_.push_back(&source); }
 
 void Reactor::removeSource(EventSource& source) {
@@ -111,6 +137,7 @@ bool Reactor::dispatchCompletions() {
 }
 
 bool Reactor::poll(bool submit) {
+  flush();
   bool didWork = false;
   if (submit && io_uring_sq_ready(&ring_) > 0) {
     ReactorStats::bump(stats_.submits);
@@ -126,6 +153,7 @@ bool Reactor::poll(bool submit) {
 }
 
 void Reactor::sleep(std::optional<uint64_t> timeoutNs) {
+  flush();
   bool allArmed = true;
   for (EventSource* source : sources_) {
     if (source->arm()) {

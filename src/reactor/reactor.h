@@ -19,6 +19,21 @@
 
 namespace sidecar::reactor {
 
+// Output buffered during a run of the event loop (UringStream coalesces the messages written in
+// one run into one sendmsg). The reactor calls flush() before it polls or sleeps, so nothing stays
+// buffered while the thread waits.
+class Flushable {
+ public:
+  virtual void flush() = 0;
+
+ protected:
+  ~Flushable() = default;
+
+ private:
+  friend class Reactor;
+  bool flushQueued_ = false;
+};
+
 struct ReactorOptions {
   unsigned ringEntries = 256;  // SQ size; the CQ is twice that. Power of two.
 };
@@ -53,6 +68,13 @@ class Reactor {
   // called afterwards (with -ECANCELED or its real result), so it must stay alive until then.
   void cancel(Completion* completion);
 
+  // Has `flushable` flushed before the next poll or sleep (once, however often it is queued).
+  // A Flushable that goes away while queued must call cancelFlush() first.
+  void queueFlush(Flushable& flushable);
+  void cancelFlush(Flushable& flushable);
+  // Flushes what is queued now (poll() and sleep() start with this).
+  void flush();
+
   void addSource(EventSource& source);
   void removeSource(EventSource& source);
 
@@ -82,6 +104,8 @@ class Reactor {
   void armWakeRead();
 
   io_uring ring_;
+  std::vector<Flushable*> flushes_;
+  std::vector<Flushable*> flushing_;  // flush()'s working copy, kept to reuse its capacity
   std::vector<EventSource*> sources_;
   std::vector<EventSource*> armed_;
   ReactorStats stats_;

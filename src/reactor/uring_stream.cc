@@ -383,6 +383,13 @@ UringStream::UringStream(Reactor& reactor, kj::AutoCloseFd fd)
 }
 
 UringStream::~UringStream() noexcept(false) {
+  reactor_.cancelFlush(*this);
+  // Best effort for what was written but not yet flushed (e.g. a last answer before the daemon
+  // drops a connection): whatever the socket takes without blocking.
+  if (!output_.empty() && !flushBusy_ && writeError_ == nullptr) {
+    (void)::send(fd_.get(), output_.data(), output_.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  }
+  flushing_ = nullptr;  // cancels a flush in the ring before its buffer goes
   hangup_ = nullptr;
   readOp_->release();
   writeOp_->release();
@@ -459,6 +466,7 @@ kj::Promise<void> UringStream::writeWithStreams(
 kj::Promise<void> UringStream::writeInternal(kj::ArrayPtr<const kj::byte> first,
                                              kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> rest,
                                              kj::ArrayPtr<const int> fds) {
+  KJ_IF_MAYBE(e, writeError_) { return kj::cp(*e); }
   std::vector<iovec> iovs;
   iovs.reserve(rest.size() + 1);
   size_t total = 0;
@@ -474,7 +482,85 @@ kj::Promise<void> UringStream::writeInternal(kj::ArrayPtr<const kj::byte> first,
     return kj::READY_NOW;
   }
 
-  // Fast path: most control messages fit the socket buffer; send them without the ring.
+  return writeIovs(std::move(iovs), total, fds);
+}
+
+kj::Promise<void> UringStream::writeIovs(std::vector<iovec>&& iovs, size_t total,
+                                         kj::ArrayPtr<const int> fds) {
+  // A flush is waiting for room in the socket: this write goes after it. The caller keeps its
+  // bytes valid until our promise resolves, so the iovecs stay good; the fds are copied.
+  if (flushBusy_) {
+    auto& fork = KJ_ASSERT_NONNULL(flushing_);
+    std::vector<int> fdCopy(fds.begin(), fds.end());
+    return fork.addBranch().then(
+        [this, iovs = std::move(iovs), total, fdCopy = std::move(fdCopy)]() mutable {
+          KJ_IF_MAYBE(e, writeError_) { return kj::Promise<void>(kj::cp(*e)); }
+          auto fdView = kj::arrayPtr(fdCopy.data(), fdCopy.size());
+          return writeIovs(std::move(iovs), total, fdView).attach(kj::mv(fdCopy));
+        });
+  }
+
+  // Coalesce: copy it into the output buffer; the reactor flushes before it polls or sleeps.
+  if (fds.size() == 0 && total <= kCoalesceBytes) {
+    for (const iovec& v : iovs) {
+      auto* p = static_cast<const kj::byte*>(v.iov_base);
+      output_.insert(output_.end(), p, p + v.iov_len);
+    }
+    if (output_.size() >= kFlushAtBytes) {
+      reactor_.cancelFlush(*this);
+      flush();
+    } else {
+      reactor_.queueFlush(*this);
+    }
+    return kj::READY_NOW;
+  }
+
+  // Large, or with fds: what is buffered goes first.
+  if (!output_.empty()) {
+    reactor_.cancelFlush(*this);
+    flush();
+    KJ_IF_MAYBE(e, writeError_) { return kj::cp(*e); }
+    if (flushBusy_) return writeIovs(std::move(iovs), total, fds);  // waits behind it (above)
+  }
+  return writeNow(std::move(iovs), total, fds);
+}
+
+void UringStream::flush() {
+  if (output_.empty() || flushBusy_ || writeError_ != nullptr) return;
+  ssize_t n = ::send(fd_.get(), output_.data(), output_.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (n < 0) {
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      writeError_ = errnoException(errno, "sendmsg");
+      output_.clear();
+      return;
+    }
+    n = 0;
+  }
+  if (static_cast<size_t>(n) == output_.size()) {
+    output_.clear();
+    return;
+  }
+  // The socket is full: the rest waits in the ring, and so do later writes (backpressure).
+  sending_.assign(output_.begin() + n, output_.end());
+  output_.clear();
+  std::vector<iovec> iovs{iovec{sending_.data(), sending_.size()}};
+  flushBusy_ = true;
+  flushing_ = kj::newAdaptedPromise<void, WriteAdapter>(*this, std::move(iovs), nullptr)
+                  .then([this]() { sending_.clear(); },
+                        [this](kj::Exception&& e) {
+                          sending_.clear();
+                          writeError_ = kj::mv(e);
+                        })
+                  .then([this]() {
+                    flushBusy_ = false;
+                    if (shutdownPending_) ::shutdown(fd_.get(), SHUT_WR);
+                  })
+                  .fork();
+}
+
+kj::Promise<void> UringStream::writeNow(std::vector<iovec>&& iovs, size_t total,
+                                        kj::ArrayPtr<const int> fds) {
+  // Most control messages fit the socket buffer; send them without the ring.
   msghdr msg{};
   msg.msg_iov = iovs.data();
   msg.msg_iovlen = iovs.size();
@@ -516,7 +602,16 @@ kj::Promise<void> UringStream::whenWriteDisconnected() {
   return branch;
 }
 
-void UringStream::shutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
+void UringStream::shutdownWrite() {
+  // Buffered bytes go before the end of the stream; a flush waiting for room ends it itself.
+  reactor_.cancelFlush(*this);
+  flush();
+  if (flushBusy_) {
+    shutdownPending_ = true;  // after the flush in the ring (see flush())
+    return;
+  }
+  ::shutdown(fd_.get(), SHUT_WR);
+}
 
 void UringStream::abortRead() { ::shutdown(fd_.get(), SHUT_RD); }
 

@@ -3,10 +3,19 @@
 // Cap'n Proto RPC, including file-descriptor passing over unix sockets (SCM_RIGHTS), runs on the
 // ring with no epoll.
 //
-// Reads are IORING_OP_RECVMSG. Writes first try one non-blocking sendmsg() directly: a control
-// message usually fits the socket buffer, and sending it at once saves a trip through the ring per
-// message (Cap'n Proto sends three messages per call and chains one write at a time). Only what
-// does not fit goes through IORING_OP_SENDMSG, which waits for room in the kernel.
+// Reads are IORING_OP_RECVMSG. Writes are coalesced: a small write without fds (up to
+// kCoalesceBytes) is copied into the stream's output buffer and completes at once; the reactor
+// flushes the buffer with one non-blocking sendmsg() before it next polls or sleeps (Flushable).
+// Cap'n Proto writes one message at a time, each after the previous write completed, so the
+// messages of one run of the event loop (a call and the Finish of the last answer, several
+// pipelined sends, the answers to several requests read together) leave in one system call and
+// wake the peer once instead of once per message. Larger writes and writes with fds first flush
+// the buffer, then try one non-blocking sendmsg() directly. Only what does not fit the socket
+// goes through IORING_OP_SENDMSG, which waits for room in the kernel; while it is in flight, later
+// writes wait for it (backpressure).
+//
+// A buffered write that fails later (the peer went away) fails the next write. Destroying the
+// stream sends what is still buffered if the socket takes it without blocking.
 //
 // Cancellation: dropping a read or write promise cancels the ring operation synchronously
 // (Reactor::cancel), so the caller may free its buffer at once. The operation records live until
@@ -16,14 +25,16 @@
 
 #include <kj/async-io.h>
 #include <kj/io.h>
+#include <sys/uio.h>
 
 #include <memory>
+#include <vector>
 
 #include "reactor/reactor.h"
 
 namespace sidecar::reactor {
 
-class UringStream final : public kj::AsyncCapabilityStream {
+class UringStream final : public kj::AsyncCapabilityStream, private Flushable {
  public:
   // `fd` must be a connected, non-blocking stream socket. The stream owns and closes it.
   UringStream(Reactor& reactor, kj::AutoCloseFd fd);
@@ -37,6 +48,11 @@ class UringStream final : public kj::AsyncCapabilityStream {
   // one per piece of it.
   static constexpr size_t kDirectReadBytes = 16 * 1024;
   static constexpr size_t kReadAheadBytes = 64 * 1024;
+  // Writes of at most this many bytes (and no fds) are buffered and coalesced; larger ones are
+  // sent from the caller's buffer (a copy would cost more than the system call it saves).
+  static constexpr size_t kCoalesceBytes = 8 * 1024;
+  // Once this much is buffered the buffer is flushed at once rather than at the end of the run.
+  static constexpr size_t kFlushAtBytes = 64 * 1024;
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
   kj::Promise<ReadResult> tryReadWithFds(void* buffer, size_t minBytes, size_t maxBytes,
@@ -88,6 +104,21 @@ class UringStream final : public kj::AsyncCapabilityStream {
   kj::Promise<void> writeInternal(kj::ArrayPtr<const kj::byte> first,
                                   kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> rest,
                                   kj::ArrayPtr<const int> fds);
+  // Buffers `iovs`, or sends them after what is buffered (see the header comment).
+  kj::Promise<void> writeIovs(std::vector<iovec>&& iovs, size_t total, kj::ArrayPtr<const int> fds);
+  // Sends `iovs` now: one non-blocking sendmsg, the rest through the ring.
+  kj::Promise<void> writeNow(std::vector<iovec>&& iovs, size_t total, kj::ArrayPtr<const int> fds);
+  // Flushable: sends the output buffer; what the socket does not take goes through the ring.
+  void flush() override;
+
+  // The output buffer (see the header comment). `sending_` holds the bytes of a flush that went
+  // through the ring and `flushing_` that write's completion; later writes wait for it.
+  std::vector<kj::byte> output_;
+  std::vector<kj::byte> sending_;
+  kj::Maybe<kj::ForkedPromise<void>> flushing_;  // resolved (kept) once flushBusy_ is false
+  bool flushBusy_ = false;
+  bool shutdownPending_ = false;  // shutdownWrite() came while a flush waited in the ring
+  kj::Maybe<kj::Exception> writeError_;  // a buffered write failed: the next write fails with it
 
   struct ReadAhead {
     bool enabled = true;

@@ -225,6 +225,69 @@ TEST(Reactor, PrepareBeyondQueueSizeSubmitsAndAllComplete) {
 
 // ---- EventFdSource
 
+// ---- Flushable: output buffered during a loop run leaves before the reactor polls or sleeps
+
+class FakeFlushable final : public Flushable {
+ public:
+  void flush() override {
+    ++flushes;
+    if (onFlush) onFlush();
+  }
+  int flushes = 0;
+  std::function<void()> onFlush;
+};
+
+TEST(Reactor, QueuedFlushRunsOnceAtTheNextPollOrSleep) {
+  Watchdog watchdog("flush");
+  Reactor reactor;
+  FakeFlushable a, b;
+  reactor.queueFlush(a);
+  reactor.queueFlush(a);  // queued twice: flushed once
+  reactor.queueFlush(b);
+  reactor.poll();
+  EXPECT_EQ(a.flushes, 1);
+  EXPECT_EQ(b.flushes, 1);
+  reactor.poll();  // nothing queued: nothing flushed
+  EXPECT_EQ(a.flushes, 1);
+  reactor.queueFlush(a);
+  reactor.sleep(uint64_t{1'000'000});  // 1 ms: flushes before it waits
+  EXPECT_EQ(a.flushes, 2);
+  EXPECT_EQ(b.flushes, 1);
+}
+
+TEST(Reactor, CancelledFlushDoesNotRun) {
+  Watchdog watchdog("flush cancel");
+  Reactor reactor;
+  FakeFlushable a, b;
+  reactor.queueFlush(a);
+  reactor.queueFlush(b);
+  reactor.cancelFlush(a);
+  reactor.cancelFlush(a);  // cancelling what is not queued is harmless
+  reactor.flush();
+  EXPECT_EQ(a.flushes, 0);
+  EXPECT_EQ(b.flushes, 1);
+}
+
+TEST(Reactor, AFlushMayQueueItselfOrCancelAnother) {
+  Watchdog watchdog("flush re-entry");
+  Reactor reactor;
+  FakeFlushable a, b;
+  // a runs first: it cancels b (b must not run in this flush) and queues itself again (it runs
+  // at the next flush, not in this one, so a flush cannot loop forever).
+  a.onFlush = [&] {
+    reactor.cancelFlush(b);
+    if (a.flushes == 1) reactor.queueFlush(a);
+  };
+  reactor.queueFlush(a);
+  reactor.queueFlush(b);
+  reactor.flush();
+  EXPECT_EQ(a.flushes, 1);
+  EXPECT_EQ(b.flushes, 0);
+  reactor.flush();
+  EXPECT_EQ(a.flushes, 2);
+  EXPECT_EQ(b.flushes, 0);
+}
+
 TEST(EventFdSource, SignalFromAnotherThreadRunsHandlerOnReactorThread) {
   Watchdog watchdog("eventfd signal");
   Reactor reactor;
