@@ -40,8 +40,11 @@ cuda::DeviceSource toSource(const rpc::DeviceTensorDescriptor& tensor) {
 }  // namespace
 
 DeviceSends::DeviceSends(rpc::TransferBackend& transfers, const shm::Arena& arena,
-                         cuda::CopyEngineOptions options)
-    : transfers_(transfers), arena_(arena), options_(options) {}
+                         cuda::CopyEngineOptions options, uint32_t groupGatherTimeoutMs)
+    : transfers_(transfers),
+      arena_(arena),
+      options_(options),
+      groupGatherTimeoutMs_(groupGatherTimeoutMs) {}
 
 DeviceSends::~DeviceSends() = default;
 
@@ -49,6 +52,8 @@ void DeviceSends::attachOwner(Core& owner) {
   uint64_t startNs = monotonicNs();
   owner_ = &owner;
   engine_ = cuda::CopyEngine::create(owner.reactor(), arena_.base(), arena_.sizeBytes(), options_);
+  GroupCopies::Hooks& hooks = *this;
+  groups_ = std::make_unique<GroupCopies>(hooks, owner.timer(), groupGatherTimeoutMs_);
   {
     std::lock_guard<std::mutex> lock(reasonMutex_);
     reason_ = engine_->unavailableReason();
@@ -79,7 +84,11 @@ void DeviceSends::detachOwner() {
     std::lock_guard<std::mutex> lock(reasonMutex_);
     reason_ = "the daemon is stopping";
   }
-  engine_.reset();
+  if (groups_ != nullptr && (groups_->stored() > 0 || groups_->failed() > 0)) {
+    spdlog::info("group copies: {} chunks stored, {} failed", groups_->stored(), groups_->failed());
+  }
+  engine_.reset();  // first: waits for the copies still writing into the arena
+  groups_.reset();
 }
 
 std::string DeviceSends::unavailableReason() const {
@@ -128,6 +137,15 @@ kj::Promise<void> DeviceSends::sendDevice(rpc::SessionId session, rpc::DeviceSen
                      : " (a negative dimension, an unknown dtype or a size over 64 bits)"));
   }
   uint64_t bytes = *counted;
+  if (request.concurrentCopy && request.senderGroup.size() > 1) {
+    GroupMemberSend member{session, request.senderRank, request.senderGroup, std::move(request)};
+    return owner_->executor().executeAsync([this, member = std::move(member)]() mutable {
+      if (groups_ == nullptr) {
+        return kj::Promise<void>(rpc::transferError("gpu-unavailable", "the daemon is stopping"));
+      }
+      return groups_->add(std::move(member));
+    });
+  }
   uint64_t startNs = monotonicNs();
   return transfers_.allocate(session, std::max<uint64_t>(bytes, 1), 0)
       .then([this, session, source, bytes, startNs,
@@ -142,18 +160,7 @@ kj::Promise<void> DeviceSends::sendDevice(rpc::SessionId session, rpc::DeviceSen
             [this, session, offset, bytes, allocatedNs, request = std::move(request)]() mutable {
               uint64_t copiedNs = monotonicNs();
               phases_.copyUs += (copiedNs - allocatedNs) / 1000;
-              rpc::SendRequest send;
-              send.dataId = std::move(request.dataId);
-              send.chunkId = request.chunkId;
-              send.numChunks = request.numChunks;
-              send.destinations = std::move(request.destinations);
-              rpc::TensorDescriptor tensor;
-              tensor.dtype = request.tensor.dtype;
-              tensor.shape = std::move(request.tensor.shape);
-              tensor.offset = offset;
-              tensor.sizeBytes = bytes;
-              send.payload = std::move(tensor);
-              return transfers_.send(session, std::move(send))
+              return storeTensor(session, request, offset)
                   .then([this, allocatedNs, copiedNs, bytes]() {
                     uint64_t storedNs = monotonicNs();
                     phases_.storeUs += (storedNs - copiedNs) / 1000;
@@ -174,11 +181,67 @@ kj::Promise<void> DeviceSends::sendDevice(rpc::SessionId session, rpc::DeviceSen
       });
 }
 
+kj::Promise<void> DeviceSends::storeTensor(rpc::SessionId session,
+                                           const rpc::DeviceSendRequest& request,
+                                           uint64_t arenaOffset) {
+  rpc::SendRequest send;
+  send.dataId = request.dataId;
+  send.chunkId = request.chunkId;
+  send.numChunks = request.numChunks;
+  send.destinations = request.destinations;
+  rpc::TensorDescriptor tensor;
+  tensor.dtype = request.tensor.dtype;
+  tensor.shape = request.tensor.shape;
+  tensor.offset = arenaOffset;
+  tensor.sizeBytes = request.tensor.sizeBytes;
+  send.payload = std::move(tensor);
+  return transfers_.send(session, std::move(send));
+}
+
+// ---- GroupCopies::Hooks (owner core) ----------------------------------------------------------
+
+kj::Promise<shm::Allocation> DeviceSends::allocate(rpc::SessionId session, uint64_t sizeBytes) {
+  return transfers_.allocate(session, sizeBytes, 0);
+}
+
+kj::Promise<void> DeviceSends::copySlice(const GroupMemberSend& member, GroupSlice slice,
+                                         uint64_t arenaOffset) {
+  cuda::DeviceSource source = toSource(member.request.tensor);
+  source.offsetBytes += slice.offsetBytes;
+  return copyPieces(member.session, source, slice.sizeBytes, arenaOffset, nullptr);
+}
+
+kj::Promise<void> DeviceSends::store(const GroupMemberSend& member, uint64_t arenaOffset) {
+  return storeTensor(member.session, member.request, arenaOffset);
+}
+
+kj::Promise<void> DeviceSends::storeReplica(const GroupMemberSend& member) {
+  // An empty object as this member's replica: the table has the chunk already and drops it as a
+  // duplicate (or as a replica it still owed, once the chunk is done), which records that this
+  // member delivered it, as a full replica would.
+  rpc::SendRequest send;
+  send.dataId = member.request.dataId;
+  send.chunkId = member.request.chunkId;
+  send.numChunks = member.request.numChunks;
+  send.destinations = member.request.destinations;
+  send.payload = transfer::ObjectChunk{};
+  return transfers_.send(member.session, std::move(send));
+}
+
+kj::Promise<void> DeviceSends::release(rpc::SessionId session, uint64_t arenaOffset) {
+  return transfers_.release(session, arenaOffset);
+}
+
 void DeviceSends::endSession(rpc::SessionId session, std::function<void()> unregister) {
   if (!attached_.load(std::memory_order_acquire)) return unregister();
   owner_->post([this, session, unregister = std::move(unregister)]() {
     if (engine_ == nullptr) return unregister();
-    engine_->dropSession(session, unregister);
+    // First the session's own copies (those waiting for a producer that went away are dropped,
+    // which fails their groups), then the group copies that write into its allocations.
+    engine_->dropSession(session, [this, session, unregister]() {
+      if (groups_ == nullptr) return unregister();
+      groups_->sessionEnded(session, unregister);
+    });
   });
 }
 
