@@ -67,7 +67,9 @@ TEST_P(GpuGroup, EveryMemberSendsItsReplicaAndTheReceiverGetsTheTensorOnce) {
       try {
         cudaSetDevice(0);
         auto sidecar = Sidecar::connect(config(group[position], group, c.dtype, {1}, c.concurrent));
-        DeviceBuffer buffer(std::max<size_t>(bytes, 1));
+        // At least 2 MiB: a smaller cudaMalloc is staged by the client as a host send of the whole
+        // replica (cuda::ExportedTensor::stage), where concurrent copy does not apply.
+        DeviceBuffer buffer(std::max<size_t>(bytes, 4 << 20));
         if (buffer.ptr == nullptr) return fail("cudaMalloc failed");
         for (uint32_t r = 0; r < rounds; ++r) {
           std::vector<uint8_t> replica = chunkBytes(idOf(r), 0, bytes);
