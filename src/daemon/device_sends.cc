@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "base/clock.h"
+#include "daemon/landing_body.h"
 
 namespace sidecar::daemon {
 
@@ -74,10 +75,11 @@ void DeviceSends::detachOwner() {
     auto stats = engine_->stats();
     spdlog::info("device sends: {} stored; mean per send: allocate {} us, copy {} us (with the "
                  "wait for the producer), store {} us; {} pieces, {} MiB, {} sleeps with copies "
-                 "pending, {} copies dropped (their producer went away while they waited)",
+                 "pending, {} copies dropped (their producer went away while they waited); {} "
+                 "body pieces went to other nodes before their tensor's copy finished",
                  sends, phases_.allocateUs.load() / sends, phases_.copyUs.load() / sends,
                  phases_.storeUs.load() / sends, stats.pieces, stats.bytes >> 20,
-                 stats.hostFunctionsArmed, stats.copiesDropped);
+                 stats.hostFunctionsArmed, stats.copiesDropped, phases_.piecesEarly.load());
   }
   available_.store(false, std::memory_order_release);
   {
@@ -153,37 +155,66 @@ kj::Promise<void> DeviceSends::sendDevice(rpc::SessionId session, rpc::DeviceSen
         uint64_t offset = allocation.offset;
         uint64_t allocatedNs = monotonicNs();
         phases_.allocateUs += (allocatedNs - startNs) / 1000;
-        auto copied = owner_->executor().executeAsync([this, session, source, bytes, offset]() {
-          return copyPieces(session, source, bytes, offset, nullptr);
-        });
-        return copied.then(
-            [this, session, offset, bytes, allocatedNs, request = std::move(request)]() mutable {
-              uint64_t copiedNs = monotonicNs();
-              phases_.copyUs += (copiedNs - allocatedNs) / 1000;
-              return storeTensor(session, request, offset)
-                  .then([this, allocatedNs, copiedNs, bytes]() {
-                    uint64_t storedNs = monotonicNs();
-                    phases_.storeUs += (storedNs - copiedNs) / 1000;
-                    ++phases_.sends;
-                    spdlog::debug("device send of {} B: copy {} us, store {} us", bytes,
-                                  (copiedNs - allocatedNs) / 1000, (storedNs - copiedNs) / 1000);
-                  });
-            },
-            [this, session, offset](kj::Exception&& e) -> kj::Promise<void> {
-              // The copy failed: the region never reached the table; give it back.
-              auto failure = kj::cp(e);
-              return transfers_.release(session, offset)
-                  .then([e = kj::mv(e)]() mutable -> kj::Promise<void> { return kj::mv(e); },
-                        [failure = kj::mv(failure)](kj::Exception&&) mutable -> kj::Promise<void> {
-                          return kj::mv(failure);
-                        });
+        return owner_->executor().executeAsync(
+            [this, session, source, bytes, offset, allocatedNs,
+             request = std::move(request)]() mutable {
+              return copyAndSend(session, source, request, offset, allocatedNs);
             });
       });
 }
 
-kj::Promise<void> DeviceSends::storeTensor(rpc::SessionId session,
-                                           const rpc::DeviceSendRequest& request,
-                                           uint64_t arenaOffset) {
+kj::Promise<void> DeviceSends::copyAndSend(rpc::SessionId session,
+                                           const cuda::DeviceSource& source,
+                                           const rpc::DeviceSendRequest& request, uint64_t offset,
+                                           uint64_t allocatedNs) {
+  // The send starts now, while the copy runs: a cross-node delivery puts each piece on the
+  // network as it lands (NodeTransfers::sendLanding); a local one waits for all of it.
+  uint64_t bytes = request.tensor.sizeBytes;
+  auto body = std::make_shared<LandingBody>(bytes);
+  auto copiedNs = std::make_shared<uint64_t>(0);
+  auto copy = copyPieces(session, source, bytes, offset,
+                         [body, offset](uint64_t arenaOffset, uint64_t pieceBytes) {
+                           body->piece(arenaOffset - offset, pieceBytes);
+                         })
+                  .then(
+                      [this, body, copiedNs, allocatedNs]() -> kj::Promise<void> {
+                        *copiedNs = monotonicNs();
+                        phases_.copyUs += (*copiedNs - allocatedNs) / 1000;
+                        phases_.piecesEarly += body->releasedEarly();
+                        body->finish();
+                        return kj::READY_NOW;
+                      },
+                      [body](kj::Exception&& e) -> kj::Promise<void> {
+                        body->fail(kj::cp(e));
+                        return kj::mv(e);
+                      });
+  auto copied = std::make_shared<kj::ForkedPromise<void>>(copy.fork());
+  rpc::Landing landing;
+  landing.landed = [body](uint64_t n) { return body->landed(n); };
+  landing.finished = [copied]() {
+    return copied->addBranch().then([]() {}, [](kj::Exception&&) {});
+  };
+  return transfers_.sendLanding(session, sendRequest(request, offset), std::move(landing))
+      .then(
+          [this, copiedNs, bytes, allocatedNs]() -> kj::Promise<void> {
+            uint64_t storedNs = monotonicNs();
+            if (*copiedNs != 0) phases_.storeUs += (storedNs - *copiedNs) / 1000;
+            ++phases_.sends;
+            spdlog::debug("device send of {} B: copy {} us, stored {} us after the copy", bytes,
+                          (*copiedNs - allocatedNs) / 1000, (storedNs - *copiedNs) / 1000);
+            return kj::READY_NOW;
+          },
+          [copied](kj::Exception&& e) -> kj::Promise<void> {
+            // A failed copy says more than the failure it caused (a delivery cancelled midway).
+            return copied->addBranch().then(
+                [e = kj::mv(e)]() mutable -> kj::Promise<void> { return kj::mv(e); },
+                [](kj::Exception&& copyError) -> kj::Promise<void> { return kj::mv(copyError); });
+          })
+      .attach(kj::mv(copied));
+}
+
+rpc::SendRequest DeviceSends::sendRequest(const rpc::DeviceSendRequest& request,
+                                          uint64_t arenaOffset) {
   rpc::SendRequest send;
   send.dataId = request.dataId;
   send.chunkId = request.chunkId;
@@ -195,7 +226,7 @@ kj::Promise<void> DeviceSends::storeTensor(rpc::SessionId session,
   tensor.offset = arenaOffset;
   tensor.sizeBytes = request.tensor.sizeBytes;
   send.payload = std::move(tensor);
-  return transfers_.send(session, std::move(send));
+  return send;
 }
 
 // ---- GroupCopies::Hooks (owner core) ----------------------------------------------------------
@@ -212,7 +243,7 @@ kj::Promise<void> DeviceSends::copySlice(const GroupMemberSend& member, GroupSli
 }
 
 kj::Promise<void> DeviceSends::store(const GroupMemberSend& member, uint64_t arenaOffset) {
-  return storeTensor(member.session, member.request, arenaOffset);
+  return transfers_.send(member.session, sendRequest(member.request, arenaOffset));
 }
 
 kj::Promise<void> DeviceSends::storeReplica(const GroupMemberSend& member) {

@@ -7,9 +7,10 @@
 // The copy engine lives on core 0 (the owner core) and completes through its reactor; calls from
 // other cores hop there through core 0's executor. A failed copy releases the allocation.
 //
-// Pipelining onto the network (cross-node, later): the engine calls `onPiece(arenaOffset, bytes)`
-// for every piece as it lands, in order; a cross-node send path can put each piece on the wire
-// from there instead of waiting for the whole copy (see copyPieces()).
+// Pipelining onto the network (cross-node): the send starts while the copy runs; the engine's
+// per-piece callbacks feed a LandingBody, and a delivery to another node puts each UCX body piece
+// on the wire as soon as it has landed (NodeTransfers::sendLanding). Local receivers get the
+// chunk when all of it landed.
 //
 // Groups with concurrent copy (registered per rank): each member copies only its slice of its
 // replica into one shared allocation, gathered by GroupCopies on the owner core (see
@@ -69,9 +70,13 @@ class DeviceSends final : public rpc::DeviceSendBackend, private GroupCopies::Ho
   kj::Promise<void> storeReplica(const GroupMemberSend& member) override;
   kj::Promise<void> release(rpc::SessionId session, uint64_t arenaOffset) override;
 
-  // The plain send of a tensor whose bytes are at `arenaOffset` (an allocation of `session`).
-  kj::Promise<void> storeTensor(rpc::SessionId session, const rpc::DeviceSendRequest& request,
-                                uint64_t arenaOffset);
+  // On the owner core: copies the tensor into its allocation at `offset` and sends it, pieces
+  // reaching other nodes as they land (rpc::TransferBackend::sendLanding).
+  kj::Promise<void> copyAndSend(rpc::SessionId session, const cuda::DeviceSource& source,
+                                const rpc::DeviceSendRequest& request, uint64_t offset,
+                                uint64_t allocatedNs);
+  // The plain send of the tensor once its bytes are at `arenaOffset`.
+  static rpc::SendRequest sendRequest(const rpc::DeviceSendRequest& request, uint64_t arenaOffset);
 
   rpc::TransferBackend& transfers_;
   const shm::Arena& arena_;
@@ -85,6 +90,7 @@ class DeviceSends final : public rpc::DeviceSendBackend, private GroupCopies::Ho
   // Where the time of a device send goes, summed in µs (logged when the daemon stops).
   struct PhaseTotals {
     std::atomic<uint64_t> sends{0}, allocateUs{0}, copyUs{0}, storeUs{0};
+    std::atomic<uint64_t> piecesEarly{0};  // released to the network before their copy finished
   };
   PhaseTotals phases_;
   mutable std::mutex reasonMutex_;

@@ -278,6 +278,66 @@ TEST_F(GpuTwoNodes, RemoteConsumerGetsTheOutputOfAKernelStillRunningAtSend) {
 #endif
 }
 
+// Pipelined delivery whose copy never completes: the producer goes away while its copy still
+// waits for its kernel, after the chunk's control message already went to node B. Both nodes
+// give their space back and keep working.
+TEST_F(GpuTwoNodes, ProducerGoingAwayMidPipelineLeavesBothNodesClean) {
+  SKIP_WITHOUT_GPU();
+#ifndef SIDECAR_TEST_KERNELS
+  GTEST_SKIP() << "built without nvcc: no producer kernel";
+#else
+  ASSERT_NO_FATAL_FAILURE(startNodes("512MiB"));
+  auto usedAt = [&](const std::string& socket) {
+    NodeStatus status;
+    std::thread t([&] { status = Client::connectUnix(socket).status(); });
+    t.join();
+    return status.arena ? status.arena->usedBytes : 0;
+  };
+  uint64_t usedA = usedAt(socket_), usedB = usedAt(socketB_);
+  const size_t count = 8 << 20;  // 32 MiB of float: several UCX pieces
+  DeviceBuffer buffer(count * sizeof(float));
+  ASSERT_NE(buffer.ptr, nullptr);
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    auto producer = Sidecar::connect(configAt(socket_, 0, {0}, Dtype::kFloat32));
+    ASSERT_EQ(launchSpinThenFill(static_cast<float*>(buffer.ptr), count, 5.0f, 2000, stream), 0);
+    auto handle = producer.send("xabandoned", DeviceTensorRef{Dtype::kFloat32, {int64_t(count)}, {},
+                                                              buffer.ptr, 0, stream},
+                                {{2}});
+    producer.send("xmarker", Object{1, "x"}, {{2}}).wait();  // the device send reached node A
+    std::this_thread::sleep_for(200ms);  // and its control message node B
+  }  // the producer unregisters: its waiting copy is dropped
+  auto consumer = Sidecar::connect(configAt(socketB_, 2, {2}, Dtype::kFloat32));
+  EXPECT_EQ(consumer.recv("xmarker", 0, 10'000).kind, Received::Kind::kObject);
+  consumer.markDone("xmarker");
+  try {
+    auto got = consumer.recv("xabandoned", 0, 3'000);
+    ADD_FAILURE() << "a chunk whose copy was dropped arrived on node B";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kTimeout) << e.what();
+  }
+  cudaStreamSynchronize(stream);
+  cudaStreamDestroy(stream);
+  auto deadline = Clock::now() + 10s;
+  while ((usedAt(socket_) != usedA || usedAt(socketB_) != usedB) && Clock::now() < deadline) {
+    std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_EQ(usedAt(socket_), usedA) << "node A kept the abandoned chunk's space";
+  EXPECT_EQ(usedAt(socketB_), usedB) << "node B kept the space it received the body into";
+  // Both still work: the next device tensor crosses whole.
+  auto producer = Sidecar::connect(configAt(socket_, 0, {0}, Dtype::kFloat32));
+  std::vector<float> ones(count, 1.0f);
+  CUDA_OK(cudaMemcpy(buffer.ptr, ones.data(), buffer.bytes, cudaMemcpyHostToDevice));
+  producer.send("xafter", DeviceTensorRef{Dtype::kFloat32, {int64_t(count)}, {}, buffer.ptr, 0, nullptr},
+                {{2}}).wait();
+  auto got = consumer.recv("xafter", 0, 10'000);
+  ASSERT_EQ(got.kind, Received::Kind::kTensor);
+  EXPECT_EQ(memcmp(got.tensor.data, ones.data(), buffer.bytes), 0);
+  consumer.markDone("xafter");
+#endif
+}
+
 #else  // !SIDECAR_HAVE_CUDA
 
 TEST_F(GpuTwoNodes, DeviceTensorsAcrossNodes) { GTEST_SKIP() << noGpuReason(); }
