@@ -44,6 +44,9 @@ struct RankConfig {
   std::vector<int32_t> group;  // sorted, contains rank; empty means {rank}
   MemoryHint sendHint;
   MemoryHint recvHint;         // empty rowShape: the send hint
+  // GPU sends of a group (every member sends its full replica): on, each member copies only its
+  // slice, into one shared allocation, in parallel (all members of the group must send every
+  // chunk, and should set this alike); off, one replica is kept (see docs/PROTOCOL.md).
   bool concurrentCopy = false;
   std::string socketPath = Client::defaultSocketPath();
   // How long every wait of this connection (a send's handle, recv, allocateTensor, markDone...)

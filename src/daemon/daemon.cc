@@ -83,7 +83,8 @@ void Daemon::start() {
 #else
   spdlog::info("built without UCX: cross-node bodies ride in control messages (at most 48 MiB each)");
 #endif
-  deviceSends_ = std::make_unique<DeviceSends>(*transfers_, *arena_);
+  deviceSends_ = std::make_unique<DeviceSends>(*transfers_, *arena_, cuda::CopyEngineOptions{},
+                                               config_.sendTimeoutMs);
   spdlog::info("arena: {} of {} pages{}; {}", shm::formatBytes(arena_->sizeBytes()),
                shm::pageKindName(arena_->pageKind()), arena_->mlocked() ? ", locked in RAM" : "",
                arena_->pageKindReason());

@@ -369,6 +369,48 @@ kj::Promise<void> NodeTransfers::send(rpc::SessionId id, rpc::SendRequest reques
   });
 }
 
+kj::Promise<void> NodeTransfers::sendLanding(rpc::SessionId id, rpc::SendRequest request,
+                                             rpc::Landing landing) {
+  return onOwner([this, id, request = std::move(request),
+                  landing = std::move(landing)]() mutable -> kj::Promise<void> {
+    auto* tensor = std::get_if<rpc::TensorDescriptor>(&request.payload);
+    Session& s = session(id);
+    std::optional<Placement> placement;
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { placement = place(request.destinations); })) {
+      (void)e;  // the default path reports the same error, after the copy
+    }
+    bool pipelined = tensor != nullptr && placement && placement->local.empty() &&
+                     !placement->remote.empty() && bodies_ != nullptr &&
+                     tensor->sizeBytes > options_.inlineBytesMax &&
+                     s.registration.group.size() == 1 && s.allocations.count(tensor->offset) != 0;
+    if (!pipelined) return TransferBackend::sendLanding(id, std::move(request), std::move(landing));
+
+    auto it = s.allocations.find(tensor->offset);
+    shm::Allocation allocation = it->second;
+    s.bytesAllocated -= allocation.sizeBytes;
+    s.allocations.erase(it);
+    registerProxies(*placement);
+    transfer::Payload payload = transfer::TensorChunk{tensor->dtype, tensor->shape,
+                                                      tensor->sizeBytes, allocation};
+    transfer::Payload forwarded = transfer::TensorChunk{tensor->dtype, tensor->shape,
+                                                        tensor->sizeBytes, allocation};
+    // A group of one never has a replica dropped here (only the same rank could send the chunk,
+    // which is kAlreadySent): on success the table holds the allocation for the proxies.
+    auto result = table_.send(s.registration.rank, s.registration.group, request.dataId,
+                              request.chunkId, request.numChunks, request.destinations,
+                              std::move(payload));
+    if (auto* error = std::get_if<transfer::Error>(&result)) {
+      // The copy may still write into it: free it once it stopped.
+      landing.finished()
+          .then([this, allocation]() { allocator_.free(allocation); })
+          .detach([](kj::Exception&&) {});
+      throw transferError(*error);
+    }
+    return forwardChunk(s.registration.group, s.registration.rank, request.dataId,
+                        request.chunkId, request.numChunks, *placement, forwarded, &landing);
+  });
+}
+
 kj::Promise<void> NodeTransfers::closeStream(rpc::SessionId id, std::string dataId,
                                              uint32_t numChunks,
                                              std::vector<transfer::Group> destinations) {
@@ -510,7 +552,8 @@ kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup
                                               transfer::Rank sender, const std::string& dataId,
                                               uint32_t chunkId, uint32_t numChunks,
                                               const Placement& placement,
-                                              const transfer::Payload& stored) {
+                                              const transfer::Payload& stored,
+                                              const rpc::Landing* landing) {
   // Releases the remote groups' holds when the forward ends, however it ends (answered, failed,
   // or dropped at shutdown).
   // Built in place on the heap (never copied: a copy's destructor would release the holds).
@@ -544,7 +587,17 @@ kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup
     } else {
       chunk.object = std::get<transfer::ObjectChunk>(stored);
     }
-    auto holds = kj::heap<ProxyHolds>(*this, dataId, chunkId, groups);
+    if (landing == nullptr) {
+      auto holds = kj::heap<ProxyHolds>(*this, dataId, chunkId, groups);
+      forwards.add(links_->deliver(address, kj::mv(chunk)).attach(kj::mv(holds)));
+      continue;
+    }
+    // Still landing: each body piece goes out as it lands. The holds (and with them the
+    // allocation) last until the delivery ended AND the copy stopped writing into it, even when
+    // the caller goes away (its call cancelled) before either.
+    chunk.landed = landing->landed;
+    auto holds = std::make_shared<ProxyHolds>(*this, dataId, chunkId, groups);
+    landing->finished().attach(std::shared_ptr<ProxyHolds>(holds)).detach([](kj::Exception&&) {});
     forwards.add(links_->deliver(address, kj::mv(chunk)).attach(kj::mv(holds)));
   }
   return kj::joinPromises(forwards.finish());

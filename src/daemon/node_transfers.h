@@ -63,6 +63,12 @@ class NodeTransfers final : public rpc::TransferBackend,
                                         uint32_t timeoutMs) override;
   kj::Promise<void> release(rpc::SessionId session, uint64_t offset) override;
   kj::Promise<void> send(rpc::SessionId session, rpc::SendRequest request) override;
+  // Pipelined when the sender is a group of one and every destination is on other nodes reached
+  // with UCX bodies: the chunk is stored at once (held only by the remote groups' proxies, so no
+  // one here reads it) and forwarded piece by piece as the copy lands it; the proxies' holds, and
+  // with them the allocation, last until the copy stopped writing. Otherwise as the default.
+  kj::Promise<void> sendLanding(rpc::SessionId session, rpc::SendRequest request,
+                                rpc::Landing landing) override;
   kj::Promise<void> closeStream(rpc::SessionId session, std::string dataId, uint32_t numChunks,
                                 std::vector<transfer::Group> destinations) override;
   kj::Promise<rpc::RecvReply> recv(rpc::SessionId session, std::string dataId, uint32_t chunkId,
@@ -118,7 +124,8 @@ class NodeTransfers final : public rpc::TransferBackend,
   Placement place(const std::vector<transfer::Group>& destinations);
   kj::Promise<void> forwardChunk(const transfer::Group& senderGroup, transfer::Rank sender,
                                  const std::string& dataId, uint32_t chunkId, uint32_t numChunks,
-                                 const Placement& placement, const transfer::Payload& stored);
+                                 const Placement& placement, const transfer::Payload& stored,
+                                 const rpc::Landing* landing = nullptr);
   void registerProxies(const Placement& placement);
   void releaseProxies(const std::string& dataId, uint32_t chunkId,
                       const std::vector<transfer::Group>& groups);

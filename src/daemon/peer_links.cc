@@ -198,7 +198,16 @@ void PeerLinks::lose(Link& l, const std::string& why) {
 }
 
 kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk chunk) {
-  return link(address).then([this, chunk = kj::mv(chunk)](kj::Own<Link> l) mutable -> kj::Promise<void> {
+  return link(address).then([this, address, chunk = kj::mv(chunk)](kj::Own<Link> l) mutable -> kj::Promise<void> {
+    if (chunk.landed && chunk.isTensor &&
+        (chunk.sizeBytes <= options_.inlineBytesMax || !l->endpoint)) {
+      // Inline: the body rides in the message, so all of it must have landed first.
+      auto whole = chunk.landed(chunk.sizeBytes);
+      chunk.landed = nullptr;
+      return whole.then([this, address, chunk = kj::mv(chunk)]() mutable {
+        return deliver(address, kj::mv(chunk));
+      });
+    }
     auto request = l->peer.deliverRequest();
     auto c = request.initChunk();
     c.setDataId(chunk.dataId);
@@ -243,7 +252,16 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
         for (uint32_t i = 0; i < pieces; ++i) {
           uint64_t offset = uint64_t{i} * pieceBytes;
           uint64_t bytes = std::min(pieceBytes, chunk.sizeBytes - offset);
-          sends.add(l->endpoint->send(tag + i, static_cast<const char*>(chunk.body) + offset, bytes));
+          const void* piece = static_cast<const char*>(chunk.body) + offset;
+          if (chunk.landed) {
+            // Pipelined: this piece goes out once the GPU copy has landed it.
+            BodyEndpoint* endpoint = l->endpoint.get();
+            sends.add(chunk.landed(offset + bytes).then([endpoint, tag, i, piece, bytes]() {
+              return endpoint->send(tag + i, piece, bytes);
+            }));
+          } else {
+            sends.add(l->endpoint->send(tag + i, piece, bytes));
+          }
         }
         // A body that fails fails the delivery; one that succeeds proves nothing until the peer
         // answers (it stores the chunk first), so success waits for the answer alone.

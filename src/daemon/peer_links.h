@@ -17,6 +17,7 @@
 #include <kj/timer.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -44,6 +45,11 @@ struct OutgoingChunk {
   uint64_t sizeBytes = 0;
   const void* body = nullptr;
   transfer::ObjectChunk object;  // when !isTensor
+  // A body still being written into the arena (a GPU copy): resolves once bytes [0, n) are final,
+  // rejects if they never will be (which fails the delivery and cancels it at the peer). Each
+  // UCX piece goes out as soon as it has landed; an inline body waits for all of it. Null: the
+  // body is complete.
+  std::function<kj::Promise<void>(uint64_t n)> landed;
 };
 
 struct PeerLinkOptions {

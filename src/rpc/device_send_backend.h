@@ -25,6 +25,10 @@ struct DeviceTensorDescriptor {
 };
 
 struct DeviceSendRequest {
+  // The sender as registered (filled by the session, not the client's call).
+  transfer::Rank senderRank = 0;
+  transfer::Group senderGroup;
+  bool concurrentCopy = false;  // each member copies its slice (daemon/group_copies.h)
   std::string dataId;
   uint32_t chunkId = 0;
   uint32_t numChunks = 1;

@@ -195,6 +195,9 @@ kj::Promise<void> SessionService::sendDevice(SendDeviceContext context) {
   context.allowCancellation();
   auto params = context.getParams();
   DeviceSendRequest request;
+  request.senderRank = rank_;
+  request.senderGroup = group_;
+  request.concurrentCopy = concurrentCopy_;
   request.dataId = text(params.getDataId());
   request.chunkId = params.getChunkId();
   request.numChunks = params.getNumChunks();

@@ -12,8 +12,14 @@ namespace sidecar::rpc {
 class SessionService final : public proto::Session::Server {
  public:
   SessionService(TransferBackend& backend, SessionId session, transfer::Rank rank,
-                 DeviceSendBackend* devices = nullptr)
-      : backend_(backend), session_(session), rank_(rank), devices_(devices) {}
+                 DeviceSendBackend* devices = nullptr, transfer::Group group = {},
+                 bool concurrentCopy = false)
+      : backend_(backend),
+        session_(session),
+        rank_(rank),
+        devices_(devices),
+        group_(group.empty() ? transfer::Group{rank} : std::move(group)),
+        concurrentCopy_(concurrentCopy) {}
   ~SessionService();
 
  protected:
@@ -30,6 +36,8 @@ class SessionService final : public proto::Session::Server {
   SessionId session_;
   transfer::Rank rank_;
   DeviceSendBackend* devices_;
+  transfer::Group group_;  // as registered
+  bool concurrentCopy_;
 };
 
 // Carries the arena's memfd to the client (Capability::Client::getFd()).

@@ -78,10 +78,14 @@ kj::Promise<void> SidecarService::register_(RegisterContext context) {
   registration.concurrentCopy = r.getConcurrentCopy();
   registration.peerPid = peerPid_;
   transfer::Rank rank = registration.rank;
+  transfer::Group group = registration.group;
+  bool concurrentCopy = registration.concurrentCopy;
   return transfers.registerRank(std::move(registration))
-      .then([this, context, rank, &transfers](SessionId session) mutable {
+      .then([this, context, rank, group = std::move(group), concurrentCopy,
+             &transfers](SessionId session) mutable {
         auto results = context.getResults();
-        results.setSession(kj::heap<SessionService>(transfers, session, rank, node_.deviceSends()));
+        results.setSession(kj::heap<SessionService>(transfers, session, rank, node_.deviceSends(),
+                                                    std::move(group), concurrentCopy));
         results.setArena(kj::heap<ArenaHandleService>(transfers.arenaFd()));
         results.setArenaBytes(transfers.arenaBytes());
       });

@@ -8,6 +8,7 @@
 #include <kj/exception.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -69,6 +70,14 @@ struct TransferSummary {
 
 using SessionId = uint64_t;
 
+// A tensor whose bytes are still being written into its allocation (a GPU copy, issue 6).
+struct Landing {
+  // Resolves once bytes [0, n) of the tensor are final; rejects if the copy failed.
+  std::function<kj::Promise<void>(uint64_t n)> landed;
+  // A new promise that resolves (never rejects) once nothing writes into the allocation any more.
+  std::function<kj::Promise<void>()> finished;
+};
+
 class TransferBackend {
  public:
   virtual kj::Promise<SessionId> registerRank(RankRegistration registration) = 0;
@@ -79,6 +88,10 @@ class TransferBackend {
                                                 uint32_t timeoutMs) = 0;
   virtual kj::Promise<void> release(SessionId session, uint64_t offset) = 0;
   virtual kj::Promise<void> send(SessionId session, SendRequest request) = 0;
+  // As send() for a tensor that is still landing: resolves as send() would. Takes the allocation
+  // in every case: on failure it is released once `landing.finished` resolved. By default it
+  // waits for the whole tensor, then sends; the daemon forwards pieces to other nodes as they land.
+  virtual kj::Promise<void> sendLanding(SessionId session, SendRequest request, Landing landing);
   virtual kj::Promise<void> closeStream(SessionId session, std::string dataId, uint32_t numChunks,
                                         std::vector<transfer::Group> destinations) = 0;
   virtual kj::Promise<RecvReply> recv(SessionId session, std::string dataId, uint32_t chunkId,
