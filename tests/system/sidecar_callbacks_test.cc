@@ -6,18 +6,15 @@
 #include <gtest/gtest.h>
 #include <sidecar/error.h>
 #include <sidecar/sidecar.h>
-#include <sys/stat.h>
 
 #include <atomic>
 #include <chrono>
-#include <cstring>
-#include <filesystem>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "daemon_process.h"
+#include "local_daemon.h"
 
 namespace {
 
@@ -33,41 +30,17 @@ using sidecar::Sidecar;
 
 class SidecarCallbacksTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    ASSERT_FALSE(sidecardPath().empty()) << "$SIDECARD must name the sidecard binary";
-    char tmpl[] = "/tmp/sidecar-callbacks-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr) << strerror(errno);
-    dir_ = tmpl;
-    socket_ = dir_ + "/sidecar.sock";
-    daemon_ = Process::start({sidecardPath(), "--socket", socket_, "--tcp", "off", "--arena-size", "64MiB",
-                              "--cores", "1", "--node-id", "callbacks"},
-                             {}, dir_ + "/sidecard.out", dir_ + "/sidecard.err");
-    ASSERT_NE(daemon_, nullptr);
-    auto deadline = Clock::now() + 15s;
-    struct stat st {};
-    while (lstat(socket_.c_str(), &st) != 0) {
-      ASSERT_TRUE(daemon_->running()) << daemon_->err();
-      ASSERT_LT(Clock::now(), deadline) << "no socket after 15 s\n" << daemon_->err();
-      std::this_thread::sleep_for(20ms);
-    }
-  }
-
-  void TearDown() override {
-    daemon_.reset();
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
+  void SetUp() override { ASSERT_NO_FATAL_FAILURE(daemon_.start("callbacks")); }
 
   RankConfig config(int32_t rank) {
     RankConfig c;
     c.rank = rank;
     c.sendHint = {Dtype::kUint8, {64}};
-    c.socketPath = socket_;
+    c.socketPath = daemon_.socket();
     return c;
   }
 
-  std::string dir_, socket_;
-  std::unique_ptr<Process> daemon_;
+  LocalDaemon daemon_;
 };
 
 TEST_F(SidecarCallbacksTest, WakeBeforeWaitReturnsAtOnceAndWakeFromAnotherThreadEndsTheWait) {

@@ -8,16 +8,13 @@
 #include <sidecar/error.h>
 #include <sidecar/sidecar.h>
 #include <stdlib.h>
-#include <sys/stat.h>
 
 #include <chrono>
-#include <cstring>
-#include <filesystem>
 #include <optional>
 #include <string>
 #include <thread>
 
-#include "daemon_process.h"
+#include "local_daemon.h"
 
 namespace {
 
@@ -33,37 +30,15 @@ using sidecar::Sidecar;
 
 class WaitSpinTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    ASSERT_FALSE(sidecardPath().empty()) << "$SIDECARD must name the sidecard binary";
-    char tmpl[] = "/tmp/sidecar-wait-spin-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr) << strerror(errno);
-    dir_ = tmpl;
-    socket_ = dir_ + "/sidecar.sock";
-    daemon_ = Process::start({sidecardPath(), "--socket", socket_, "--tcp", "off", "--arena-size", "64MiB",
-                              "--cores", "1", "--node-id", "wait-spin"},
-                             {}, dir_ + "/sidecard.out", dir_ + "/sidecard.err");
-    ASSERT_NE(daemon_, nullptr);
-    auto deadline = Clock::now() + 15s;
-    struct stat st {};
-    while (lstat(socket_.c_str(), &st) != 0) {
-      ASSERT_TRUE(daemon_->running()) << daemon_->err();
-      ASSERT_LT(Clock::now(), deadline) << "no socket after 15 s\n" << daemon_->err();
-      std::this_thread::sleep_for(20ms);
-    }
-  }
+  void SetUp() override { ASSERT_NO_FATAL_FAILURE(daemon_.start("wait-spin")); }
 
-  void TearDown() override {
-    unsetenv("SIDECAR_WAIT_SPIN_US");
-    daemon_.reset();
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
+  void TearDown() override { unsetenv("SIDECAR_WAIT_SPIN_US"); }
 
   RankConfig config(int32_t rank, std::optional<uint32_t> waitSpinUs) {
     RankConfig c;
     c.rank = rank;
     c.sendHint = {Dtype::kUint8, {64}};
-    c.socketPath = socket_;
+    c.socketPath = daemon_.socket();
     c.waitSpinUs = waitSpinUs;
     return c;
   }
@@ -80,8 +55,7 @@ class WaitSpinTest : public ::testing::Test {
   }
 
   Watchdog watchdog_{"wait spin test", std::chrono::seconds(60)};
-  std::string dir_, socket_;
-  std::unique_ptr<Process> daemon_;
+  LocalDaemon daemon_;
 };
 
 TEST_F(WaitSpinTest, ASpinOverTheLimitIsRefusedAtConnect) {

@@ -1,0 +1,64 @@
+#pragma once
+// A sidecard ($SIDECARD) listening on a unix socket in a fresh temp folder (no TCP): the daemon
+// of the system tests that exercise one node's client paths. start() records a fatal failure
+// (call it under ASSERT_NO_FATAL_FAILURE) when the daemon does not create its socket within 15 s.
+// The destructor stops the daemon and removes the folder.
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <system_error>
+#include <thread>
+
+#include "daemon_process.h"
+
+namespace sidecar::systest {
+
+class LocalDaemon {
+ public:
+  LocalDaemon() = default;
+  LocalDaemon(const LocalDaemon&) = delete;
+  LocalDaemon& operator=(const LocalDaemon&) = delete;
+  ~LocalDaemon() {
+    process_.reset();
+    if (!dir_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir_, ec);
+    }
+  }
+
+  // `nodeId` also names the temp folder (/tmp/sidecar-<nodeId>-XXXXXX).
+  void start(const std::string& nodeId, const std::string& arenaSize = "64MiB") {
+    ASSERT_FALSE(sidecardPath().empty()) << "$SIDECARD must name the sidecard binary";
+    std::string tmpl = "/tmp/sidecar-" + nodeId + "-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl.data()), nullptr) << strerror(errno);
+    dir_ = tmpl;
+    socket_ = dir_ + "/sidecar.sock";
+    process_ = Process::start({sidecardPath(), "--socket", socket_, "--tcp", "off", "--arena-size", arenaSize,
+                               "--cores", "1", "--node-id", nodeId},
+                              {}, dir_ + "/sidecard.out", dir_ + "/sidecard.err");
+    ASSERT_NE(process_, nullptr);
+    auto deadline = Clock::now() + 15s;
+    struct stat st {};
+    while (lstat(socket_.c_str(), &st) != 0) {
+      ASSERT_TRUE(process_->running()) << process_->err();
+      ASSERT_LT(Clock::now(), deadline) << "no socket after 15 s\n" << process_->err();
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+
+  const std::string& socket() const { return socket_; }
+  Process& process() { return *process_; }
+
+ private:
+  std::string dir_, socket_;
+  std::unique_ptr<Process> process_;
+};
+
+}  // namespace sidecar::systest
