@@ -137,16 +137,16 @@ TEST_F(CoalesceTest, BackpressureKeepsEveryByteInOrder) {
   constexpr int kMessages = 4000;
   constexpr size_t kBytes = 1000;  // 4 MB in all: far more than the socket buffer
   std::string received;              // the reader's until it is joined
-  std::atomic<size_t> receivedBytes{0};
+  std::atomic<bool> readerDone{false};
   std::thread reader([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let the socket fill
     std::vector<char> buffer(1 << 16);
     for (;;) {
       ssize_t n = ::read(peer_.get(), buffer.data(), buffer.size());
-      if (n <= 0) return;
+      if (n <= 0) break;
       received.append(buffer.data(), static_cast<size_t>(n));
-      receivedBytes.fetch_add(static_cast<size_t>(n));
     }
+    readerDone = true;
   });
   std::string expected;
   for (int i = 0; i < kMessages; ++i) {
@@ -155,11 +155,12 @@ TEST_F(CoalesceTest, BackpressureKeepsEveryByteInOrder) {
     expected += m;
     write(m);
   }
-  // Flushes first; a flush still in the ring ends the stream when done. EOF ends the reader (a
-  // lost shutdown would hang it: the watchdog reports that).
+  // Flushes first; a flush still in the ring ends the stream in the KJ continuation of its
+  // completion, so the loop (KJ turns, not only the reactor) runs until the reader saw EOF. A lost
+  // shutdown never ends the reader: the watchdog reports that.
   stream_->shutdownWrite();
-  for (int i = 0; i < 20000 && receivedBytes.load() < expected.size(); ++i) {
-    loop_.reactor().poll();
+  for (int i = 0; i < 200000 && !readerDone.load(); ++i) {
+    loop_.waitScope().poll();  // KJ turns too: the flush's completion runs the shutdown
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
   reader.join();
