@@ -21,6 +21,7 @@
 // Usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes 4096,1048576,67108864]
 //                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2]
 
+#include <CLI/CLI.hpp>
 #include <sidecar/sidecar.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -88,42 +89,24 @@ struct Options {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "xnode_bench: %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--socket-a") o.socketA = next();
-    else if (a == "--socket-b") o.socketB = next();
-    else if (a == "--iterations") o.iterations = std::max(1, std::atoi(next().c_str()));
-    else if (a == "--warmup") o.warmup = std::max(0, std::atoi(next().c_str()));
-    else if (a == "--rank-a") o.rankA = std::atoi(next().c_str());
-    else if (a == "--stream-count") o.streamCount = std::max(0, std::atoi(next().c_str()));
-    else if (a == "--window") o.window = std::max(1, std::atoi(next().c_str()));
-    else if (a == "--rank-b") o.rankB = std::atoi(next().c_str());
-    else if (a == "--sizes") {
-      o.sizes.clear();
-      std::string list = next();
-      for (size_t start = 0; start <= list.size();) {
-        size_t comma = list.find(',', start);
-        if (comma == std::string::npos) comma = list.size();
-        o.sizes.push_back(std::strtoull(list.substr(start, comma - start).c_str(), nullptr, 10));
-        start = comma + 1;
-      }
-    } else {
-      std::fprintf(stderr,
-                   "usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes B,B,..] "
-                   "[--iterations N] [--warmup N] [--rank-a R] [--rank-b R] [--stream-count N] [--window N]\n");
-      std::exit(a == "--help" ? 0 : 2);
-    }
-  }
-  if (o.socketA.empty() || o.socketB.empty()) {
-    std::fprintf(stderr, "xnode_bench: --socket-a and --socket-b are required\n");
-    std::exit(2);
+  CLI::App app{"xnode_bench: a sender rank on node A and a receiver rank on node B (bench/cross_node/perftest "
+               "starts the daemons)"};
+  app.add_option("--socket-a", o.socketA, "node A's daemon socket (the sender's)")->required();
+  app.add_option("--socket-b", o.socketB, "node B's daemon socket (the receiver's)")->required();
+  app.add_option("--sizes", o.sizes, "tensor sizes in bytes, comma-separated")
+      ->delimiter(',')
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 40));
+  app.add_option("--iterations", o.iterations, "timed transfers per size")->check(CLI::Range(1, 1000000));
+  app.add_option("--warmup", o.warmup, "untimed transfers per size first")->check(CLI::Range(0, 1000000));
+  app.add_option("--rank-a", o.rankA, "the sender's rank")->check(CLI::NonNegativeNumber);
+  app.add_option("--rank-b", o.rankB, "the receiver's rank")->check(CLI::NonNegativeNumber);
+  app.add_option("--stream-count", o.streamCount, "streamed transfers per size (0: none)")
+      ->check(CLI::Range(0, 1000000));
+  app.add_option("--window", o.window, "streamed transfers in flight")->check(CLI::Range(1, 1024));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    std::exit(app.exit(e));
   }
   return o;
 }

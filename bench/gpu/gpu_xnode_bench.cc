@@ -19,6 +19,7 @@
 //                        [--count 16] [--window 4] [--rounds 5] [--singles 9]
 
 #include <cuda_runtime.h>
+#include <CLI/CLI.hpp>
 #include <sidecar/sidecar.h>
 
 #include <algorithm>
@@ -57,39 +58,22 @@ struct Options {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "gpu_xnode_bench: %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--socket-a") o.socketA = next();
-    else if (a == "--socket-b") o.socketB = next();
-    else if (a == "--count") o.count = std::max(1, std::atoi(next().c_str()));
-    else if (a == "--window") o.window = std::max(1, std::atoi(next().c_str()));
-    else if (a == "--rounds") o.rounds = std::max(1, std::atoi(next().c_str()));
-    else if (a == "--singles") o.singles = std::max(0, std::atoi(next().c_str()));
-    else if (a == "--sizes") {
-      o.sizes.clear();
-      std::string list = next();
-      for (size_t start = 0; start <= list.size();) {
-        size_t comma = list.find(',', start);
-        if (comma == std::string::npos) comma = list.size();
-        o.sizes.push_back(std::strtoull(list.substr(start, comma - start).c_str(), nullptr, 10));
-        start = comma + 1;
-      }
-    } else {
-      std::fprintf(stderr, "usage: gpu_xnode_bench --socket-a PATH --socket-b PATH [--sizes B,..] "
-                           "[--count N] [--window N] [--rounds N] [--singles N]\n");
-      std::exit(a == "--help" ? 0 : 2);
-    }
-  }
-  if (o.socketA.empty() || o.socketB.empty()) {
-    std::fprintf(stderr, "gpu_xnode_bench: --socket-a and --socket-b are required\n");
-    std::exit(2);
+  CLI::App app{"gpu_xnode_bench: a device tensor on node A to a host tensor on node B against each stage "
+               "alone (bench/gpu/gpu_xnode starts the daemons)"};
+  app.add_option("--socket-a", o.socketA, "node A's daemon socket (the sender's)")->required();
+  app.add_option("--socket-b", o.socketB, "node B's daemon socket (the receiver's)")->required();
+  app.add_option("--sizes", o.sizes, "tensor sizes in bytes, comma-separated")
+      ->delimiter(',')
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 40));
+  app.add_option("--count", o.count, "streamed transfers per phase and round")->check(CLI::Range(1, 1000000));
+  app.add_option("--window", o.window, "streamed transfers in flight")->check(CLI::Range(1, 1024));
+  app.add_option("--rounds", o.rounds, "rounds (the median is reported)")->check(CLI::Range(1, 1000));
+  app.add_option("--singles", o.singles, "one-at-a-time transfers per phase (0: none)")
+      ->check(CLI::Range(0, 1000000));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    std::exit(app.exit(e));
   }
   return o;
 }
