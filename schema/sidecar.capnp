@@ -101,10 +101,20 @@ struct Object {
   bytes @1 :Data;
 }
 
+struct InlineTensor {
+  # A small tensor sent with its bytes in the message: the daemon allocates and copies, so the
+  # send costs one round trip instead of two (allocate, then send). Only to daemons that announce
+  # it (register's inlineTensorMaxBytes > 0), at most that many bytes.
+  dtype @0 :Dtype;
+  shape @1 :List(Int64);
+  bytes @2 :Data;             # prod(shape) * size of dtype, contiguous (row-major)
+}
+
 struct Payload {
   union {
     tensor @0 :Tensor;        # offset must be an allocation of this session (Session.allocate)
     object @1 :Object;
+    inlineTensor @2 :InlineTensor;
   }
 }
 
@@ -196,7 +206,7 @@ interface Sidecar {
   # Who this daemon is and how it is doing.
 
   register @2 (registration :Registration) -> (session :Session, arena :ArenaHandle,
-                                              arenaBytes :UInt64);
+                                              arenaBytes :UInt64, inlineTensorMaxBytes :UInt64);
   # Registers a rank (unix socket only: the arena travels as a file descriptor). Fails with
   # [already-registered] while another live client holds the rank.
 

@@ -176,6 +176,9 @@ class Sidecar {
   // Copies `tensor` into the arena (waiting for space when it is full, up to the daemon's send
   // timeout) and sends it. Returns once the bytes are copied; the handle tells when the daemon
   // has the chunk. numChunks 0: a stream whose length closeStream() fixes.
+  // Small tensors (up to 32 KiB, when the daemon takes them) travel inside the send call and the
+  // daemon copies them into the arena: one round trip instead of two. Then the wait for space
+  // happens in the daemon, and a full arena shows as the handle's kArenaFull.
   SendHandle send(const std::string& dataId, const TensorRef& tensor, const Groups& destinations,
                   uint32_t chunkId = 0, uint32_t numChunks = 1);
   SendHandle send(const std::string& dataId, const Object& object, const Groups& destinations,
@@ -222,6 +225,8 @@ class Sidecar {
   friend class SendHandle;
   friend class RecvHandle;
   struct Impl;
+  SendHandle sendInline(const std::string& dataId, const TensorRef& tensor, uint64_t sizeBytes,
+                        const Groups& destinations, uint32_t chunkId, uint32_t numChunks);
   explicit Sidecar(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -177,6 +177,9 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   std::optional<shm::ArenaView> arena;
   void* arenaBase = nullptr;
   uint64_t arenaBytes = 0;
+  // Tensors up to this size go inline in the send call (one round trip instead of allocate +
+  // send); 0: the daemon does not take them (an older sidecard).
+  uint64_t inlineTensorMaxBytes = 0;
   kj::TaskSet background;
   std::vector<Error> failedSends;
 
@@ -299,6 +302,7 @@ Sidecar Sidecar::connect(const RankConfig& config) {
     auto response = impl->wait(request.send());
     impl->session = response.getSession();
     impl->arenaBytes = response.getArenaBytes();
+    impl->inlineTensorMaxBytes = response.getInlineTensorMaxBytes();
     auto arenaFd = impl->wait(response.getArena().getFd());
     KJ_IF_MAYBE(raw, arenaFd) {
       // 2 MiB aligned, so a THP-backed arena maps with huge pages here too.
@@ -360,6 +364,9 @@ SendHandle Sidecar::send(const std::string& dataId, const TensorRef& tensor,
     throw invalid("tensor strides must be empty or one per dimension");
   }
   if (bytes > 0 && tensor.data == nullptr) throw invalid("tensor data is null");
+  if (bytes <= impl_->inlineTensorMaxBytes) {
+    return sendInline(dataId, tensor, bytes, destinations, chunkId, numChunks);
+  }
   ArenaTensor arena = allocateTensor(tensor.dtype, tensor.shape);
   if (bytes > 0) {
     if (isContiguous(tensor.shape, tensor.strides)) {
@@ -370,6 +377,33 @@ SendHandle Sidecar::send(const std::string& dataId, const TensorRef& tensor,
     }
   }
   return send(dataId, std::move(arena), destinations, chunkId, numChunks);
+}
+
+SendHandle Sidecar::sendInline(const std::string& dataId, const TensorRef& tensor,
+                               uint64_t sizeBytes, const Groups& destinations, uint32_t chunkId,
+                               uint32_t numChunks) {
+  impl_->throwDeferred();
+  SendHandle handle;
+  client::call("send", [&]() {
+    auto request = impl_->session.sendRequest();
+    setSendHeader(request, dataId, chunkId, numChunks, destinations);
+    auto t = request.initPayload().initInlineTensor();
+    t.setDtype(toProto(tensor.dtype));
+    auto shape = t.initShape(static_cast<unsigned>(tensor.shape.size()));
+    for (size_t i = 0; i < tensor.shape.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape[i]);
+    auto bytes = t.initBytes(static_cast<unsigned>(sizeBytes));
+    if (sizeBytes > 0) {
+      if (isContiguous(tensor.shape, tensor.strides)) {
+        memcpy(bytes.begin(), tensor.data, sizeBytes);
+      } else {
+        copyStrided(bytes.begin(), static_cast<const kj::byte*>(tensor.data), tensor.shape,
+                    tensor.strides, dtypeBytes(tensor.dtype), 0);
+      }
+    }
+    handle.state_ = std::make_unique<SendHandle::State>(
+        SendHandle::State{impl_.get(), request.send().ignoreResult()});
+  });
+  return handle;
 }
 
 SendHandle Sidecar::send(const std::string& dataId, ArenaTensor&& tensor,

@@ -5,7 +5,8 @@ namespace sidecar::client {
 namespace {
 struct Shared {
   // A client sleeps at once when it waits (no spin): executors are busy with their own work.
-  reactor::ReactorLoop loop{reactor::ReactorOptions{64}, 0};
+  // The loop lives and dies on this thread, so its ring can defer task work (see ReactorOptions).
+  reactor::ReactorLoop loop{reactor::ReactorOptions{.ringEntries = 64, .deferTaskrun = true}, 0};
   unsigned users = 0;
 };
 thread_local Shared* current = nullptr;

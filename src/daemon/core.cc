@@ -56,10 +56,17 @@ class Listener {
 }  // namespace
 
 // Everything that lives on the core's thread. Built and destroyed on that thread.
+// The core's loop is created, run and destroyed on the core's thread, so its ring can defer task
+// work to that thread (see ReactorOptions::deferTaskrun).
+static reactor::ReactorOptions threadBound(reactor::ReactorOptions options) {
+  options.deferTaskrun = true;
+  return options;
+}
+
 struct Core::Loop final : public kj::TaskSet::ErrorHandler {
   Loop(Core& core)
       : core(core),
-        loop(core.options_.reactor, core.options_.spinUs),
+        loop(threadBound(core.options_.reactor), core.options_.spinUs),
         mailbox(loop.reactor()),
         connections(kj::heap<kj::TaskSet>(*this)), listeners(kj::heap<kj::TaskSet>(*this)) {
     auto paf = kj::newPromiseAndFulfiller<void>();

@@ -88,6 +88,7 @@ class NodeTransfers final : public rpc::TransferBackend,
                                     std::vector<transfer::Group> destinations) override;
   kj::Promise<void> heartbeat(uint32_t linkId) override;
   uint64_t arenaBytes() const override { return arena_.sizeBytes(); }
+  std::byte* arenaBase() const override { return arena_.base(); }
 
  private:
   struct Session {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
 
 #include "base/check.h"
 
@@ -32,7 +33,25 @@ Reactor::Reactor(ReactorOptions options) {
   // when one SQE fails early, so unrelated operations are never dropped.
   params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
   params.cq_entries = options.ringEntries * 2;
-  int rc = io_uring_queue_init_params(options.ringEntries, &ring_, &params);
+  int rc = -EINVAL;
+  // A diagnostic switch (A/B measurements, or a kernel whose DEFER_TASKRUN misbehaves).
+  if (const char* env = getenv("SIDECAR_IO_URING_DEFER_TASKRUN"); env != nullptr && env[0] == '0') {
+    options.deferTaskrun = false;
+  }
+  if (options.deferTaskrun) {
+    // Completions of socket operations are finished by "task work" on this thread. By default the
+    // kernel interrupts the thread for it (an IPI when it runs on another CPU, a VM exit on these
+    // hosts), even while it spins and would look anyway. DEFER_TASKRUN runs that work only when
+    // we enter the ring to collect completions; TASKRUN_FLAG tells us (through the SQ flags, which
+    // liburing's peek reads) when there is some, so a poll enters the kernel only then.
+    io_uring_params deferred = params;
+    deferred.flags |=
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+    rc = io_uring_queue_init_params(options.ringEntries, &ring_, &deferred);
+    deferTaskrun_ = rc == 0;
+  }
+  // Kernels before 6.1 refuse DEFER_TASKRUN with -EINVAL: run with the default task work.
+  if (rc == -EINVAL) rc = io_uring_queue_init_params(options.ringEntries, &ring_, &params);
   SIDECAR_CHECK(rc == 0, "io_uring_queue_init_params(%u): %d (is io_uring disabled? see "
                          "/proc/sys/kernel/io_uring_disabled)", options.ringEntries, rc);
   wakeFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

@@ -36,6 +36,12 @@ class Flushable {
 
 struct ReactorOptions {
   unsigned ringEntries = 256;  // SQ size; the CQ is twice that. Power of two.
+  // IORING_SETUP_DEFER_TASKRUN (kernel 6.1+; silently off before): no interrupts for completed
+  // socket operations; they are collected when the reactor polls or sleeps. Only for a reactor
+  // that is created, driven and destroyed by one thread (the daemon's cores, libsidecar's
+  // per-thread loop), never touched by a forked child: the kernel refuses submissions from any
+  // other thread. $SIDECAR_IO_URING_DEFER_TASKRUN=0 turns it off everywhere.
+  bool deferTaskrun = false;
 };
 
 // Counters written only by the owning thread and readable from any thread (statistics for
@@ -97,6 +103,8 @@ class Reactor {
 
   const ReactorStats& stats() const { return stats_; }
   int ringFd() const { return ring_.ring_fd; }
+  // Whether the ring runs with IORING_SETUP_DEFER_TASKRUN (ReactorOptions::deferTaskrun).
+  bool deferTaskrun() const { return deferTaskrun_; }
 
  private:
   class WakeCompletion;
@@ -117,6 +125,7 @@ class Reactor {
   mutable std::atomic<bool> wakeRequested_{false};
   WakeCompletion* wakeCompletion_ = nullptr;
   bool stopping_ = false;
+  bool deferTaskrun_ = false;
 };
 
 }  // namespace sidecar::reactor

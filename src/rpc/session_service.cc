@@ -1,5 +1,9 @@
 #include "rpc/session_service.h"
 
+#include <algorithm>
+#include <cstring>
+#include <string>
+
 #include <kj/debug.h>
 
 namespace sidecar::rpc {
@@ -135,10 +139,38 @@ kj::Promise<void> SessionService::send(SendContext context) {
           o.getTypeTag(), std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size())};
       break;
     }
+    case proto::Payload::INLINE_TENSOR:
+      return sendInline(context, std::move(request));
     default:
       return transferError("invalid-argument", "the payload is neither a tensor nor an object");
   }
   return backend_.send(session_, std::move(request));
+}
+
+kj::Promise<void> SessionService::sendInline(SendContext context, SendRequest request) {
+  auto t = context.getParams().getPayload().getInlineTensor();
+  uint64_t sizeBytes = t.getBytes().size();
+  if (sizeBytes > kInlineTensorMaxBytes) {
+    return transferError("too-large",
+                         "an inline tensor carries at most " +
+                             std::to_string(kInlineTensorMaxBytes) + " bytes, this one " +
+                             std::to_string(sizeBytes) + "; allocate larger tensors in the arena");
+  }
+  TensorDescriptor tensor;
+  tensor.dtype = fromProto(t.getDtype());
+  for (int64_t dim : t.getShape()) tensor.shape.push_back(dim);
+  tensor.sizeBytes = sizeBytes;
+  // The same allocation (and the same wait for space) as Session.allocate; send() then takes it
+  // over, and frees it if the send fails (e.g. a shape that does not match the byte size).
+  return backend_.allocate(session_, std::max<uint64_t>(sizeBytes, 1), 0)
+      .then([this, context, request = std::move(request),
+             tensor = std::move(tensor)](shm::Allocation allocation) mutable {
+        auto bytes = context.getParams().getPayload().getInlineTensor().getBytes();
+        if (bytes.size() > 0) memcpy(backend_.arenaBase() + allocation.offset, bytes.begin(), bytes.size());
+        tensor.offset = allocation.offset;
+        request.payload = std::move(tensor);
+        return backend_.send(session_, std::move(request));
+      });
 }
 
 kj::Promise<void> SessionService::closeStream(CloseStreamContext context) {

@@ -88,6 +88,7 @@ kj::Promise<void> SidecarService::register_(RegisterContext context) {
                                                     std::move(group), concurrentCopy));
         results.setArena(kj::heap<ArenaHandleService>(transfers.arenaFd()));
         results.setArenaBytes(transfers.arenaBytes());
+        results.setInlineTensorMaxBytes(kInlineTensorMaxBytes);
       });
 }
 

@@ -103,6 +103,8 @@ class TransferBackend {
 
   virtual int arenaFd() const = 0;
   virtual uint64_t arenaBytes() const = 0;
+  // Where the arena is mapped in this process (the daemon copies inline tensors there).
+  virtual std::byte* arenaBase() const = 0;
 
  protected:
   ~TransferBackend() = default;
