@@ -136,7 +136,7 @@ void NodeTransfers::detachOwner() {
   incoming_.clear();
   links_ = nullptr;
   for (auto& [id, s] : sessions_) {
-    for (auto& [offset, allocation] : s.allocations) allocator_.free(allocation);
+    for (auto& [offset, allocation] : s.allocations) release(allocation);
   }
   sessions_.clear();
   ranks_.clear();
@@ -171,7 +171,8 @@ kj::PromiseForResult<Func, void> NodeTransfers::onOwner(Func&& func) {
 
 void NodeTransfers::release(const shm::Allocation& allocation) {
   auto freed = allocator_.free(allocation);
-  if (!freed.ok()) spdlog::error("transfer table released a bad allocation: {}", freed.error().message);
+  if (!freed.ok()) spdlog::error("freeing an allocation failed (a bug: its memory stays reserved): {}",
+                                 freed.error().message);
 }
 
 uint64_t NodeTransfers::nowMs() { return monotonicNs() / 1'000'000; }
@@ -238,7 +239,7 @@ void NodeTransfers::dropSession(rpc::SessionId id) {
   if (it == sessions_.end()) return;
   Session& s = it->second;
   transfer::Rank rank = s.registration.rank;
-  for (auto& [offset, allocation] : s.allocations) allocator_.free(allocation);
+  for (auto& [offset, allocation] : s.allocations) release(allocation);
   if (!s.allocations.empty()) {
     spdlog::info("rank {}: freed {} unsent allocation(s), {} bytes", rank, s.allocations.size(),
                  s.bytesAllocated);
@@ -291,7 +292,7 @@ kj::Promise<shm::Allocation> NodeTransfers::allocate(rpc::SessionId id, uint64_t
     return allocateBytes(sizeBytes, hint, waitMs).then([this, id](shm::Allocation allocation) {
       auto it = sessions_.find(id);
       if (it == sessions_.end()) {  // the client left while we waited
-        allocator_.free(allocation);
+        release(allocation);
         throw transferError("cancelled", "the session ended while waiting for arena space");
       }
       it->second.allocations.emplace(allocation.offset, allocation);
@@ -311,7 +312,7 @@ kj::Promise<void> NodeTransfers::release(rpc::SessionId id, uint64_t offset) {
                                                   std::to_string(s.registration.rank));
     }
     s.bytesAllocated -= it->second.sizeBytes;
-    allocator_.free(it->second);
+    release(it->second);
     s.allocations.erase(it);
   });
 }
@@ -341,7 +342,7 @@ kj::Promise<void> NodeTransfers::send(rpc::SessionId id, rpc::SendRequest reques
     }
     Placement placement;
     KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { placement = place(request.destinations); })) {
-      if (allocation) allocator_.free(*allocation);
+      if (allocation) release(*allocation);
       kj::throwFatalException(kj::mv(*e));
     }
     if (!placement.remote.empty()) registerProxies(placement);
@@ -359,7 +360,7 @@ kj::Promise<void> NodeTransfers::send(rpc::SessionId id, rpc::SendRequest reques
                               request.chunkId, request.numChunks, request.destinations,
                               std::move(payload));
     if (auto* error = std::get_if<transfer::Error>(&result)) {
-      if (allocation) allocator_.free(*allocation);
+      if (allocation) release(*allocation);
       throw transferError(*error);
     }
     // A replica another member of the group already delivered was dropped: already forwarded.
@@ -402,7 +403,7 @@ kj::Promise<void> NodeTransfers::sendLanding(rpc::SessionId id, rpc::SendRequest
     if (auto* error = std::get_if<transfer::Error>(&result)) {
       // The copy may still write into it: free it once it stopped.
       landing.finished()
-          .then([this, allocation]() { allocator_.free(allocation); })
+          .then([this, allocation]() { release(allocation); })
           .detach([](kj::Exception&&) {});
       throw transferError(*error);
     }
