@@ -3,6 +3,8 @@
 // allocates and copies. Against the real sidecard ($SIDECARD):
 // - through the Sidecar API, tensors just under, at and just over the limit (the last takes the
 //   allocate path) and a strided one arrive byte for byte with their dtype and shape;
+// - with the arena full, an inline send returns at once and waits in the daemon: it completes
+//   when space comes within the send timeout, and its handle fails with kArenaFull when not;
 // - a raw client (Cap'n Proto, no libsidecar) that sends what libsidecar never would, an inline
 //   tensor over the limit or one whose bytes do not match its shape, gets typed errors, and the
 //   daemon keeps no allocation for them; a correct inline send on the same session still works.
@@ -24,7 +26,10 @@ namespace {
 using namespace sidecar::systest;
 using namespace std::chrono_literals;
 namespace proto = sidecar::proto;
+using sidecar::ArenaTensor;
 using sidecar::Dtype;
+using sidecar::Error;
+using sidecar::ErrorCode;
 using sidecar::RankConfig;
 using sidecar::Received;
 using sidecar::Sidecar;
@@ -105,6 +110,60 @@ TEST_F(InlineTensorTest, SizesAroundTheLimitArriveIntact) {
     }
   }
   receiver.markDone("inline-strided", 0);
+}
+
+class InlineBackpressureTest : public InlineTensorTest {
+ protected:
+  // A short send timeout, so that a send that finds no space fails quickly (long enough that the
+  // release below, queued right behind the waiting send on the same connection, comes in time).
+  void SetUp() override {
+    ASSERT_NO_FATAL_FAILURE(daemon_.start("inline-full", "64MiB", {"--send-timeout-ms", "1000"}));
+  }
+};
+
+TEST_F(InlineBackpressureTest, InlineSendWaitsForSpaceThenFailsWithArenaFull) {
+  Sidecar sender = Sidecar::connect(config(0));
+  Sidecar receiver = Sidecar::connect(config(1));
+  // Fill the arena: allocations of shrinking size until not even one 1 KiB row fits.
+  std::vector<ArenaTensor> held;
+  for (int64_t rows : {16384, 1024, 64, 1}) {
+    for (;;) {
+      ASSERT_LT(held.size(), 200'000u) << "the arena never filled";
+      try {
+        held.push_back(sender.allocateTensor(Dtype::kFloat32, {rows, 256}));
+      } catch (const Error& e) {
+        ASSERT_EQ(e.code(), ErrorCode::kArenaFull) << e.what();
+        break;
+      }
+    }
+  }
+  ASSERT_FALSE(held.empty());
+  std::vector<unsigned char> data = pattern(4096, 3);
+  TensorRef t{Dtype::kFloat32, {4, 256}, {}, data.data()};
+
+  // No space and none coming: the handle fails after the daemon's send timeout.
+  auto failed = sender.send("full", t, {{1}});
+  try {
+    failed.wait();
+    ADD_FAILURE() << "an inline send into a full arena succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kArenaFull) << e.what();
+  }
+
+  // Space freed while the send waits (the daemon reads the send, finds no space and waits, before
+  // it reads the release behind it on the same connection): it completes, bytes intact.
+  auto waiting = sender.send("waits", t, {{1}});
+  sender.release(std::move(held.back()));
+  held.pop_back();
+  waiting.wait();
+  Received r = receiver.recv("waits", 0, kRecvTimeoutMs);
+  ASSERT_EQ(r.kind, Received::Kind::kTensor);
+  ASSERT_EQ(r.tensor.sizeBytes, data.size());
+  EXPECT_EQ(memcmp(r.tensor.data, data.data(), data.size()), 0);
+  receiver.markDone("waits", 0);
+  // Nothing of the failed send was stored.
+  EXPECT_THROW(receiver.recv("full", 0, 200), Error);
+  for (ArenaTensor& tensor : held) sender.release(std::move(tensor));
 }
 
 // The description of the exception `call` throws, or "(no error)".

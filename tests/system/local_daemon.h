@@ -15,6 +15,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 #include "daemon_process.h"
 
@@ -33,16 +34,19 @@ class LocalDaemon {
     }
   }
 
-  // `nodeId` also names the temp folder (/tmp/sidecar-<nodeId>-XXXXXX).
-  void start(const std::string& nodeId, const std::string& arenaSize = "64MiB") {
+  // `nodeId` also names the temp folder (/tmp/sidecar-<nodeId>-XXXXXX); `extraArgs` go to
+  // sidecard after the defaults.
+  void start(const std::string& nodeId, const std::string& arenaSize = "64MiB",
+             const std::vector<std::string>& extraArgs = {}) {
     ASSERT_FALSE(sidecardPath().empty()) << "$SIDECARD must name the sidecard binary";
     std::string tmpl = "/tmp/sidecar-" + nodeId + "-XXXXXX";
     ASSERT_NE(mkdtemp(tmpl.data()), nullptr) << strerror(errno);
     dir_ = tmpl;
     socket_ = dir_ + "/sidecar.sock";
-    process_ = Process::start({sidecardPath(), "--socket", socket_, "--tcp", "off", "--arena-size", arenaSize,
-                               "--cores", "1", "--node-id", nodeId},
-                              {}, dir_ + "/sidecard.out", dir_ + "/sidecard.err");
+    std::vector<std::string> args = {sidecardPath(), "--socket", socket_, "--tcp", "off", "--arena-size",
+                                     arenaSize, "--cores", "1", "--node-id", nodeId};
+    args.insert(args.end(), extraArgs.begin(), extraArgs.end());
+    process_ = Process::start(args, {}, dir_ + "/sidecard.out", dir_ + "/sidecard.err");
     ASSERT_NE(process_, nullptr);
     auto deadline = Clock::now() + 15s;
     struct stat st {};
