@@ -55,7 +55,6 @@ class Listener {
 
 }  // namespace
 
-// Everything that lives on the core's thread. Built and destroyed on that thread.
 // The core's loop is created, run and destroyed on the core's thread, so its ring can defer task
 // work to that thread (see ReactorOptions::deferTaskrun).
 static reactor::ReactorOptions threadBound(reactor::ReactorOptions options) {
@@ -63,6 +62,7 @@ static reactor::ReactorOptions threadBound(reactor::ReactorOptions options) {
   return options;
 }
 
+// Everything that lives on the core's thread. Built and destroyed on that thread.
 struct Core::Loop final : public kj::TaskSet::ErrorHandler {
   Loop(Core& core)
       : core(core),

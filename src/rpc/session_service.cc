@@ -163,13 +163,13 @@ kj::Promise<void> SessionService::sendInline(SendContext context, SendRequest re
   // The same allocation (and the same wait for space) as Session.allocate; send() then takes it
   // over, and frees it if the send fails (e.g. a shape that does not match the byte size).
   return backend_.allocate(session_, std::max<uint64_t>(sizeBytes, 1), 0)
-      .then([this, context, request = std::move(request),
+      .then([backend = &backend_, session = session_, context, request = std::move(request),
              tensor = std::move(tensor)](shm::Allocation allocation) mutable {
         auto bytes = context.getParams().getPayload().getInlineTensor().getBytes();
-        if (bytes.size() > 0) memcpy(backend_.arenaBase() + allocation.offset, bytes.begin(), bytes.size());
+        if (bytes.size() > 0) memcpy(backend->arenaBase() + allocation.offset, bytes.begin(), bytes.size());
         tensor.offset = allocation.offset;
         request.payload = std::move(tensor);
-        return backend_.send(session_, std::move(request));
+        return backend->send(session, std::move(request));
       });
 }
 
