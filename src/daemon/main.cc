@@ -12,6 +12,34 @@
 #include "daemon/logging.h"
 #include "sidecar_build_config.h"
 
+#if SIDECAR_MIMALLOC
+#include <mimalloc.h>
+
+#include <cstdlib>
+#endif
+
+namespace {
+
+// Says which malloc serves the process: mimalloc when it is linked first (the normal build), so
+// that a packaging change that loses the override shows in the log instead of only in latency.
+void logAllocator() {
+#if SIDECAR_MIMALLOC
+  void* probe = std::malloc(64);
+  bool overridden = mi_is_in_heap_region(probe);
+  std::free(probe);
+  if (overridden) {
+    spdlog::debug("allocator: mimalloc {}", mi_version());
+  } else {
+    spdlog::warn("allocator: mimalloc is linked but malloc is not its own (the C library's serves "
+                 "this process); small-message throughput will be lower");
+  }
+#else
+  spdlog::debug("allocator: the C library's malloc (sanitizer build)");
+#endif
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   using namespace sidecar::daemon;
   LoadResult loaded = loadConfig(argc, argv, ::getenv, SIDECAR_VERSION);
@@ -22,6 +50,7 @@ int main(int argc, char** argv) {
   Config config = std::get<Config>(std::move(loaded));
   setupLogging(config.logLevel);
   spdlog::debug("configuration: {}", describeConfig(config));
+  logAllocator();
 
   // Signals are taken synchronously by this thread (sigwaitinfo below); the reactor threads
   // inherit the blocked mask, so a signal never interrupts them. Writes to a closed socket
