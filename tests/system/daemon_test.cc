@@ -205,6 +205,20 @@ TEST_F(SystemTest, StartsAndAnswers) {
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << describeWaitStatus(*status);
 }
 
+// The daemon's malloc is mimalloc's (linked ahead of libc; the daemon checks a block at start-up).
+TEST_F(SystemTest, RunsOnMimalloc) {
+  Process& daemon = startDaemon({"--log-level", "debug"});
+  ASSERT_TRUE(waitReady(daemon, socket_));
+  std::string log = daemon.err() + daemon.out();
+  if (log.find("(sanitizer build)") != std::string::npos) {
+    GTEST_SKIP() << "a sanitizer build keeps the sanitizer's allocator";
+  }
+  EXPECT_NE(log.find("allocator: mimalloc"), std::string::npos) << log;
+  EXPECT_EQ(log.find("malloc is not its own"), std::string::npos) << log;
+  auto status = stop(daemon);
+  ASSERT_TRUE(status) << "did not stop within 10 s";
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. sidecarctl against a live daemon, against no daemon, and without a subcommand.
 
