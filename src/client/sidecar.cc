@@ -111,6 +111,24 @@ bool isContiguous(const std::vector<int64_t>& shape, const std::vector<int64_t>&
   return true;
 }
 
+// Copies the `sizeBytes` of `tensor` to `out`, contiguous (row-major), whatever its strides.
+void copyContiguous(kj::byte* out, const TensorRef& tensor, uint64_t sizeBytes) {
+  if (sizeBytes == 0) return;
+  if (isContiguous(tensor.shape, tensor.strides)) {
+    memcpy(out, tensor.data, sizeBytes);
+  } else {
+    copyStrided(out, static_cast<const kj::byte*>(tensor.data), tensor.shape, tensor.strides,
+                dtypeBytes(tensor.dtype), 0);
+  }
+}
+
+// Fills the shape list of a schema tensor (Tensor, InlineTensor, DeviceTensor).
+template <typename TensorBuilder>
+void writeShape(TensorBuilder t, const std::vector<int64_t>& shape) {
+  auto out = t.initShape(static_cast<unsigned>(shape.size()));
+  for (size_t i = 0; i < shape.size(); ++i) out.set(static_cast<unsigned>(i), shape[i]);
+}
+
 }  // namespace
 
 struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
@@ -368,14 +386,7 @@ SendHandle Sidecar::send(const std::string& dataId, const TensorRef& tensor,
     return sendInline(dataId, tensor, bytes, destinations, chunkId, numChunks);
   }
   ArenaTensor arena = allocateTensor(tensor.dtype, tensor.shape);
-  if (bytes > 0) {
-    if (isContiguous(tensor.shape, tensor.strides)) {
-      memcpy(arena.data_, tensor.data, bytes);
-    } else {
-      copyStrided(static_cast<kj::byte*>(arena.data_), static_cast<const kj::byte*>(tensor.data),
-                  tensor.shape, tensor.strides, dtypeBytes(tensor.dtype), 0);
-    }
-  }
+  copyContiguous(static_cast<kj::byte*>(arena.data_), tensor, bytes);
   return send(dataId, std::move(arena), destinations, chunkId, numChunks);
 }
 
@@ -389,17 +400,8 @@ SendHandle Sidecar::sendInline(const std::string& dataId, const TensorRef& tenso
     setSendHeader(request, dataId, chunkId, numChunks, destinations);
     auto t = request.initPayload().initInlineTensor();
     t.setDtype(toProto(tensor.dtype));
-    auto shape = t.initShape(static_cast<unsigned>(tensor.shape.size()));
-    for (size_t i = 0; i < tensor.shape.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape[i]);
-    auto bytes = t.initBytes(static_cast<unsigned>(sizeBytes));
-    if (sizeBytes > 0) {
-      if (isContiguous(tensor.shape, tensor.strides)) {
-        memcpy(bytes.begin(), tensor.data, sizeBytes);
-      } else {
-        copyStrided(bytes.begin(), static_cast<const kj::byte*>(tensor.data), tensor.shape,
-                    tensor.strides, dtypeBytes(tensor.dtype), 0);
-      }
-    }
+    writeShape(t, tensor.shape);
+    copyContiguous(t.initBytes(static_cast<unsigned>(sizeBytes)).begin(), tensor, sizeBytes);
     handle.state_ = std::make_unique<SendHandle::State>(
         SendHandle::State{impl_.get(), request.send().ignoreResult()});
   });
@@ -416,8 +418,7 @@ SendHandle Sidecar::send(const std::string& dataId, ArenaTensor&& tensor,
     setSendHeader(request, dataId, chunkId, numChunks, destinations);
     auto t = request.initPayload().initTensor();
     t.setDtype(toProto(tensor.dtype_));
-    auto shape = t.initShape(static_cast<unsigned>(tensor.shape_.size()));
-    for (size_t i = 0; i < tensor.shape_.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape_[i]);
+    writeShape(t, tensor.shape_);
     t.setOffset(tensor.offset_);
     t.setSizeBytes(tensor.sizeBytes_);
     handle.state_ = std::make_unique<SendHandle::State>(
@@ -482,8 +483,7 @@ SendHandle Sidecar::send(const std::string& dataId, const DeviceTensorRef& tenso
     setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
     auto t = request.initTensor();
     t.setDtype(toProto(tensor.dtype));
-    auto shape = t.initShape(static_cast<unsigned>(tensor.shape.size()));
-    for (size_t i = 0; i < tensor.shape.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape[i]);
+    writeShape(t, tensor.shape);
     t.setSizeBytes(bytes);
     t.setMemHandle(kj::arrayPtr(exported.memHandle.data(), exported.memHandle.size()));
     t.setOffsetBytes(exported.offsetBytes);
