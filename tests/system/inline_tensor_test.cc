@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "local_daemon.h"
+#include "kj_errors.h"
 #include "sidecar.capnp.h"
 
 namespace {
@@ -42,14 +43,7 @@ class InlineTensorTest : public ::testing::Test {
  protected:
   void SetUp() override { ASSERT_NO_FATAL_FAILURE(daemon_.start("inline-tensor")); }
 
-  RankConfig config(int32_t rank) {
-    RankConfig c;
-    c.rank = rank;
-    c.sendHint = {Dtype::kFloat32, {256}};
-    c.recvHint = {Dtype::kFloat32, {256}};
-    c.socketPath = daemon_.socket();
-    return c;
-  }
+  RankConfig config(int32_t rank) { return daemon_.rankConfig(rank, {Dtype::kFloat32, {256}}); }
 
   Watchdog watchdog_{"inline tensor test", std::chrono::seconds(60)};
   LocalDaemon daemon_;
@@ -164,13 +158,6 @@ TEST_F(InlineBackpressureTest, InlineSendWaitsForSpaceThenFailsWithArenaFull) {
   // Nothing of the failed send was stored.
   EXPECT_THROW(receiver.recv("full", 0, 200), Error);
   for (ArenaTensor& tensor : held) sender.release(std::move(tensor));
-}
-
-// The description of the exception `call` throws, or "(no error)".
-template <typename Call>
-std::string errorOf(Call&& call) {
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions(kj::fwd<Call>(call))) { return e->getDescription().cStr(); }
-  return "(no error)";
 }
 
 TEST_F(InlineTensorTest, BadInlineTensorsGetTypedErrorsAndLeakNothing) {

@@ -17,6 +17,8 @@
 #include <thread>
 #include <vector>
 
+#include <sidecar/sidecar.h>
+
 #include "daemon_process.h"
 
 namespace sidecar::systest {
@@ -58,6 +60,16 @@ class LocalDaemon {
   }
 
   const std::string& socket() const { return socket_; }
+
+  // A rank of this daemon with `sendHint` (the receive hint follows it unless set).
+  sidecar::RankConfig rankConfig(int32_t rank,
+                                 sidecar::MemoryHint sendHint = {sidecar::Dtype::kUint8, {64}}) const {
+    sidecar::RankConfig c;
+    c.rank = rank;
+    c.sendHint = std::move(sendHint);
+    c.socketPath = socket_;
+    return c;
+  }
   Process& process() { return *process_; }
 
  private:

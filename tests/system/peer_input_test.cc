@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "daemon_process.h"
+#include "kj_errors.h"
 #include "sidecar.capnp.h"
 
 namespace {
@@ -73,13 +74,6 @@ void hello(proto::PeerHello::Builder h, uint32_t version) {
   h.setNodeId("fake-peer");
   h.setIncarnation(42);
   h.setAddress("");
-}
-
-// The description of the exception `call` throws, or "(no error)".
-template <typename Call>
-std::string errorOf(Call&& call) {
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions(kj::fwd<Call>(call))) { return e->getDescription().cStr(); }
-  return "(no error)";
 }
 
 void fillChunk(proto::PeerChunk::Builder c, const std::string& id, std::vector<int32_t> to) {

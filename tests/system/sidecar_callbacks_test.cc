@@ -32,13 +32,7 @@ class SidecarCallbacksTest : public ::testing::Test {
  protected:
   void SetUp() override { ASSERT_NO_FATAL_FAILURE(daemon_.start("callbacks")); }
 
-  RankConfig config(int32_t rank) {
-    RankConfig c;
-    c.rank = rank;
-    c.sendHint = {Dtype::kUint8, {64}};
-    c.socketPath = daemon_.socket();
-    return c;
-  }
+  RankConfig config(int32_t rank) { return daemon_.rankConfig(rank); }
 
   LocalDaemon daemon_;
 };

@@ -35,10 +35,7 @@ class WaitSpinTest : public ::testing::Test {
   void TearDown() override { unsetenv("SIDECAR_WAIT_SPIN_US"); }
 
   RankConfig config(int32_t rank, std::optional<uint32_t> waitSpinUs) {
-    RankConfig c;
-    c.rank = rank;
-    c.sendHint = {Dtype::kUint8, {64}};
-    c.socketPath = daemon_.socket();
+    RankConfig c = daemon_.rankConfig(rank);
     c.waitSpinUs = waitSpinUs;
     return c;
   }
