@@ -163,6 +163,48 @@ interface Session {
   # GPU (issue 6): sends a tensor that lives in the producer's GPU memory. The daemon copies it
   # into the arena on its own copy streams, after the producer's event, and then stores it like
   # `send`. Fails with [gpu-unavailable] on a daemon without CUDA or a GPU. See DeviceTensor.
+
+  openLane @7 () -> (memory :FdHandle, requestBell :FdHandle, completionBell :FdHandle,
+                     objectMaxBytes :UInt32);
+  # This session's lane (docs/LANES.md): a shared-memory memfd with a request ring (client ->
+  # daemon) and a completion ring, and two eventfds, the daemon's doorbell (the client writes it
+  # when the daemon armed itself to sleep) and the client's. send, recv and markDone may then
+  # travel as LaneRequest records instead of calls; everything else stays a call. A recv whose
+  # object is over objectMaxBytes is answered `useCall` (recv it again with a call). Once per
+  # session; a second call fails with [invalid-argument]. Older daemons answer `unimplemented`.
+}
+
+interface FdHandle {
+  # Carries one file descriptor (Capability::Client::getFd()).
+}
+
+struct LaneRequest {
+  # One record of a lane's request ring. `seq` is the client's, echoed by the completion.
+  seq @0 :UInt64;
+  dataId @1 :Text;
+  chunkId @2 :UInt32;
+  union {
+    send :group {
+      # As Session.send (an InlineTensor payload included).
+      numChunks @3 :UInt32;
+      destinations @4 :List(Destination);
+      payload @5 :Payload;
+    }
+    recv :group {
+      timeoutMs @6 :UInt32;
+    }
+    markDone @7 :Void;
+  }
+}
+
+struct LaneCompletion {
+  seq @0 :UInt64;
+  union {
+    done @1 :Void;             # a send or markDone succeeded
+    received @2 :RecvResult;   # a recv's answer
+    failed @3 :Text;           # "[kind] message", as a call's exception (at most 512 bytes)
+    useCall @4 :Void;          # the answer does not fit the lane: make the same request as a call
+  }
 }
 
 struct TransferSummary {

@@ -2,6 +2,7 @@
 
 #include <capnp/rpc-twoparty.h>
 #include <kj/debug.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
 
@@ -14,6 +15,7 @@
 
 #include "base/dtype_table.h"
 #include "client/errors.h"
+#include "client/lane_client.h"
 #include "client/spin_wait.h"
 #include "client/thread_loop.h"
 #include "cuda/device_export.h"
@@ -62,11 +64,9 @@ void setDestinations(capnp::List<proto::Destination>::Builder out, const Groups&
   }
 }
 
-// The fields every send request starts with.
-void setSendHeader(proto::Session::SendParams::Builder request, const std::string& dataId,
-                   uint32_t chunkId, uint32_t numChunks, const Groups& destinations) {
-  request.setDataId(dataId);
-  request.setChunkId(chunkId);
+// The fields every send starts with, as a call or as a lane request.
+template <typename Builder>
+void setSendHeader(Builder request, uint32_t numChunks, const Groups& destinations) {
   request.setNumChunks(numChunks);
   setDestinations(request.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
 }
@@ -149,6 +149,8 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   }
 
   ~Impl() {
+    watchDisconnect = nullptr;
+    lane = nullptr;
     session = nullptr;
     bootstrap = nullptr;
     rpc = nullptr;
@@ -200,6 +202,10 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   uint64_t inlineTensorMaxBytes = 0;
   kj::TaskSet background;
   std::vector<Error> failedSends;
+  // The session's lane (null: the daemon has none, or SIDECAR_LANE=0), and what fails its
+  // pending requests when the connection breaks.
+  kj::Own<client::LaneClient> lane;
+  kj::Promise<void> watchDisconnect = nullptr;
 
   // waitForWake()/wake(): `woken` is set by wake(); `wakeFulfiller` exists while the owner sleeps.
   mutable std::mutex wakeMutex;
@@ -214,6 +220,96 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
 };
 
 namespace {
+
+// A send as a lane request when the lane takes it, else as a call. `fill` writes the payload
+// (it may run twice: a lane without room falls back to the call). ImplT is Sidecar::Impl.
+template <typename ImplT, typename Fill>
+kj::Promise<void> sendPromise(ImplT& impl, const std::string& dataId, uint32_t chunkId,
+                              uint32_t numChunks, const Groups& destinations, Fill&& fill) {
+  if (impl.lane.get() != nullptr) {
+    capnp::MallocMessageBuilder message(1024);
+    auto request = message.initRoot<proto::LaneRequest>();
+    request.setDataId(dataId);
+    request.setChunkId(chunkId);
+    auto send = request.initSend();
+    setSendHeader(send, numChunks, destinations);
+    fill(send.initPayload());
+    KJ_IF_MAYBE(answer, impl.lane->request(message, false)) {
+      return answer->ignoreResult();
+    }
+  }
+  auto request = impl.session.sendRequest();
+  request.setDataId(dataId);
+  request.setChunkId(chunkId);
+  setSendHeader<proto::Session::SendParams::Builder>(request, numChunks, destinations);
+  fill(request.initPayload());
+  return request.send().ignoreResult();
+}
+
+// What recv returns, from the daemon's answer (a call's or the lane's).
+template <typename ImplT>
+Received toReceived(ImplT& impl, proto::RecvResult::Reader result) {
+  Received out;
+  switch (result.which()) {
+    case proto::RecvResult::TENSOR: {
+      auto t = result.getTensor();
+      out.kind = Received::Kind::kTensor;
+      out.tensor.dtype = fromProto(t.getDtype());
+      for (int64_t dim : t.getShape()) out.tensor.shape.push_back(dim);
+      out.tensor.sizeBytes = t.getSizeBytes();
+      if (t.getOffset() > impl.arenaBytes || out.tensor.sizeBytes > impl.arenaBytes - t.getOffset()) {
+        throw Error(ErrorCode::kInternal, "the daemon pointed outside the arena");
+      }
+      out.tensor.data = static_cast<const kj::byte*>(impl.arenaBase) + t.getOffset();
+      break;
+    }
+    case proto::RecvResult::OBJECT: {
+      auto o = result.getObject();
+      out.kind = Received::Kind::kObject;
+      out.object.typeTag = o.getTypeTag();
+      auto bytes = o.getBytes();
+      out.object.bytes.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+      break;
+    }
+    default:
+      out.kind = Received::Kind::kEndOfStream;
+  }
+  return out;
+}
+
+template <typename ImplT>
+kj::Promise<Received> recvCall(ImplT& impl, const std::string& dataId, uint32_t chunkId,
+                               uint32_t timeoutMs) {
+  auto request = impl.session.recvRequest();
+  request.setDataId(dataId);
+  request.setChunkId(chunkId);
+  request.setTimeoutMs(timeoutMs);
+  return request.send().then([&impl](capnp::Response<proto::Session::RecvResults> response) {
+    return toReceived(impl, response.getResult());
+  });
+}
+
+// recv on the lane when it takes it (again as a call when the answer does not fit the lane).
+template <typename ImplT>
+kj::Promise<Received> recvPromise(ImplT& impl, const std::string& dataId, uint32_t chunkId,
+                                  uint32_t timeoutMs) {
+  if (impl.lane.get() != nullptr) {
+    capnp::MallocMessageBuilder message(128);
+    auto request = message.initRoot<proto::LaneRequest>();
+    request.setDataId(dataId);
+    request.setChunkId(chunkId);
+    request.initRecv().setTimeoutMs(timeoutMs);
+    KJ_IF_MAYBE(answer, impl.lane->request(message, true)) {
+      return answer->then([&impl, dataId, chunkId, timeoutMs](kj::Own<client::LaneAnswer> a) -> kj::Promise<Received> {
+        auto completion = a->get();
+        if (completion.isReceived()) return toReceived(impl, completion.getReceived());
+        if (completion.isUseCall()) return recvCall(impl, dataId, chunkId, timeoutMs);
+        throw Error(ErrorCode::kProtocolMismatch, "the daemon answered a lane recv with neither data nor an error");
+      });
+    }
+  }
+  return recvCall(impl, dataId, chunkId, timeoutMs);
+}
 
 Error deviceError(const cuda::DeviceError& e, const char* where) {
   if (e.unavailable()) {
@@ -297,6 +393,53 @@ uint32_t resolveWaitSpinUs(const std::optional<uint32_t>& configured) {
   return static_cast<uint32_t>(value);
 }
 
+// $SIDECAR_LANE=0 keeps every request a call (for comparisons and diagnosis).
+bool lanesWanted() {
+  const char* env = std::getenv("SIDECAR_LANE");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return true;
+  if (std::strcmp(env, "0") == 0) return false;
+  throw invalid(std::string("SIDECAR_LANE='") + env + "' must be 0 (calls only) or 1 (the default)");
+}
+
+// Takes the fd a capability carries (a dup: the capability keeps its own).
+template <typename ImplT, typename Handle>
+kj::AutoCloseFd takeFd(ImplT& impl, Handle handle, const char* what) {
+  KJ_IF_MAYBE(fd, impl.wait(handle.getFd())) {
+    int copy = fcntl(*fd, F_DUPFD_CLOEXEC, 0);
+    if (copy >= 0) return kj::AutoCloseFd(copy);
+    throw Error(ErrorCode::kInternal, std::string("cannot keep the lane's ") + what + ": " + strerror(errno));
+  }
+  throw Error(ErrorCode::kInternal, std::string("the daemon did not pass the lane's ") + what);
+}
+
+// The session's lane, when the daemon serves one (an older one answers `unimplemented`: calls
+// only). Fails the connect for a lane that cannot be set up: that is a broken daemon or machine.
+template <typename ImplT>
+void openLane(ImplT& impl) {
+  auto call = impl.session.openLaneRequest().send().then(
+      [](capnp::Response<proto::Session::OpenLaneResults> r) -> kj::Maybe<capnp::Response<proto::Session::OpenLaneResults>> {
+        return kj::mv(r);
+      },
+      [](kj::Exception&& e) -> kj::Maybe<capnp::Response<proto::Session::OpenLaneResults>> {
+        if (e.getType() == kj::Exception::Type::UNIMPLEMENTED) return nullptr;
+        kj::throwFatalException(kj::mv(e));
+      });
+  KJ_IF_MAYBE(response, impl.wait(kj::mv(call))) {
+    auto memoryFd = takeFd(impl, response->getMemory(), "memory");
+    auto requestBell = takeFd(impl, response->getRequestBell(), "request doorbell");
+    auto completionBell = takeFd(impl, response->getCompletionBell(), "completion doorbell");
+    auto memory = shm::LaneMemory::map(memoryFd.get());
+    if (!memory.ok()) throw Error(ErrorCode::kProtocolMismatch, "cannot map the lane: " + memory.error().message);
+    impl.lane = kj::heap<client::LaneClient>(impl.loop.reactor(), std::move(memory).value(),
+                                             kj::mv(requestBell), kj::mv(completionBell),
+                                             response->getObjectMaxBytes());
+    auto* lane = impl.lane.get();
+    impl.watchDisconnect = impl.rpc->onDisconnect().then([lane]() {
+      lane->failAll(KJ_EXCEPTION(DISCONNECTED, "the daemon closed the connection"));
+    }, [lane](kj::Exception&& e) { lane->failAll(e); }).eagerlyEvaluate(nullptr);
+  }
+}
+
 }  // namespace
 
 Sidecar Sidecar::connect(const RankConfig& config) {
@@ -330,6 +473,7 @@ Sidecar Sidecar::connect(const RankConfig& config) {
       }
       impl->arena.emplace(std::move(view).value());
       impl->arenaBase = impl->arena->base();
+      if (lanesWanted()) openLane(*impl);
       impl->stream->setReadAhead(true);  // no more fds will come
     } else {
       throw Error(ErrorCode::kInternal, "the daemon did not pass the arena's file descriptor");
@@ -396,14 +540,15 @@ SendHandle Sidecar::sendInline(const std::string& dataId, const TensorRef& tenso
   impl_->throwDeferred();
   SendHandle handle;
   client::call("send", [&]() {
-    auto request = impl_->session.sendRequest();
-    setSendHeader(request, dataId, chunkId, numChunks, destinations);
-    auto t = request.initPayload().initInlineTensor();
-    t.setDtype(toProto(tensor.dtype));
-    writeShape(t, tensor.shape);
-    copyContiguous(t.initBytes(static_cast<unsigned>(sizeBytes)).begin(), tensor, sizeBytes);
-    handle.state_ = std::make_unique<SendHandle::State>(
-        SendHandle::State{impl_.get(), request.send().ignoreResult()});
+    auto promise = sendPromise(*impl_, dataId, chunkId, numChunks, destinations,
+                               [&](proto::Payload::Builder payload) {
+                                 auto t = payload.initInlineTensor();
+                                 t.setDtype(toProto(tensor.dtype));
+                                 writeShape(t, tensor.shape);
+                                 copyContiguous(t.initBytes(static_cast<unsigned>(sizeBytes)).begin(),
+                                                tensor, sizeBytes);
+                               });
+    handle.state_ = std::make_unique<SendHandle::State>(SendHandle::State{impl_.get(), kj::mv(promise)});
   });
   return handle;
 }
@@ -414,15 +559,15 @@ SendHandle Sidecar::send(const std::string& dataId, ArenaTensor&& tensor,
   impl_->throwDeferred();
   SendHandle handle;
   client::call("send", [&]() {
-    auto request = impl_->session.sendRequest();
-    setSendHeader(request, dataId, chunkId, numChunks, destinations);
-    auto t = request.initPayload().initTensor();
-    t.setDtype(toProto(tensor.dtype_));
-    writeShape(t, tensor.shape_);
-    t.setOffset(tensor.offset_);
-    t.setSizeBytes(tensor.sizeBytes_);
-    handle.state_ = std::make_unique<SendHandle::State>(
-        SendHandle::State{impl_.get(), request.send().ignoreResult()});
+    auto promise = sendPromise(*impl_, dataId, chunkId, numChunks, destinations,
+                               [&](proto::Payload::Builder payload) {
+                                 auto t = payload.initTensor();
+                                 t.setDtype(toProto(tensor.dtype_));
+                                 writeShape(t, tensor.shape_);
+                                 t.setOffset(tensor.offset_);
+                                 t.setSizeBytes(tensor.sizeBytes_);
+                               });
+    handle.state_ = std::make_unique<SendHandle::State>(SendHandle::State{impl_.get(), kj::mv(promise)});
   });
   tensor.data_ = nullptr;
   return handle;
@@ -433,13 +578,14 @@ SendHandle Sidecar::send(const std::string& dataId, const Object& object,
   impl_->throwDeferred();
   SendHandle handle;
   client::call("send", [&]() {
-    auto request = impl_->session.sendRequest();
-    setSendHeader(request, dataId, chunkId, numChunks, destinations);
-    auto o = request.initPayload().initObject();
-    o.setTypeTag(object.typeTag);
-    o.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(object.bytes.data()), object.bytes.size()));
-    handle.state_ = std::make_unique<SendHandle::State>(
-        SendHandle::State{impl_.get(), request.send().ignoreResult()});
+    auto promise = sendPromise(*impl_, dataId, chunkId, numChunks, destinations,
+                               [&](proto::Payload::Builder payload) {
+                                 auto o = payload.initObject();
+                                 o.setTypeTag(object.typeTag);
+                                 o.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(object.bytes.data()),
+                                                         object.bytes.size()));
+                               });
+    handle.state_ = std::make_unique<SendHandle::State>(SendHandle::State{impl_.get(), kj::mv(promise)});
   });
   return handle;
 }
@@ -536,41 +682,8 @@ void Sidecar::closeStream(const std::string& dataId, uint32_t numChunks, const G
 RecvHandle Sidecar::recvAsync(const std::string& dataId, uint32_t chunkId, uint32_t timeoutMs) {
   RecvHandle handle;
   client::call("recv", [&]() {
-    auto request = impl_->session.recvRequest();
-    request.setDataId(dataId);
-    request.setChunkId(chunkId);
-    request.setTimeoutMs(timeoutMs);
-    Impl* impl = impl_.get();
-    auto promise = request.send().then([impl](capnp::Response<proto::Session::RecvResults> response) {
-      auto result = response.getResult();
-      Received out;
-      switch (result.which()) {
-        case proto::RecvResult::TENSOR: {
-          auto t = result.getTensor();
-          out.kind = Received::Kind::kTensor;
-          out.tensor.dtype = fromProto(t.getDtype());
-          for (int64_t dim : t.getShape()) out.tensor.shape.push_back(dim);
-          out.tensor.sizeBytes = t.getSizeBytes();
-          if (t.getOffset() > impl->arenaBytes || out.tensor.sizeBytes > impl->arenaBytes - t.getOffset()) {
-            throw Error(ErrorCode::kInternal, "the daemon pointed outside the arena");
-          }
-          out.tensor.data = static_cast<const kj::byte*>(impl->arenaBase) + t.getOffset();
-          break;
-        }
-        case proto::RecvResult::OBJECT: {
-          auto o = result.getObject();
-          out.kind = Received::Kind::kObject;
-          out.object.typeTag = o.getTypeTag();
-          auto bytes = o.getBytes();
-          out.object.bytes.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
-          break;
-        }
-        default:
-          out.kind = Received::Kind::kEndOfStream;
-      }
-      return out;
-    });
-    handle.state_ = std::make_unique<RecvHandle::State>(RecvHandle::State{impl, kj::mv(promise)});
+    handle.state_ = std::make_unique<RecvHandle::State>(
+        RecvHandle::State{impl_.get(), recvPromise(*impl_, dataId, chunkId, timeoutMs)});
   });
   return handle;
 }
@@ -581,6 +694,17 @@ Received Sidecar::recv(const std::string& dataId, uint32_t chunkId, uint32_t tim
 
 void Sidecar::markDone(const std::string& dataId, uint32_t chunkId) {
   client::call("markDone", [&]() {
+    if (impl_->lane.get() != nullptr) {
+      capnp::MallocMessageBuilder message(128);
+      auto request = message.initRoot<proto::LaneRequest>();
+      request.setDataId(dataId);
+      request.setChunkId(chunkId);
+      request.setMarkDone();
+      KJ_IF_MAYBE(answer, impl_->lane->request(message, false)) {
+        impl_->wait(kj::mv(*answer));
+        return;
+      }
+    }
     auto request = impl_->session.markDoneRequest();
     request.setDataId(dataId);
     request.setChunkId(chunkId);

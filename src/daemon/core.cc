@@ -90,7 +90,8 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
     }
     // One bootstrap service per connection: it knows whether its connection carries fds.
     capnp::Capability::Client service =
-        kj::heap<rpc::SidecarService>(core.node_, core.transfers_, unixSocket, peerPid, core.peers_);
+        kj::heap<rpc::SidecarService>(core.node_, core.transfers_, unixSocket, peerPid, core.peers_,
+                                      &loop.reactor());
     auto stream = kj::heap<reactor::UringStream>(loop.reactor(), kj::mv(fd));
     kj::Own<rpc::RpcConnection> connection =
         unixSocket ? kj::heap<rpc::RpcConnection>(

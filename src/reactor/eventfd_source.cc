@@ -10,7 +10,10 @@
 namespace sidecar::reactor {
 
 EventFdSource::EventFdSource(Reactor& reactor, std::function<void()> onSignal)
-    : reactor_(reactor), onSignal_(std::move(onSignal)), fd_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    : EventFdSource(reactor, eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK), std::move(onSignal)) {}
+
+EventFdSource::EventFdSource(Reactor& reactor, int eventFd, std::function<void()> onSignal)
+    : reactor_(reactor), onSignal_(std::move(onSignal)), fd_(eventFd) {
   SIDECAR_CHECK(fd_ >= 0, "eventfd: errno %d", errno);
   submitRead();
   reactor_.addSource(*this);

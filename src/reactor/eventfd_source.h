@@ -16,6 +16,8 @@ namespace sidecar::reactor {
 class EventFdSource final : public EventSource, private Completion {
  public:
   EventFdSource(Reactor& reactor, std::function<void()> onSignal);
+  // Adopts `eventFd`, an eventfd made elsewhere (e.g. passed by another process); closes it.
+  EventFdSource(Reactor& reactor, int eventFd, std::function<void()> onSignal);
   ~EventFdSource();
   EventFdSource(const EventFdSource&) = delete;
   EventFdSource& operator=(const EventFdSource&) = delete;

@@ -10,8 +10,6 @@ namespace sidecar::rpc {
 
 namespace {
 
-std::string text(capnp::Text::Reader t) { return std::string(t.cStr(), t.size()); }
-
 void writeTensor(proto::Tensor::Builder out, const TensorDescriptor& tensor) {
   out.setDtype(toProto(tensor.dtype));
   auto shape = out.initShape(static_cast<unsigned>(tensor.shape.size()));
@@ -21,6 +19,8 @@ void writeTensor(proto::Tensor::Builder out, const TensorDescriptor& tensor) {
 }
 
 }  // namespace
+
+std::string text(capnp::Text::Reader t) { return std::string(t.cStr(), t.size()); }
 
 kj::Exception transferError(const char* kind, const std::string& message) {
   return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
@@ -120,7 +120,12 @@ kj::Promise<void> SessionService::send(SendContext context) {
   request.chunkId = params.getChunkId();
   request.numChunks = params.getNumChunks();
   request.destinations = readDestinations(params.getDestinations());
-  auto payload = params.getPayload();
+  return sendPayload(backend_, session_, std::move(request), params.getPayload(),
+                     std::make_shared<SendContext>(context));
+}
+
+kj::Promise<void> sendPayload(TransferBackend& backend, SessionId session, SendRequest request,
+                              proto::Payload::Reader payload, std::shared_ptr<const void> keep) {
   switch (payload.which()) {
     case proto::Payload::TENSOR: {
       auto t = payload.getTensor();
@@ -140,15 +145,15 @@ kj::Promise<void> SessionService::send(SendContext context) {
       break;
     }
     case proto::Payload::INLINE_TENSOR:
-      return sendInline(context, std::move(request));
+      return sendInline(backend, session, std::move(request), payload.getInlineTensor(), std::move(keep));
     default:
       return transferError("invalid-argument", "the payload is neither a tensor nor an object");
   }
-  return backend_.send(session_, std::move(request));
+  return backend.send(session, std::move(request));
 }
 
-kj::Promise<void> SessionService::sendInline(SendContext context, SendRequest request) {
-  auto t = context.getParams().getPayload().getInlineTensor();
+kj::Promise<void> sendInline(TransferBackend& backend, SessionId session, SendRequest request,
+                             proto::InlineTensor::Reader t, std::shared_ptr<const void> keep) {
   uint64_t sizeBytes = t.getBytes().size();
   if (sizeBytes > kInlineTensorMaxBytes) {
     return transferError("too-large",
@@ -162,10 +167,10 @@ kj::Promise<void> SessionService::sendInline(SendContext context, SendRequest re
   tensor.sizeBytes = sizeBytes;
   // The same allocation (and the same wait for space) as Session.allocate; send() then takes it
   // over, and frees it if the send fails (e.g. a shape that does not match the byte size).
-  return backend_.allocate(session_, std::max<uint64_t>(sizeBytes, 1), 0)
-      .then([backend = &backend_, session = session_, context, request = std::move(request),
+  return backend.allocate(session, std::max<uint64_t>(sizeBytes, 1), 0)
+      .then([backend = &backend, session, t, keep = std::move(keep), request = std::move(request),
              tensor = std::move(tensor)](shm::Allocation allocation) mutable {
-        auto bytes = context.getParams().getPayload().getInlineTensor().getBytes();
+        auto bytes = t.getBytes();  // `keep` holds the message they are in
         if (bytes.size() > 0) memcpy(backend->arenaBase() + allocation.offset, bytes.begin(), bytes.size());
         tensor.offset = allocation.offset;
         request.payload = std::move(tensor);
@@ -184,19 +189,38 @@ kj::Promise<void> SessionService::recv(RecvContext context) {
   auto params = context.getParams();
   return backend_
       .recv(session_, text(params.getDataId()), params.getChunkId(), params.getTimeoutMs())
-      .then([context](RecvReply reply) mutable {
-        auto result = context.getResults().initResult();
-        if (auto* tensor = std::get_if<TensorDescriptor>(&reply)) {
-          writeTensor(result.initTensor(), *tensor);
-        } else if (auto* object = std::get_if<transfer::ObjectChunk>(&reply)) {
-          auto out = result.initObject();
-          out.setTypeTag(object->typeTag);
-          out.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(object->bytes.data()),
-                                    object->bytes.size()));
-        } else {
-          result.setEndOfStream();
-        }
-      });
+      .then([context](RecvReply reply) mutable { writeRecvResult(context.getResults().initResult(), reply); });
+}
+
+void writeRecvResult(proto::RecvResult::Builder result, const RecvReply& reply) {
+  if (auto* tensor = std::get_if<TensorDescriptor>(&reply)) {
+    writeTensor(result.initTensor(), *tensor);
+  } else if (auto* object = std::get_if<transfer::ObjectChunk>(&reply)) {
+    auto out = result.initObject();
+    out.setTypeTag(object->typeTag);
+    out.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(object->bytes.data()),
+                              object->bytes.size()));
+  } else {
+    result.setEndOfStream();
+  }
+}
+
+kj::Promise<void> SessionService::openLane(OpenLaneContext context) {
+  if (reactor_ == nullptr) {
+    return kj::Exception(kj::Exception::Type::UNIMPLEMENTED, __FILE__, __LINE__,
+                         kj::str("this daemon serves no lanes here; use calls"));
+  }
+  if (lane_.get() != nullptr) {
+    return transferError("invalid-argument", "this session already has its lane");
+  }
+  LaneService::ClientFds fds;
+  lane_ = LaneService::open(*reactor_, backend_, session_, rank_, fds);
+  auto results = context.getResults();
+  results.setMemory(kj::heap<FdHandleService>(kj::mv(fds.memory)));
+  results.setRequestBell(kj::heap<FdHandleService>(kj::mv(fds.requestBell)));
+  results.setCompletionBell(kj::heap<FdHandleService>(kj::mv(fds.completionBell)));
+  results.setObjectMaxBytes(kLaneObjectMaxBytes);
+  return kj::READY_NOW;
 }
 
 kj::Promise<void> SessionService::markDone(MarkDoneContext context) {

@@ -4,8 +4,12 @@
 // client drops it (or the connection breaks) the destructor unregisters the rank.
 
 #include "rpc/device_send_backend.h"
+#include "rpc/lane_service.h"
 #include "rpc/transfer_backend.h"
 #include "sidecar.capnp.h"
+
+#include <memory>
+#include <string>
 
 namespace sidecar::rpc {
 
@@ -19,13 +23,14 @@ class SessionService final : public proto::Session::Server {
  public:
   SessionService(TransferBackend& backend, SessionId session, transfer::Rank rank,
                  DeviceSendBackend* devices = nullptr, transfer::Group group = {},
-                 bool concurrentCopy = false)
+                 bool concurrentCopy = false, reactor::Reactor* reactor = nullptr)
       : backend_(backend),
         session_(session),
         rank_(rank),
         devices_(devices),
         group_(group.empty() ? transfer::Group{rank} : std::move(group)),
-        concurrentCopy_(concurrentCopy) {}
+        concurrentCopy_(concurrentCopy),
+        reactor_(reactor) {}
   ~SessionService();
 
  protected:
@@ -36,17 +41,39 @@ class SessionService final : public proto::Session::Server {
   kj::Promise<void> recv(RecvContext context) override;
   kj::Promise<void> markDone(MarkDoneContext context) override;
   kj::Promise<void> sendDevice(SendDeviceContext context) override;
+  kj::Promise<void> openLane(OpenLaneContext context) override;
 
  private:
-  // send() of an InlineTensor: allocates like allocate(), copies the bytes in, then sends.
-  kj::Promise<void> sendInline(SendContext context, SendRequest request);
-
   TransferBackend& backend_;
   SessionId session_;
   transfer::Rank rank_;
   DeviceSendBackend* devices_;
   transfer::Group group_;  // as registered
   bool concurrentCopy_;
+  reactor::Reactor* reactor_;  // the session's core; null: no lanes (older embeddings, tests)
+  kj::Own<LaneService> lane_;  // declared last: destroyed first, cancelling its pending work
+};
+
+// A send's payload, for Session.send and the lane: `request` has the header fields; `keep` holds
+// the message `payload` is read from until the send no longer needs it (an inline tensor's bytes
+// are copied after its allocation, which may wait for space).
+kj::Promise<void> sendPayload(TransferBackend& backend, SessionId session, SendRequest request,
+                              proto::Payload::Reader payload, std::shared_ptr<const void> keep);
+// An InlineTensor: allocates like Session.allocate, copies the bytes in, then sends.
+kj::Promise<void> sendInline(TransferBackend& backend, SessionId session, SendRequest request,
+                             proto::InlineTensor::Reader tensor, std::shared_ptr<const void> keep);
+
+std::string text(capnp::Text::Reader t);
+void writeRecvResult(proto::RecvResult::Builder result, const RecvReply& reply);
+
+// Carries one fd of its own (a lane's memory or doorbell) to the client.
+class FdHandleService final : public proto::FdHandle::Server {
+ public:
+  explicit FdHandleService(kj::AutoCloseFd fd) : fd_(kj::mv(fd)) {}
+  kj::Maybe<int> getFd() override { return fd_.get(); }
+
+ private:
+  kj::AutoCloseFd fd_;
 };
 
 // Carries the arena's memfd to the client (Capability::Client::getFd()).

@@ -85,7 +85,8 @@ kj::Promise<void> SidecarService::register_(RegisterContext context) {
              &transfers](SessionId session) mutable {
         auto results = context.getResults();
         results.setSession(kj::heap<SessionService>(transfers, session, rank, node_.deviceSends(),
-                                                    std::move(group), concurrentCopy));
+                                                    std::move(group), concurrentCopy,
+                                                    fdPassing_ ? reactor_ : nullptr));
         results.setArena(kj::heap<ArenaHandleService>(transfers.arenaFd()));
         results.setArenaBytes(transfers.arenaBytes());
         results.setInlineTensorMaxBytes(kInlineTensorMaxBytes);

@@ -1,0 +1,73 @@
+#pragma once
+// The client's side of its session's lane (docs/LANES.md): send, recv and markDone travel as
+// records in shared memory instead of Cap'n Proto calls. Each request reserves room for its
+// largest completion before it goes out, so the daemon can always answer; when the lane has no
+// room (or is closed) request() returns null and the caller makes the call instead, which means
+// the same to the daemon.
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/async.h>
+#include <kj/io.h>
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "lane/lane_endpoint.h"
+#include "shm/lane_ring.h"
+#include "sidecar.capnp.h"
+
+namespace sidecar::client {
+
+// A completion as received: the copied record and its reader.
+class LaneAnswer {
+ public:
+  LaneAnswer(std::vector<uint64_t> words, uint64_t size);
+  proto::LaneCompletion::Reader get() { return reader_.getRoot<proto::LaneCompletion>(); }
+
+ private:
+  std::vector<uint64_t> words_;
+  capnp::FlatArrayMessageReader reader_;
+};
+
+class LaneClient {
+ public:
+  // Completions of sends and markDones are at most this large (a failure's text is cut to 512
+  // bytes by the daemon).
+  static constexpr uint64_t kSmallCompletionBytes = 1024;
+
+  LaneClient(reactor::Reactor& reactor, shm::LaneMemory memory, kj::AutoCloseFd requestBell,
+             kj::AutoCloseFd completionBell, uint32_t objectMaxBytes);
+  ~LaneClient();
+
+  // Sends the LaneRequest in `message` (its seq is set here). `recv`: the answer may carry an
+  // object of up to objectMaxBytes(). Null when the lane cannot take it now: make the call.
+  // The promise rejects with the daemon's "[kind] message" for a failed request, or with
+  // `failAll`'s exception.
+  kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> request(capnp::MallocMessageBuilder& message, bool recv);
+
+  // Rejects every pending request (the connection broke) and takes no more.
+  void failAll(const kj::Exception& exception);
+
+  uint32_t objectMaxBytes() const { return objectMaxBytes_; }
+
+ private:
+  struct Pending {
+    kj::Own<kj::PromiseFulfiller<kj::Own<LaneAnswer>>> fulfiller;
+    uint64_t reservedBytes;
+  };
+  void onCompletion(const std::vector<uint64_t>& words, uint64_t size);
+
+  shm::LaneMemory memory_;
+  uint64_t completionCapacityBytes_;  // what reservations may add up to (see request())
+  uint32_t objectMaxBytes_;
+  uint64_t nextSeq_ = 1;
+  uint64_t reservedBytes_ = 0;
+  bool closed_ = false;
+  std::unordered_map<uint64_t, Pending> pending_;
+  lane::LaneEndpoint endpoint_;
+};
+
+}  // namespace sidecar::client

@@ -1,0 +1,146 @@
+#include "rpc/lane_service.h"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "rpc/session_service.h"
+
+namespace sidecar::rpc {
+
+namespace {
+
+kj::AutoCloseFd newEventFd() {
+  int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) throw transferError("internal", std::string("eventfd for a lane: ") + std::strerror(errno));
+  return kj::AutoCloseFd(fd);
+}
+
+kj::AutoCloseFd dupFd(int fd) {
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) throw transferError("internal", std::string("dup for a lane: ") + std::strerror(errno));
+  return kj::AutoCloseFd(copy);
+}
+
+}  // namespace
+
+kj::Own<LaneService> LaneService::open(reactor::Reactor& reactor, TransferBackend& backend,
+                                       SessionId session, transfer::Rank rank, ClientFds& clientFds) {
+  auto memory = shm::LaneMemory::create();
+  if (!memory.ok()) throw transferError("internal", "cannot make a lane: " + memory.error().message);
+  auto requestBell = newEventFd();
+  auto completionBell = newEventFd();
+  clientFds.memory = dupFd(memory.value().fd());
+  clientFds.requestBell = dupFd(requestBell.get());
+  clientFds.completionBell = dupFd(completionBell.get());
+  return kj::heap<LaneService>(reactor, backend, session, rank, std::move(memory).value(),
+                               kj::mv(requestBell), kj::mv(completionBell));
+}
+
+LaneService::LaneService(reactor::Reactor& reactor, TransferBackend& backend, SessionId session,
+                         transfer::Rank rank, shm::LaneMemory memory, kj::AutoCloseFd requestBell,
+                         kj::AutoCloseFd completionBell)
+    : backend_(backend),
+      session_(session),
+      rank_(rank),
+      memory_(std::move(memory)),
+      endpoint_(reactor, memory_.requests(), kj::mv(requestBell), memory_.completions(),
+                kj::mv(completionBell),
+                [this](const std::vector<uint64_t>& words, uint64_t size) { onRecord(words, size); },
+                [this](const std::string& why) { close("its request ring is corrupt: " + why); }),
+      tasks_(*this) {}
+
+LaneService::~LaneService() = default;
+
+void LaneService::close(const std::string& why) {
+  endpoint_.shutDown();
+  spdlog::warn("rank {}: lane closed, {}; its calls go on working", rank_, why);
+}
+
+void LaneService::taskFailed(kj::Exception&& exception) {
+  // Every task ends in complete(); only a bug gets here.
+  spdlog::error("rank {}: lane task failed: {}", rank_, exception.getDescription().cStr());
+}
+
+void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
+  // The record is the endpoint's buffer until the next one; an inline tensor's bytes must outlive
+  // it (its allocation may wait for space), so the request is read from a copy that the send keeps.
+  auto owned = std::make_shared<std::vector<uint64_t>>(words);
+  auto reader = std::make_shared<capnp::FlatArrayMessageReader>(
+      kj::arrayPtr(reinterpret_cast<const capnp::word*>(owned->data()), size / sizeof(capnp::word)),
+      capnp::ReaderOptions{owned->size() * 4 + 64, 16});
+  kj::Maybe<uint64_t> seq;
+  kj::Maybe<proto::LaneRequest::Reader> request;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    auto root = reader->getRoot<proto::LaneRequest>();
+    seq = root.getSeq();
+    request = root;
+  })) {
+    // Not even the sequence number could be read: nothing can be answered.
+    close(std::string("a record that is not a LaneRequest: ") + e->getDescription().cStr());
+    return;
+  }
+  auto work = kj::evalNow([&]() { return dispatch(KJ_ASSERT_NONNULL(request), std::make_shared<Keep>(owned, reader)); });
+  uint64_t number = KJ_ASSERT_NONNULL(seq);
+  tasks_.add(work.then([this, number](kj::Maybe<RecvReply> reply) { complete(number, reply, nullptr); },
+                       [this, number](kj::Exception&& e) { complete(number, nullptr, &e); }));
+}
+
+kj::Promise<kj::Maybe<RecvReply>> LaneService::dispatch(proto::LaneRequest::Reader request,
+                                                         std::shared_ptr<const Keep> keep) {
+  std::string dataId = text(request.getDataId());
+  uint32_t chunkId = request.getChunkId();
+  auto none = []() -> kj::Maybe<RecvReply> { return nullptr; };
+  switch (request.which()) {
+    case proto::LaneRequest::SEND: {
+      auto send = request.getSend();
+      SendRequest header;
+      header.dataId = std::move(dataId);
+      header.chunkId = chunkId;
+      header.numChunks = send.getNumChunks();
+      header.destinations = readDestinations(send.getDestinations());
+      return sendPayload(backend_, session_, std::move(header), send.getPayload(), std::move(keep))
+          .then(none);
+    }
+    case proto::LaneRequest::RECV:
+      return backend_.recv(session_, dataId, chunkId, request.getRecv().getTimeoutMs())
+          .then([](RecvReply reply) -> kj::Maybe<RecvReply> { return kj::mv(reply); });
+    case proto::LaneRequest::MARK_DONE:
+      return backend_.markDone(session_, dataId, chunkId).then(none);
+  }
+  return transferError("invalid-argument",
+                       "a lane request that is none of send, recv, markDone (a newer client?)");
+}
+
+void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const kj::Exception* failure) {
+  if (endpoint_.broken()) return;
+  const RecvReply* reply = nullptr;
+  KJ_IF_MAYBE(r, maybeReply) { reply = r; }
+  capnp::MallocMessageBuilder message(256);
+  auto completion = message.initRoot<proto::LaneCompletion>();
+  completion.setSeq(seq);
+  if (failure != nullptr) {
+    kj::StringPtr description = failure->getDescription();
+    size_t bytes = std::min(description.size(), kLaneFailureMaxBytes);
+    completion.setFailed(capnp::Text::Reader(description.begin(), bytes));
+  } else if (reply == nullptr) {
+    completion.setDone();
+  } else if (auto* object = std::get_if<transfer::ObjectChunk>(reply);
+             object != nullptr && object->bytes.size() > kLaneObjectMaxBytes) {
+    completion.setUseCall();
+  } else {
+    writeRecvResult(completion.initReceived(), *reply);
+  }
+  auto flat = capnp::messageToFlatArray(message);
+  if (!endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word)) && !endpoint_.broken()) {
+    close("its completion ring is full (the client reserves room for every request it makes: a "
+          "client bug)");
+  }
+}
+
+}  // namespace sidecar::rpc

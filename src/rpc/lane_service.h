@@ -1,0 +1,72 @@
+#pragma once
+// The daemon's side of a session's lane (docs/LANES.md): reads LaneRequest records from the
+// request ring on the session's core, runs them through the same TransferBackend calls as
+// Session.send / recv / markDone, and writes a LaneCompletion per request. Lives inside its
+// SessionService: destroying it (the session ended) cancels what is still pending.
+//
+// The client is not trusted: a record that does not parse, or a ring whose format is broken, or a
+// client that leaves no room for its completions, closes the lane with a logged reason; the
+// session's calls keep working and no other client is affected.
+
+#include <kj/async.h>
+#include <capnp/serialize.h>
+#include <kj/io.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lane/lane_endpoint.h"
+#include "rpc/transfer_backend.h"
+#include "shm/lane_ring.h"
+#include "sidecar.capnp.h"
+
+namespace sidecar::rpc {
+
+// Objects larger than this are not answered over the lane (`useCall`): a completion must fit the
+// room the client reserved for it (docs/LANES.md, "Credits").
+constexpr uint32_t kLaneObjectMaxBytes = 16 * 1024;
+// A failure's text in a completion is cut to this many bytes.
+constexpr size_t kLaneFailureMaxBytes = 512;
+
+class LaneService final : private kj::TaskSet::ErrorHandler {
+ public:
+  // The fds the client gets: the memory, the daemon's doorbell, the client's doorbell.
+  struct ClientFds {
+    kj::AutoCloseFd memory, requestBell, completionBell;
+  };
+
+  // Creates the memory and both doorbells on the calling thread's reactor.
+  static kj::Own<LaneService> open(reactor::Reactor& reactor, TransferBackend& backend,
+                                   SessionId session, transfer::Rank rank, ClientFds& clientFds);
+
+  LaneService(reactor::Reactor& reactor, TransferBackend& backend, SessionId session,
+              transfer::Rank rank, shm::LaneMemory memory, kj::AutoCloseFd requestBell,
+              kj::AutoCloseFd completionBell);
+  ~LaneService();
+
+  bool broken() const { return endpoint_.broken(); }
+
+ private:
+  // What a request's work keeps alive: the copied record and its reader.
+  using Keep = std::pair<std::shared_ptr<std::vector<uint64_t>>,
+                         std::shared_ptr<capnp::FlatArrayMessageReader>>;
+
+  void onRecord(const std::vector<uint64_t>& words, uint64_t size);
+  // A recv resolves to its reply; send and markDone to nothing.
+  kj::Promise<kj::Maybe<RecvReply>> dispatch(proto::LaneRequest::Reader request,
+                                             std::shared_ptr<const Keep> keep);
+  void complete(uint64_t seq, kj::Maybe<RecvReply&> reply, const kj::Exception* failure);
+  void close(const std::string& why);
+  void taskFailed(kj::Exception&& exception) override;
+
+  TransferBackend& backend_;
+  SessionId session_;
+  transfer::Rank rank_;
+  shm::LaneMemory memory_;
+  lane::LaneEndpoint endpoint_;
+  kj::TaskSet tasks_;
+};
+
+}  // namespace sidecar::rpc
