@@ -197,6 +197,11 @@ struct LaneRequest {
   }
 }
 
+const laneCompletionBytes :UInt32 = 1024;
+# The most bytes a LaneCompletion other than a recv's `received` may take; a recv's may take
+# objectMaxBytes (openLane) more. The client reserves that much completion ring per request
+# (docs/LANES.md, "Credits"); the daemon answers `useCall` rather than write a larger one.
+
 struct LaneCompletion {
   seq @0 :UInt64;
   union {

@@ -29,7 +29,7 @@ LaneClient::LaneClient(reactor::Reactor& reactor, shm::LaneMemory memory, kj::Au
   // Completions are pushed in any order, each framed; between the records waiting to be read
   // there is at most one wrap's padding, shorter than the largest record. So reservations that
   // add up to the ring less one largest record always leave room for every push.
-  uint64_t largest = framedBytes(objectMaxBytes_ + kSmallCompletionBytes);
+  uint64_t largest = framedBytes(objectMaxBytes_ + proto::LANE_COMPLETION_BYTES);
   uint64_t capacity = memory_.ringBytes();
   completionCapacityBytes_ = capacity > 2 * largest ? capacity - largest : 0;
 }
@@ -41,7 +41,7 @@ LaneClient::~LaneClient() {
 kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> LaneClient::request(capnp::MallocMessageBuilder& message,
                                                                  bool recv) {
   if (closed_ || endpoint_.broken()) return nullptr;
-  uint64_t reserve = framedBytes(recv ? objectMaxBytes_ + kSmallCompletionBytes : kSmallCompletionBytes);
+  uint64_t reserve = framedBytes(recv ? objectMaxBytes_ + proto::LANE_COMPLETION_BYTES : proto::LANE_COMPLETION_BYTES);
   if (reservedBytes_ + reserve > completionCapacityBytes_) return nullptr;
   uint64_t seq = nextSeq_;
   message.getRoot<proto::LaneRequest>().setSeq(seq);

@@ -34,10 +34,6 @@ class LaneAnswer {
 
 class LaneClient {
  public:
-  // Completions of sends and markDones are at most this large (a failure's text is cut to 512
-  // bytes by the daemon).
-  static constexpr uint64_t kSmallCompletionBytes = 1024;
-
   LaneClient(reactor::Reactor& reactor, shm::LaneMemory memory, kj::AutoCloseFd requestBell,
              kj::AutoCloseFd completionBell, uint32_t objectMaxBytes);
   ~LaneClient();

@@ -137,6 +137,15 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
     writeRecvResult(completion.initReceived(), *reply);
   }
   auto flat = capnp::messageToFlatArray(message);
+  if (reply != nullptr &&
+      flat.size() * sizeof(capnp::word) > kLaneObjectMaxBytes + proto::LANE_COMPLETION_BYTES) {
+    // Over what the client reserved (e.g. a tensor of thousands of dimensions): it asks again by call.
+    capnp::MallocMessageBuilder small(16);
+    auto useCall = small.initRoot<proto::LaneCompletion>();
+    useCall.setSeq(seq);
+    useCall.setUseCall();
+    flat = capnp::messageToFlatArray(small);
+  }
   if (!endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word)) && !endpoint_.broken()) {
     close("its completion ring is full (the client reserves room for every request it makes: a "
           "client bug)");

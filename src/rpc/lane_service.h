@@ -27,7 +27,7 @@ namespace sidecar::rpc {
 // Objects larger than this are not answered over the lane (`useCall`): a completion must fit the
 // room the client reserved for it (docs/LANES.md, "Credits").
 constexpr uint32_t kLaneObjectMaxBytes = 16 * 1024;
-// A failure's text in a completion is cut to this many bytes.
+// A failure's text in a completion is cut to this many bytes (under laneCompletionBytes).
 constexpr size_t kLaneFailureMaxBytes = 512;
 
 class LaneService final : private kj::TaskSet::ErrorHandler {
