@@ -55,10 +55,11 @@ kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> LaneClient::request(capnp::MallocMes
 }
 
 void LaneClient::onCompletion(const std::vector<uint64_t>& words, uint64_t size) {
-  auto answer = kj::heap<LaneAnswer>(words, size);
+  kj::Own<LaneAnswer> answer;
   uint64_t seq = 0;
   kj::Maybe<kj::Exception> failure;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    answer = kj::heap<LaneAnswer>(words, size);  // checks the segment table: may throw
     auto completion = answer->get();
     seq = completion.getSeq();
     if (completion.isFailed()) {

@@ -71,12 +71,14 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
   // The record is the endpoint's buffer until the next one; an inline tensor's bytes must outlive
   // it (its allocation may wait for space), so the request is read from a copy that the send keeps.
   auto owned = std::make_shared<std::vector<uint64_t>>(words);
-  auto reader = std::make_shared<capnp::FlatArrayMessageReader>(
-      kj::arrayPtr(reinterpret_cast<const capnp::word*>(owned->data()), size / sizeof(capnp::word)),
-      capnp::ReaderOptions{owned->size() * 4 + 64, 16});
+  std::shared_ptr<capnp::FlatArrayMessageReader> reader;
   kj::Maybe<uint64_t> seq;
   kj::Maybe<proto::LaneRequest::Reader> request;
+  // The reader checks the segment table as it is made: garbage throws there already.
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    reader = std::make_shared<capnp::FlatArrayMessageReader>(
+        kj::arrayPtr(reinterpret_cast<const capnp::word*>(owned->data()), size / sizeof(capnp::word)),
+        capnp::ReaderOptions{owned->size() * 4 + 64, 16});
     auto root = reader->getRoot<proto::LaneRequest>();
     seq = root.getSeq();
     request = root;

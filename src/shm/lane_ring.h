@@ -40,6 +40,8 @@ class LaneRing {
   LaneRing(LaneRingState* state, std::byte* data, uint64_t capacityBytes);
 
   uint64_t capacityBytes() const { return capacity_; }
+  // The shared positions and flag, for tests that play a producer breaking the format.
+  LaneRingState& sharedState() const { return *state_; }
   // The largest record a push can take: half the ring, so that a record never waits for more
   // than the padding of one wrap.
   uint64_t maxRecordBytes() const { return capacity_ / 2 - kFrameBytes; }
