@@ -412,24 +412,25 @@ kj::AutoCloseFd takeFd(ImplT& impl, Handle handle, const char* what) {
   throw Error(ErrorCode::kInternal, std::string("the daemon did not pass the lane's ") + what);
 }
 
-// The session's lane, when the daemon serves one (an older one answers `unimplemented`: calls
-// only). Fails the connect for a lane that cannot be set up: that is a broken daemon or machine.
+// The session's lane, when the daemon serves one. Without one (an older daemon answers
+// `unimplemented`; a daemon out of fds or memory fails the call and logs why) every request is a
+// call, which means the same: a lane is never worth failing a connect for. A lost connection
+// still fails the connect.
 template <typename ImplT>
 void openLane(ImplT& impl) {
+  using Response = capnp::Response<proto::Session::OpenLaneResults>;
   auto call = impl.session.openLaneRequest().send().then(
-      [](capnp::Response<proto::Session::OpenLaneResults> r) -> kj::Maybe<capnp::Response<proto::Session::OpenLaneResults>> {
-        return kj::mv(r);
-      },
-      [](kj::Exception&& e) -> kj::Maybe<capnp::Response<proto::Session::OpenLaneResults>> {
-        if (e.getType() == kj::Exception::Type::UNIMPLEMENTED) return nullptr;
-        kj::throwFatalException(kj::mv(e));
+      [](Response r) -> kj::Maybe<Response> { return kj::mv(r); },
+      [](kj::Exception&& e) -> kj::Maybe<Response> {
+        if (e.getType() == kj::Exception::Type::DISCONNECTED) kj::throwFatalException(kj::mv(e));
+        return nullptr;
       });
   KJ_IF_MAYBE(response, impl.wait(kj::mv(call))) {
     auto memoryFd = takeFd(impl, response->getMemory(), "memory");
     auto requestBell = takeFd(impl, response->getRequestBell(), "request doorbell");
     auto completionBell = takeFd(impl, response->getCompletionBell(), "completion doorbell");
     auto memory = shm::LaneMemory::map(memoryFd.get());
-    if (!memory.ok()) throw Error(ErrorCode::kProtocolMismatch, "cannot map the lane: " + memory.error().message);
+    if (!memory.ok()) return;  // a layout this client does not know: calls only
     impl.lane = kj::heap<client::LaneClient>(impl.loop.reactor(), std::move(memory).value(),
                                              kj::mv(requestBell), kj::mv(completionBell),
                                              response->getObjectMaxBytes());

@@ -5,6 +5,7 @@
 #include <string>
 
 #include <kj/debug.h>
+#include <spdlog/spdlog.h>
 
 namespace sidecar::rpc {
 
@@ -214,7 +215,12 @@ kj::Promise<void> SessionService::openLane(OpenLaneContext context) {
     return transferError("invalid-argument", "this session already has its lane");
   }
   LaneService::ClientFds fds;
-  lane_ = LaneService::open(*reactor_, backend_, session_, rank_, fds);
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    lane_ = LaneService::open(*reactor_, backend_, session_, rank_, fds);
+  })) {
+    spdlog::warn("rank {}: no lane, its requests stay calls: {}", rank_, e->getDescription().cStr());
+    return kj::mv(*e);
+  }
   auto results = context.getResults();
   results.setMemory(kj::heap<FdHandleService>(kj::mv(fds.memory)));
   results.setRequestBell(kj::heap<FdHandleService>(kj::mv(fds.requestBell)));
