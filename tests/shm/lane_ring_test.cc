@@ -51,7 +51,7 @@ void expectRecord(LaneRing& ring, const std::vector<unsigned char>& expected) {
   std::string why;
   ASSERT_EQ(ring.tryPop(words, size, &why), Pop::kRecord) << why;
   ASSERT_EQ(size, expected.size());
-  ASSERT_EQ(0, std::memcmp(words.data(), expected.data(), expected.size()));
+  if (size > 0) ASSERT_EQ(0, std::memcmp(words.data(), expected.data(), size));
 }
 
 TEST(LaneRing, RecordsOfEverySizeArriveIntact) {
@@ -283,7 +283,7 @@ TEST(LaneMemory, RecordsCrossProcesses) {
     if (result == Pop::kEmpty) continue;
     auto expected = pattern(i % 300, i);
     ASSERT_EQ(size, expected.size());
-    ASSERT_EQ(0, std::memcmp(words.data(), expected.data(), size)) << i;
+    if (size > 0) ASSERT_EQ(0, std::memcmp(words.data(), expected.data(), size)) << i;
     ++i;
   }
   int status = 0;
