@@ -4,12 +4,6 @@
 
 namespace sidecar::client {
 
-namespace {
-
-uint64_t framedBytes(uint64_t bytes) { return shm::LaneRing::kFrameBytes + ((bytes + 7) & ~uint64_t{7}); }
-
-}  // namespace
-
 LaneAnswer::LaneAnswer(std::vector<uint64_t> words, uint64_t size)
     : words_(std::move(words)),
       reader_(kj::arrayPtr(reinterpret_cast<const capnp::word*>(words_.data()), size / sizeof(capnp::word)),
@@ -25,14 +19,8 @@ LaneClient::LaneClient(reactor::Reactor& reactor, shm::LaneMemory memory, kj::Au
                 [this](const std::string& why) {
                   failAll(KJ_EXCEPTION(FAILED, kj::str("[internal] the daemon's completion ring is "
                                                        "corrupt: ", why.c_str())));
-                }) {
-  // Completions are pushed in any order, each framed; between the records waiting to be read
-  // there is at most one wrap's padding, shorter than the largest record. So reservations that
-  // add up to the ring less one largest record always leave room for every push.
-  uint64_t largest = framedBytes(objectMaxBytes_ + proto::LANE_COMPLETION_BYTES);
-  uint64_t capacity = memory_.ringBytes();
-  completionCapacityBytes_ = capacity > 2 * largest ? capacity - largest : 0;
-}
+                }),
+      credits_(memory_.ringBytes(), objectMaxBytes, proto::LANE_COMPLETION_BYTES) {}
 
 LaneClient::~LaneClient() {
   failAll(KJ_EXCEPTION(DISCONNECTED, "the Sidecar was closed"));
@@ -41,14 +29,16 @@ LaneClient::~LaneClient() {
 kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> LaneClient::request(capnp::MallocMessageBuilder& message,
                                                                  bool recv) {
   if (closed_ || endpoint_.broken()) return nullptr;
-  uint64_t reserve = framedBytes(recv ? objectMaxBytes_ + proto::LANE_COMPLETION_BYTES : proto::LANE_COMPLETION_BYTES);
-  if (reservedBytes_ + reserve > completionCapacityBytes_) return nullptr;
+  uint64_t reserve = credits_.reservation(recv);
+  if (!credits_.take(reserve)) return nullptr;
   uint64_t seq = nextSeq_;
   message.getRoot<proto::LaneRequest>().setSeq(seq);
   auto flat = capnp::messageToFlatArray(message);
-  if (!endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word))) return nullptr;
+  if (!endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word))) {
+    credits_.give(reserve);
+    return nullptr;
+  }
   ++nextSeq_;
-  reservedBytes_ += reserve;
   auto paf = kj::newPromiseAndFulfiller<kj::Own<LaneAnswer>>();
   pending_.emplace(seq, Pending{kj::mv(paf.fulfiller), reserve});
   return kj::mv(paf.promise);
@@ -79,7 +69,7 @@ void LaneClient::onCompletion(const std::vector<uint64_t>& words, uint64_t size)
   }
   Pending pending = kj::mv(it->second);
   pending_.erase(it);
-  reservedBytes_ -= pending.reservedBytes;
+  credits_.give(pending.reservedBytes);
   KJ_IF_MAYBE(f, failure) {
     pending.fulfiller->reject(kj::mv(*f));
   } else {
@@ -92,7 +82,7 @@ void LaneClient::failAll(const kj::Exception& exception) {
   endpoint_.shutDown();
   auto pending = std::move(pending_);
   pending_.clear();
-  reservedBytes_ = 0;
+  credits_.reset();
   for (auto& [seq, p] : pending) p.fulfiller->reject(kj::cp(exception));
 }
 

@@ -15,6 +15,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "lane/lane_credits.h"
 #include "lane/lane_endpoint.h"
 #include "shm/lane_ring.h"
 #include "sidecar.capnp.h"
@@ -57,13 +58,12 @@ class LaneClient {
   void onCompletion(const std::vector<uint64_t>& words, uint64_t size);
 
   shm::LaneMemory memory_;
-  uint64_t completionCapacityBytes_;  // what reservations may add up to (see request())
   uint32_t objectMaxBytes_;
   uint64_t nextSeq_ = 1;
-  uint64_t reservedBytes_ = 0;
   bool closed_ = false;
   std::unordered_map<uint64_t, Pending> pending_;
   lane::LaneEndpoint endpoint_;
+  lane::LaneCredits credits_;
 };
 
 }  // namespace sidecar::client

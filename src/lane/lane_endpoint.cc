@@ -48,6 +48,7 @@ bool LaneEndpoint::drain() {
     }
     any = true;
     onRecord_(record_, size);
+    if (broken_) break;  // the owner shut the lane down: read nothing more
   }
   draining_ = false;
   return any;

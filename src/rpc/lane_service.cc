@@ -53,6 +53,7 @@ LaneService::LaneService(reactor::Reactor& reactor, TransferBackend& backend, Se
                 kj::mv(completionBell),
                 [this](const std::vector<uint64_t>& words, uint64_t size) { onRecord(words, size); },
                 [this](const std::string& why) { close("its request ring is corrupt: " + why); }),
+      credits_(memory_.ringBytes(), kLaneObjectMaxBytes, proto::LANE_COMPLETION_BYTES),
       tasks_(*this) {}
 
 LaneService::~LaneService() = default;
@@ -87,10 +88,25 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
     close(std::string("a record that is not a LaneRequest: ") + e->getDescription().cStr());
     return;
   }
+  // The client's credits, kept here too: a request beyond them would make this daemon hold work
+  // (a waiting recv) or owe an answer it has no room for.
+  uint64_t reserve = credits_.reservation(KJ_ASSERT_NONNULL(request).isRecv());
+  if (!credits_.take(reserve)) {
+    close("it has more requests in flight than its completion ring can answer (it ignores its "
+          "credits)");
+    return;
+  }
   auto work = kj::evalNow([&]() { return dispatch(KJ_ASSERT_NONNULL(request), std::make_shared<Keep>(owned, reader)); });
   uint64_t number = KJ_ASSERT_NONNULL(seq);
-  tasks_.add(work.then([this, number](kj::Maybe<RecvReply> reply) { complete(number, reply, nullptr); },
-                       [this, number](kj::Exception&& e) { complete(number, nullptr, &e); }));
+  tasks_.add(work.then(
+      [this, number, reserve](kj::Maybe<RecvReply> reply) {
+        credits_.give(reserve);
+        complete(number, reply, nullptr);
+      },
+      [this, number, reserve](kj::Exception&& e) {
+        credits_.give(reserve);
+        complete(number, nullptr, &e);
+      }));
 }
 
 kj::Promise<kj::Maybe<RecvReply>> LaneService::dispatch(proto::LaneRequest::Reader request,

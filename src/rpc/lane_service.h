@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "lane/lane_credits.h"
 #include "lane/lane_endpoint.h"
 #include "rpc/transfer_backend.h"
 #include "shm/lane_ring.h"
@@ -66,6 +67,7 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
   transfer::Rank rank_;
   shm::LaneMemory memory_;
   lane::LaneEndpoint endpoint_;
+  lane::LaneCredits credits_;  // the client's, mirrored
   kj::TaskSet tasks_;
 };
 

@@ -317,27 +317,42 @@ TEST_F(LaneTest, BrokenLanesCloseAloneAndCallsGoOn) {
   ASSERT_NO_FATAL_FAILURE(expectDaemonServes("after-scribble"));
 
   // 3. A client that never reads its completions: each markDone of an unknown id is answered with
-  // a failure; the completion ring fills and the daemon closes the lane rather than wait.
-  {
+  // a failure at once; when the completion ring is full the daemon closes the lane rather than
+  // wait for room.
+  // 4. A client that ignores its credits with recvs that wait (no data, no timeout): the daemon
+  // would hold ever more waiters; it closes the lane once they are more than the ring can answer.
+  for (bool waitingRecvs : {false, true}) {
     RawLaneClient raw(daemon_.socket(), 0);
     raw.openLane();
     int pushed = 0;
-    for (int i = 0; i < 40'000 && daemon_.process().err().find("completion ring is full") == std::string::npos; ++i) {
+    size_t closedBefore = waitingRecvs ? 3 : 2;
+    auto closed = [&]() {
+      std::string err = daemon_.process().err();
+      size_t n = 0;
+      for (size_t at = err.find("lane closed"); at != std::string::npos; at = err.find("lane closed", at + 1)) ++n;
+      return n > closedBefore;
+    };
+    for (int i = 0; i < 40'000 && !closed(); ++i) {
       capnp::MallocMessageBuilder message;
       auto request = message.initRoot<proto::LaneRequest>();
       request.setSeq(static_cast<uint64_t>(i));
       request.setDataId("unknown-" + std::to_string(i));
-      request.setMarkDone();
+      if (waitingRecvs) {
+        request.initRecv().setTimeoutMs(0);
+      } else {
+        request.setMarkDone();
+      }
       if (raw.push(message)) {
         ++pushed;
       } else {
         std::this_thread::sleep_for(1ms);  // the request ring is full: the daemon reads on
       }
-      if (i % 1000 == 999) raw.ringBell();
+      if (i % 100 == 99) raw.ringBell();
     }
     raw.ringBell();
-    expectLaneClosedLogged(daemon_, 3, "completion ring is full");
-    EXPECT_GT(pushed, 1000);
+    expectLaneClosedLogged(daemon_, closedBefore + 1,
+                           waitingRecvs ? "ignores its credits" : "completion ring is full");
+    EXPECT_GT(pushed, waitingRecvs ? 50 : 900);
   }
   ASSERT_NO_FATAL_FAILURE(expectDaemonServes("after-flood"));
 }
