@@ -19,6 +19,7 @@ struct CoreInfo {
   connections @2 :UInt32;    # client and peer connections this core serves now
   completions @3 :UInt64;    # io_uring completions handled since start
   sleeps @4 :UInt64;         # times the thread slept in io_uring since start
+  lanes @5 :UInt32;          # sessions' lanes this core serves now (docs/LANES.md)
 }
 
 struct HintStats {

@@ -28,6 +28,7 @@ struct CoreStatus {
   uint32_t connections = 0;
   uint64_t completions = 0;
   uint64_t sleeps = 0;
+  uint32_t lanes = 0;  // sessions' shared-memory lanes this core serves now
 };
 
 struct HintStatus {

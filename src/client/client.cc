@@ -112,7 +112,7 @@ NodeStatus Client::status() {
     out.tcpAddress = info.getTcpAddress().cStr();
     for (auto core : info.getCores()) {
       out.cores.push_back(CoreStatus{core.getIndex(), core.getCpu(), core.getConnections(),
-                                     core.getCompletions(), core.getSleeps()});
+                                     core.getCompletions(), core.getSleeps(), core.getLanes()});
     }
     if (info.hasArena()) {
       auto a = info.getArena();

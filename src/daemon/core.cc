@@ -91,7 +91,7 @@ struct Core::Loop final : public kj::TaskSet::ErrorHandler {
     // One bootstrap service per connection: it knows whether its connection carries fds.
     capnp::Capability::Client service =
         kj::heap<rpc::SidecarService>(core.node_, core.transfers_, unixSocket, peerPid, core.peers_,
-                                      &loop.reactor());
+                                      rpc::LaneHost{&loop.reactor(), &core.lanes_});
     auto stream = kj::heap<reactor::UringStream>(loop.reactor(), kj::mv(fd));
     kj::Own<rpc::RpcConnection> connection =
         unixSocket ? kj::heap<rpc::RpcConnection>(

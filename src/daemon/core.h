@@ -59,6 +59,7 @@ class Core {
   uint32_t index() const { return options_.index; }
   int cpu() const { return options_.cpu; }
   uint32_t connections() const { return connections_.load(std::memory_order_relaxed); }
+  uint32_t lanes() const { return lanes_.load(std::memory_order_relaxed); }
   // Null until start() returned.
   const reactor::ReactorStats* reactorStats() const { return stats_.load(); }
   // The core's timer; use only on the core's own thread (e.g. inside a posted task).
@@ -84,6 +85,7 @@ class Core {
   std::atomic<Loop*> loop_{nullptr};
   std::atomic<const reactor::ReactorStats*> stats_{nullptr};
   std::atomic<uint32_t> connections_{0};
+  std::atomic<uint32_t> lanes_{0};  // open session lanes on this core (their LaneServices count)
   kj::Own<const kj::Executor> executor_;
 };
 

@@ -173,6 +173,7 @@ kj::Promise<void> Daemon::fillInfo(proto::NodeInfo::Builder info) {
     core.setIndex(cores_[i]->index());
     core.setCpu(cores_[i]->cpu());
     core.setConnections(cores_[i]->connections());
+    core.setLanes(cores_[i]->lanes());
     if (const auto* stats = cores_[i]->reactorStats()) {
       core.setCompletions(stats->completions.load(std::memory_order_relaxed));
       core.setSleeps(stats->sleeps.load(std::memory_order_relaxed));

@@ -29,8 +29,8 @@ kj::AutoCloseFd dupFd(int fd) {
 
 }  // namespace
 
-kj::Own<LaneService> LaneService::open(reactor::Reactor& reactor, TransferBackend& backend,
-                                       SessionId session, transfer::Rank rank, ClientFds& clientFds) {
+kj::Own<LaneService> LaneService::open(LaneHost host, TransferBackend& backend, SessionId session,
+                                       transfer::Rank rank, ClientFds& clientFds) {
   auto memory = shm::LaneMemory::create();
   if (!memory.ok()) throw transferError("internal", "cannot make a lane: " + memory.error().message);
   auto requestBell = newEventFd();
@@ -38,25 +38,30 @@ kj::Own<LaneService> LaneService::open(reactor::Reactor& reactor, TransferBacken
   clientFds.memory = dupFd(memory.value().fd());
   clientFds.requestBell = dupFd(requestBell.get());
   clientFds.completionBell = dupFd(completionBell.get());
-  return kj::heap<LaneService>(reactor, backend, session, rank, std::move(memory).value(),
+  return kj::heap<LaneService>(host, backend, session, rank, std::move(memory).value(),
                                kj::mv(requestBell), kj::mv(completionBell));
 }
 
-LaneService::LaneService(reactor::Reactor& reactor, TransferBackend& backend, SessionId session,
+LaneService::LaneService(LaneHost host, TransferBackend& backend, SessionId session,
                          transfer::Rank rank, shm::LaneMemory memory, kj::AutoCloseFd requestBell,
                          kj::AutoCloseFd completionBell)
-    : backend_(backend),
+    : open_(host.open),
+      backend_(backend),
       session_(session),
       rank_(rank),
       memory_(std::move(memory)),
-      endpoint_(reactor, memory_.requests(), kj::mv(requestBell), memory_.completions(),
+      endpoint_(*host.reactor, memory_.requests(), kj::mv(requestBell), memory_.completions(),
                 kj::mv(completionBell),
                 [this](const std::vector<uint64_t>& words, uint64_t size) { onRecord(words, size); },
                 [this](const std::string& why) { close("its request ring is corrupt: " + why); }),
       credits_(memory_.ringBytes(), kLaneObjectMaxBytes, proto::LANE_COMPLETION_BYTES),
-      tasks_(*this) {}
+      tasks_(*this) {
+  if (open_ != nullptr) open_->fetch_add(1, std::memory_order_relaxed);
+}
 
-LaneService::~LaneService() = default;
+LaneService::~LaneService() {
+  if (open_ != nullptr) open_->fetch_sub(1, std::memory_order_relaxed);
+}
 
 void LaneService::close(const std::string& why) {
   endpoint_.shutDown();

@@ -12,6 +12,7 @@
 #include <capnp/serialize.h>
 #include <kj/io.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -31,6 +32,13 @@ constexpr uint32_t kLaneObjectMaxBytes = 16 * 1024;
 // A failure's text in a completion is cut to this many bytes (under laneCompletionBytes).
 constexpr size_t kLaneFailureMaxBytes = 512;
 
+// Where a connection's sessions put their lanes: its core's reactor, and the core's count of open
+// lanes (shown by `sidecarctl status`).
+struct LaneHost {
+  reactor::Reactor* reactor = nullptr;  // null: no lanes here
+  std::atomic<uint32_t>* open = nullptr;
+};
+
 class LaneService final : private kj::TaskSet::ErrorHandler {
  public:
   // The fds the client gets: the memory, the daemon's doorbell, the client's doorbell.
@@ -39,12 +47,11 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
   };
 
   // Creates the memory and both doorbells on the calling thread's reactor.
-  static kj::Own<LaneService> open(reactor::Reactor& reactor, TransferBackend& backend,
-                                   SessionId session, transfer::Rank rank, ClientFds& clientFds);
+  static kj::Own<LaneService> open(LaneHost host, TransferBackend& backend, SessionId session,
+                                   transfer::Rank rank, ClientFds& clientFds);
 
-  LaneService(reactor::Reactor& reactor, TransferBackend& backend, SessionId session,
-              transfer::Rank rank, shm::LaneMemory memory, kj::AutoCloseFd requestBell,
-              kj::AutoCloseFd completionBell);
+  LaneService(LaneHost host, TransferBackend& backend, SessionId session, transfer::Rank rank,
+              shm::LaneMemory memory, kj::AutoCloseFd requestBell, kj::AutoCloseFd completionBell);
   ~LaneService();
 
   bool broken() const { return endpoint_.broken(); }
@@ -62,6 +69,7 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
   void close(const std::string& why);
   void taskFailed(kj::Exception&& exception) override;
 
+  std::atomic<uint32_t>* open_;
   TransferBackend& backend_;
   SessionId session_;
   transfer::Rank rank_;

@@ -207,7 +207,7 @@ void writeRecvResult(proto::RecvResult::Builder result, const RecvReply& reply) 
 }
 
 kj::Promise<void> SessionService::openLane(OpenLaneContext context) {
-  if (reactor_ == nullptr) {
+  if (lanes_.reactor == nullptr) {
     return kj::Exception(kj::Exception::Type::UNIMPLEMENTED, __FILE__, __LINE__,
                          kj::str("this daemon serves no lanes here; use calls"));
   }
@@ -216,7 +216,7 @@ kj::Promise<void> SessionService::openLane(OpenLaneContext context) {
   }
   LaneService::ClientFds fds;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
-    lane_ = LaneService::open(*reactor_, backend_, session_, rank_, fds);
+    lane_ = LaneService::open(lanes_, backend_, session_, rank_, fds);
   })) {
     spdlog::warn("rank {}: no lane, its requests stay calls: {}", rank_, e->getDescription().cStr());
     return kj::mv(*e);

@@ -23,14 +23,14 @@ class SessionService final : public proto::Session::Server {
  public:
   SessionService(TransferBackend& backend, SessionId session, transfer::Rank rank,
                  DeviceSendBackend* devices = nullptr, transfer::Group group = {},
-                 bool concurrentCopy = false, reactor::Reactor* reactor = nullptr)
+                 bool concurrentCopy = false, LaneHost lanes = {})
       : backend_(backend),
         session_(session),
         rank_(rank),
         devices_(devices),
         group_(group.empty() ? transfer::Group{rank} : std::move(group)),
         concurrentCopy_(concurrentCopy),
-        reactor_(reactor) {}
+        lanes_(lanes) {}
   ~SessionService();
 
  protected:
@@ -50,7 +50,7 @@ class SessionService final : public proto::Session::Server {
   DeviceSendBackend* devices_;
   transfer::Group group_;  // as registered
   bool concurrentCopy_;
-  reactor::Reactor* reactor_;  // the session's core; null: no lanes (older embeddings, tests)
+  LaneHost lanes_;             // the session's core (no reactor: no lanes; embeddings, tests)
   kj::Own<LaneService> lane_;  // declared last: destroyed first, cancelling its pending work
 };
 

@@ -86,7 +86,7 @@ kj::Promise<void> SidecarService::register_(RegisterContext context) {
         auto results = context.getResults();
         results.setSession(kj::heap<SessionService>(transfers, session, rank, node_.deviceSends(),
                                                     std::move(group), concurrentCopy,
-                                                    fdPassing_ ? reactor_ : nullptr));
+                                                    fdPassing_ ? lanes_ : LaneHost{}));
         results.setArena(kj::heap<ArenaHandleService>(transfers.arenaFd()));
         results.setArenaBytes(transfers.arenaBytes());
         results.setInlineTensorMaxBytes(kInlineTensorMaxBytes);

@@ -4,7 +4,7 @@
 
 #include "rpc/node_state.h"
 #include "rpc/peer_backend.h"
-#include "reactor/reactor.h"
+#include "rpc/lane_service.h"
 #include "rpc/transfer_backend.h"
 #include "sidecar.capnp.h"
 
@@ -21,13 +21,13 @@ class SidecarService final : public proto::Sidecar::Server {
   // `peers` may be null (peer links refused clearly).
   explicit SidecarService(NodeState& node, TransferBackend* transfers = nullptr,
                           bool fdPassing = true, int32_t peerPid = 0, PeerBackend* peers = nullptr,
-                          reactor::Reactor* sessionReactor = nullptr)
+                          LaneHost lanes = {})
       : node_(node),
         transfers_(transfers),
         fdPassing_(fdPassing),
         peerPid_(peerPid),
         peers_(peers),
-        reactor_(sessionReactor) {}
+        lanes_(lanes) {}
 
  protected:
   kj::Promise<void> ping(PingContext context) override;
@@ -45,7 +45,7 @@ class SidecarService final : public proto::Sidecar::Server {
   bool fdPassing_;
   int32_t peerPid_;
   PeerBackend* peers_;
-  reactor::Reactor* reactor_;  // this connection's core, for its sessions' lanes (null: none)
+  LaneHost lanes_;  // this connection's core, for its sessions' lanes (no reactor: none)
 };
 
 // The unit in bytes of a memory hint: prod(rowShape) elements of dtype. Throws [invalid-argument]

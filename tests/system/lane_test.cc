@@ -16,6 +16,7 @@
 #include <capnp/serialize.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sidecar/client.h>
 #include <sidecar/sidecar.h>
 #include <unistd.h>
 
@@ -424,6 +425,28 @@ TEST_F(LaneTest, LibsidecarBehavesTheSameWithAndWithoutLanes) {
   EXPECT_EQ(withLane, withCalls);
   ASSERT_FALSE(withLane.empty());
   EXPECT_EQ(withLane.front(), "recv after markDone: already-done");
+
+  // `sidecarctl status` counts the lanes a core serves: one per Sidecar with lanes, none without,
+  // and none once the Sidecar is gone.
+  auto lanesOpen = [&](uint32_t expected) {
+    uint32_t lanes = 0;
+    for (int i = 0; i < 200; ++i) {
+      lanes = 0;
+      for (const auto& core : sidecar::Client::connectUnix(daemon_.socket()).status().cores) lanes += core.lanes;
+      if (lanes == expected) break;
+      std::this_thread::sleep_for(10ms);
+    }
+    return lanes;
+  };
+  withLanes(true, [&] {
+    Sidecar a = Sidecar::connect(daemon_.rankConfig(0));
+    EXPECT_EQ(lanesOpen(1), 1u);
+  });
+  EXPECT_EQ(lanesOpen(0), 0u);
+  withLanes(false, [&] {
+    Sidecar a = Sidecar::connect(daemon_.rankConfig(0));
+    EXPECT_EQ(lanesOpen(0), 0u);
+  });
 }
 
 TEST_F(LaneTest, RecvWaitingOnTheLaneFailsWhenTheDaemonDies) {

@@ -81,11 +81,11 @@ void printTable(const sidecar::NodeStatus& s) {
   fmt::print("tcp          {}\n", s.tcpAddress.empty() ? "off" : s.tcpAddress);
   fmt::print("cuda         {}\n", s.cudaAvailable ? "available" : "unavailable");
   fmt::print("ucx          {}\n", s.ucxAvailable ? "available" : "unavailable");
-  fmt::print("\n{:<6}{:>5}{:>13}{:>14}{:>10}\n", "CORE", "CPU", "CONNECTIONS", "COMPLETIONS",
-             "SLEEPS");
+  fmt::print("\n{:<6}{:>5}{:>13}{:>7}{:>14}{:>10}\n", "CORE", "CPU", "CONNECTIONS", "LANES",
+             "COMPLETIONS", "SLEEPS");
   for (const auto& c : s.cores) {
-    fmt::print("{:<6}{:>5}{:>13}{:>14}{:>10}\n", c.index,
-               c.cpu < 0 ? std::string("-") : std::to_string(c.cpu), c.connections,
+    fmt::print("{:<6}{:>5}{:>13}{:>7}{:>14}{:>10}\n", c.index,
+               c.cpu < 0 ? std::string("-") : std::to_string(c.cpu), c.connections, c.lanes,
                c.completions, c.sleeps);
   }
   if (!s.arena) {
