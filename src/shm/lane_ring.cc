@@ -53,11 +53,6 @@ ShmError mapError(const std::string& what) {
 LaneRing::LaneRing(LaneRingState* state, std::byte* data, uint64_t capacityBytes)
     : state_(state), data_(data), capacity_(capacityBytes) {}
 
-uint64_t LaneRing::worstCaseBytes(uint64_t bytes) {
-  uint64_t framed = kFrameBytes + round8(bytes);
-  return 2 * framed - kFrameBytes;
-}
-
 bool LaneRing::tryPush(const void* bytes, uint64_t size) {
   if (size > maxRecordBytes()) return false;
   uint64_t framed = kFrameBytes + round8(size);

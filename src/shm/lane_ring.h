@@ -45,8 +45,6 @@ class LaneRing {
   // The largest record a push can take: half the ring, so that a record never waits for more
   // than the padding of one wrap.
   uint64_t maxRecordBytes() const { return capacity_ / 2 - kFrameBytes; }
-  // Ring bytes a record of `bytes` may take, counting the worst-case padding of a wrap before it.
-  static uint64_t worstCaseBytes(uint64_t bytes);
 
   // ---- producer ----
   // Appends one record; false when the ring has no room for it now (or it is over the maximum).
