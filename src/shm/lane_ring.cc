@@ -61,7 +61,9 @@ bool LaneRing::tryPush(const void* bytes, uint64_t size) {
   uint64_t offset = head & (capacity_ - 1);
   uint64_t toEnd = capacity_ - offset;
   uint64_t needed = framed <= toEnd ? framed : toEnd + framed;
-  if (head - tail > capacity_ || capacity_ - (head - tail) < needed) return false;
+  // head is in the shared memory too: one the consumer moved off 8 bytes would put a frame (the
+  // wrap marker's) across the ring's end.
+  if (head % 8 != 0 || head - tail > capacity_ || capacity_ - (head - tail) < needed) return false;
   if (framed > toEnd) {
     Frame wrap{0, kWrapMagic};
     std::memcpy(data_ + offset, &wrap, sizeof wrap);
@@ -88,6 +90,11 @@ LaneRing::Pop LaneRing::tryPop(std::vector<uint64_t>& out, uint64_t& size, std::
     return Pop::kCorrupt;
   };
   uint64_t tail = state_->tail.load(std::memory_order_relaxed);
+  // tail is in the shared memory too: one the producer moved off 8 bytes would put the frame read
+  // across the ring's end.
+  if (tail % 8 != 0) {
+    return corrupt("the consumer's position " + std::to_string(tail) + " is not a multiple of 8");
+  }
   for (;;) {
     uint64_t head = state_->head.load(std::memory_order_acquire);
     if (head == tail) return Pop::kEmpty;
