@@ -150,7 +150,13 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
   if (failure != nullptr) {
     kj::StringPtr description = failure->getDescription();
     size_t bytes = std::min(description.size(), kLaneFailureMaxBytes);
-    completion.setFailed(capnp::Text::Reader(description.begin(), bytes));
+    // Cut on a character boundary: the text is UTF-8 (a data id may not be ASCII), and Python
+    // decodes it strictly.
+    while (bytes > 0 && bytes < description.size() &&
+           (static_cast<unsigned char>(description[bytes]) & 0xC0) == 0x80) {
+      --bytes;
+    }
+    completion.setFailed(kj::heapString(description.begin(), bytes));
   } else if (reply == nullptr) {
     completion.setDone();
   } else if (auto* object = std::get_if<transfer::ObjectChunk>(reply);
