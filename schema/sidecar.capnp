@@ -284,7 +284,30 @@ struct PeerHello {
   incarnation @2 :UInt64;     # a restarted daemon has a new one: links to the old are dead
   address @3 :Text;           # host:port where this daemon accepts peers ("" if it does not)
   ucxAddress @4 :Data;        # this daemon's UCX worker address; empty without UCX
-  linkId @5 :UInt32;          # in answers: the receiver's id for this link, the top bits of tags
+  linkId @5 :UInt32;          # in answers: the receiver's id for this link, the top bits of tags;
+                              # in requests: the sender's id for it, the low bits of UCX ack tags
+  ucxMessageMaxBytes @6 :UInt64;
+  # The largest PeerMessage this daemon takes over UCX (docs/PROTOCOL.md, "Small deliveries over
+  # UCX"); 0: it takes none (no UCX, switched off, or an older daemon), so deliveries to it are
+  # Peer.deliver calls.
+}
+
+struct PeerMessage {
+  # A small delivery, or its answer, as one UCX tagged message instead of a Peer.deliver call:
+  # the latency path. The message is a flat Cap'n Proto message (one segment table + segments).
+  # Tags: top 24 bits zero (body tags never are), bits 32-39 the kind (1 deliver, 2 ack), the low
+  # 32 bits the id of the link at the receiving end of this message (for a deliver: the
+  # receiver's linkId from the hello's answer; for an ack: the sender's linkId from its request).
+  union {
+    deliver :group {
+      seq @0 :UInt32;         # per link, echoed by the ack
+      chunk @1 :PeerChunk;    # a tensor body rides inline (never ucx)
+    }
+    ack :group {
+      seq @2 :UInt32;
+      error @3 :Text;         # "" when stored; else "[kind] message", as a deliver call's failure
+    }
+  }
 }
 
 struct PeerTensor {

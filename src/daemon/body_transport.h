@@ -23,6 +23,12 @@ class BodyEndpoint {
   virtual kj::Promise<void> send(uint64_t tag, const void* buffer, uint64_t sizeBytes) = 0;
 };
 
+// A message taken by BodyTransport::receiveAny.
+struct BodyMessage {
+  uint64_t sizeBytes = 0;
+  uint64_t tag = 0;  // the sender's full tag
+};
+
 class BodyTransport {
  public:
   virtual ~BodyTransport() = default;
@@ -31,6 +37,10 @@ class BodyTransport {
   // An endpoint to the transport at `remoteAddress` (a peer's PeerHello.ucxAddress).
   virtual kj::Own<BodyEndpoint> connect(const std::string& remoteAddress) = 0;
   virtual kj::Promise<void> receive(uint64_t tag, void* buffer, uint64_t sizeBytes) = 0;
+  // Receives the next message whose tag matches `tag` in the bits of `tagMask`, of at most
+  // `maxBytes` (a larger one rejects). Same cancellation rule as receive().
+  virtual kj::Promise<BodyMessage> receiveAny(uint64_t tag, uint64_t tagMask, void* buffer,
+                                              uint64_t maxBytes) = 0;
   // A short name for logs and info ("ucx tcp", "fake").
   virtual std::string describe() const = 0;
 };

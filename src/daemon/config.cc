@@ -130,6 +130,7 @@ enum Key : size_t {
   kArenaSize, kArenaPages, kArenaLock,
   kSendTimeoutMs, kObjectBytesMax, kTtlMs, kWorldSize,
   kPeerRanks, kPeerDnsTemplate, kLocalRanks, kNodeRank, kAdvertise, kPeerTimeoutMs,
+  kPeerUcxMessages,
   kKeyCount
 };
 
@@ -314,16 +315,16 @@ void applyArenaPages(Config& c, std::string_view v) {
   c.arenaPages = l;
 }
 
-void applyArenaLock(Config& c, std::string_view v) {
+bool parseBool(std::string_view v) {
   std::string l = lower(v);
-  if (l == "true" || l == "1" || l == "yes" || l == "on") {
-    c.arenaLock = true;
-  } else if (l == "false" || l == "0" || l == "no" || l == "off") {
-    c.arenaLock = false;
-  } else {
-    throw ValueError(std::string(kBoolAccepted));
-  }
+  if (l == "true" || l == "1" || l == "yes" || l == "on") return true;
+  if (l == "false" || l == "0" || l == "no" || l == "off") return false;
+  throw ValueError(std::string(kBoolAccepted));
 }
+
+void applyArenaLock(Config& c, std::string_view v) { c.arenaLock = parseBool(v); }
+
+void applyPeerUcxMessages(Config& c, std::string_view v) { c.peers.ucxMessages = parseBool(v); }
 
 // Indexed by Key.
 const std::array<Setting, kKeyCount> kSettings{{
@@ -386,6 +387,10 @@ const std::array<Setting, kKeyCount> kSettings{{
      "must be an integer from 100 to 600000 (milliseconds)",
      "A peer daemon silent this long is dead: work that depends on it fails", "MS",
      applyPeerTimeoutMs},
+    {"peers", "ucx_messages", "SIDECAR_PEER_UCX_MESSAGES", "peer-ucx-messages", Kind::kBool,
+     "must be true or false",
+     "Small deliveries to peers as single UCX messages (--no-peer-ucx-messages: as calls)",
+     "BOOL", applyPeerUcxMessages},
 }};
 
 constexpr std::array<std::string_view, 5> kTables{"listen", "reactor", "arena", "transfer", "peers"};
@@ -708,7 +713,7 @@ std::string describeConfig(const Config& c) {
   return fmt::format(
       "config: file={} node_id={} socket={} tcp={} cores={} cpus={} spin_us={} ring_entries={} "
       "log_level={} log_format={} arena_size={} arena_pages={} arena_lock={} peers={} "
-      "dns_template={} local_ranks={} advertise={} peer_timeout_ms={}",
+      "dns_template={} local_ranks={} advertise={} peer_timeout_ms={} peer_ucx_messages={}",
       c.configPath.empty() ? "(none)" : c.configPath, c.nodeId, c.socketPath,
       c.tcpListen.empty() ? "off" : c.tcpListen, c.cores,
       c.cpuList.empty() ? "auto" : formatCpuList(c.cpuList), c.spinUs, c.ringEntries, c.logLevel,
@@ -718,7 +723,8 @@ std::string describeConfig(const Config& c) {
       c.peers.localRanks.empty()
           ? std::string("(all)")
           : formatCpuList(std::vector<int>(c.peers.localRanks.begin(), c.peers.localRanks.end())),
-      c.peers.advertise.empty() ? "(none)" : c.peers.advertise, c.peers.timeoutMs);
+      c.peers.advertise.empty() ? "(none)" : c.peers.advertise, c.peers.timeoutMs,
+      c.peers.ucxMessages);
 }
 
 LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
@@ -747,17 +753,18 @@ LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
       std::to_string(defaults.spinUs), std::to_string(defaults.ringEntries), "auto",
       defaults.arenaPages, "false", std::to_string(defaults.sendTimeoutMs), "1MiB",
       std::to_string(defaults.transferTtlMs), std::to_string(defaults.worldSize), "(none)",
-      "(none)", "(none)", "(none)", "(listen.tcp)", std::to_string(defaults.peers.timeoutMs)};
+      "(none)", "(none)", "(none)", "(listen.tcp)", std::to_string(defaults.peers.timeoutMs),
+      "true"};
 
   std::array<std::string, kKeyCount> flagText;
   std::array<CLI::Option*, kKeyCount> flagOpt{};
-  bool lockFlag = false;
+  std::array<bool, kKeyCount> flagBool{};
   for (size_t k = 0; k < kKeyCount; ++k) {
     const Setting& s = kSettings[k];
     std::string help = fmt::format("{} [{}{}{}, env {}]", s.help, s.table.empty() ? "" : s.table,
                                    s.table.empty() ? "" : ".", s.key, s.env);
     if (s.kind == Kind::kBool) {
-      flagOpt[k] = app.add_flag(fmt::format("--{},!--no-{}", s.flag, s.flag), lockFlag, help);
+      flagOpt[k] = app.add_flag(fmt::format("--{},!--no-{}", s.flag, s.flag), flagBool[k], help);
     } else {
       flagOpt[k] = app.add_option(fmt::format("--{}", s.flag), flagText[k], help)
                        ->default_str(shownDefaults[k])
@@ -799,7 +806,7 @@ LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
       if (flagOpt[k]->count() == 0) continue;
       std::string flag = fmt::format("--{}", kSettings[k].flag);
       if (kSettings[k].kind == Kind::kBool) {
-        applyText(config, origins, static_cast<Key>(k), flag, flag, lockFlag ? "true" : "false");
+        applyText(config, origins, static_cast<Key>(k), flag, flag, flagBool[k] ? "true" : "false");
       } else {
         applyText(config, origins, static_cast<Key>(k),
                   fmt::format("{}={}", flag, quote(flagText[k])), flag, flagText[k]);

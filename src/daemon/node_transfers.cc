@@ -3,9 +3,12 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
+#include <capnp/serialize.h>
 #include <kj/debug.h>
 
 #include "base/clock.h"
+#include "daemon/peer_messages.h"
+#include "rpc/peer_service.h"
 
 #include <cstring>
 #include <optional>
@@ -104,6 +107,35 @@ class NodeTransfers::RecvAdapter final : public transfer::RecvWaiter {
   bool completed_ = false;
 };
 
+// Acks for the deliveries a peer sent as UCX messages, to that peer's worker. The encoded acks
+// live here until UCX is done with them; the endpoint, destroyed first, force-closes so no send
+// reads one afterwards.
+class NodeTransfers::AckChannel final : private kj::TaskSet::ErrorHandler {
+ public:
+  AckChannel(kj::Own<BodyEndpoint> endpoint, uint32_t senderLinkId)
+      : tasks_(*this), endpoint_(kj::mv(endpoint)), tag_(peerAckTag(senderLinkId)) {}
+
+  void send(uint32_t seq, std::string_view error) {
+    uint64_t key = next_++;
+    auto bytes = outgoing_.emplace(key, encodePeerAck(seq, error)).first->second.asBytes();
+    tasks_.add(endpoint_->send(tag_, bytes.begin(), bytes.size()).then([this, key]() {
+      outgoing_.erase(key);
+    }, [this, key](kj::Exception&& e) {
+      outgoing_.erase(key);
+      spdlog::debug("an ack to a peer was not sent: {}", e.getDescription().cStr());
+    }));
+  }
+
+ private:
+  void taskFailed(kj::Exception&&) override {}
+
+  std::map<uint64_t, kj::Array<capnp::word>> outgoing_;
+  uint64_t next_ = 0;
+  kj::TaskSet tasks_;
+  kj::Own<BodyEndpoint> endpoint_;
+  uint64_t tag_;
+};
+
 NodeTransfers::NodeTransfers(const shm::Arena& arena, shm::SlabAllocator& allocator,
                              TransferOptions options)
     : arena_(arena),
@@ -118,6 +150,15 @@ void NodeTransfers::attachOwner(kj::Timer& timer, reactor::Reactor& reactor) {
   ownerThread_ = std::this_thread::get_id();
   ownerExecutor_ = kj::getCurrentThreadExecutor().addRef();
   timer_ = &timer;
+  // Small deliveries as UCX messages: taken here, and sent by our links, when both ends say so.
+  if (bodies_ != nullptr && options_.peers.ucxMessages) {
+    options_.self.ucxMessageMaxBytes = kPeerMessageMaxBytes;
+    messageBuffer_ = kj::heapArray<capnp::word>(kPeerMessageMaxBytes / sizeof(capnp::word));
+    messageDeliveries_ = kj::heap<kj::TaskSet>(static_cast<kj::TaskSet::ErrorHandler&>(*this));
+    messages_ = messageLoop().eagerlyEvaluate([](kj::Exception&& e) {
+      spdlog::error("taking small deliveries from peers stopped: {}", e.getDescription().cStr());
+    });
+  }
   PeerLinkOptions linkOptions;
   linkOptions.self = options_.self;
   linkOptions.self.ucxAddress = bodies_ != nullptr ? bodies_->address() : "";
@@ -132,6 +173,8 @@ void NodeTransfers::attachOwner(kj::Timer& timer, reactor::Reactor& reactor) {
 
 void NodeTransfers::detachOwner() {
   expiry_ = nullptr;
+  messages_ = nullptr;            // cancels the posted receive
+  messageDeliveries_ = nullptr;
   for (auto& [id, link] : incoming_) link.pending->cancel("the daemon is stopping");
   incoming_.clear();
   links_ = nullptr;
@@ -176,6 +219,10 @@ void NodeTransfers::release(const shm::Allocation& allocation) {
 }
 
 uint64_t NodeTransfers::nowMs() { return monotonicNs() / 1'000'000; }
+
+void NodeTransfers::taskFailed(kj::Exception&& e) {
+  spdlog::error("a peer's delivery message was not answered (a bug): {}", e.getDescription().cStr());
+}
 
 NodeTransfers::Session& NodeTransfers::session(rpc::SessionId id) {
   auto it = sessions_.find(id);
@@ -472,12 +519,12 @@ kj::Promise<rpc::TransferSummary> NodeTransfers::summary() {
               [](const auto& a, const auto& b) { return a.rank < b.rank; });
     if (links_) out.peers = links_->summary();
     for (auto& [id, link] : incoming_) {
+      bool ucx = !link.peer.ucxAddress.empty() && bodies_ != nullptr;
+      std::string bodies = ucx ? bodies_->describe() : "inline";
+      if (ucx && messageDeliveries_.get() != nullptr && link.peer.ucxMessageMaxBytes > 0) bodies += kSmallAsMessages;
       out.peers.push_back(rpc::PeerLinkSummary{false, link.peer.nodeId, link.peer.address,
-                                               link.peer.incarnation, true,
-                                               link.peer.ucxAddress.empty() || bodies_ == nullptr
-                                                   ? "inline"
-                                                   : bodies_->describe(),
-                                               link.chunks, link.bytes});
+                                               link.peer.incarnation, true, bodies, link.chunks,
+                                               link.bytes});
     }
     return out;
   });
@@ -669,6 +716,93 @@ void NodeTransfers::loseIncoming(uint32_t linkId, const std::string& why) {
   for (const std::string& dataId : link.dataIds) {
     table_.failWaiters(dataId, who + ", which was sending it, was lost (" + why + ")");
   }
+}
+
+kj::Promise<void> NodeTransfers::messageLoop() {
+  return bodies_->receiveAny(kPeerDeliverKind, kPeerMessageKindMask, messageBuffer_.begin(),
+                             messageBuffer_.size() * sizeof(capnp::word))
+      .then(
+          [this](BodyMessage message) {
+            uint32_t linkId = peerMessageLinkId(message.tag);
+            if (message.sizeBytes % sizeof(capnp::word) != 0) {
+              loseIncoming(linkId, "it sent a UCX message of " + std::to_string(message.sizeBytes) +
+                                       " bytes, which is no Cap'n Proto message");
+              return;
+            }
+            // Copied out so the next receive can be posted at once, while this one is stored.
+            auto words = kj::heapArray<capnp::word>(
+                messageBuffer_.asPtr().slice(0, message.sizeBytes / sizeof(capnp::word)));
+            takeDeliverMessage(linkId, kj::mv(words));
+          },
+          [](kj::Exception&& e) {
+            // E.g. a message over kPeerMessageMaxBytes: UCX dropped it. Its sender's delivery
+            // fails with its link (no ack comes); keep taking the others.
+            spdlog::warn("a peer's delivery message could not be received: {}",
+                         e.getDescription().cStr());
+          })
+      .then([this]() { return messageLoop(); });
+}
+
+void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::Array<capnp::word> words) {
+  auto it = incoming_.find(linkId);
+  if (it == incoming_.end()) {
+    // A link this daemon dropped (its sender learns it from its next heartbeat), or garbage.
+    spdlog::warn("a UCX delivery for peer link {}, which is not open here: dropped", linkId);
+    return;
+  }
+  uint32_t seq = 0;
+  rpc::PeerChunk chunk;
+  kj::Maybe<kj::Exception> refused;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    capnp::FlatArrayMessageReader reader(words);
+    auto root = reader.getRoot<proto::PeerMessage>();
+    KJ_REQUIRE(root.isDeliver(), "not a deliver");
+    seq = root.getDeliver().getSeq();
+    // A descriptor the receiver refuses is answered (the ack carries the error); a message that
+    // is not a PeerMessage ends the link, as garbage on its connection would.
+    refused = kj::runCatchingExceptions([&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk()); });
+  })) {
+    loseIncoming(linkId, std::string("it sent a UCX message that is not a PeerMessage deliver (") +
+                             e->getDescription().cStr() + ")");
+    return;
+  }
+  if (refused == nullptr) {
+    auto* tensor = std::get_if<rpc::PeerTensor>(&chunk.payload);
+    if (tensor != nullptr && tensor->viaUcx) {
+      refused = transferError("invalid-argument",
+                              "a deliver message carries its tensor's body inline, never as UCX pieces");
+    }
+  }
+  KJ_IF_MAYBE(e, refused) {
+    ack(linkId, seq, e->getDescription().cStr());
+    return;
+  }
+  messageDeliveries_->add(deliver(linkId, std::move(chunk))
+                              .then([this, linkId, seq]() { ack(linkId, seq, ""); },
+                                    [this, linkId, seq](kj::Exception&& e) {
+                                      ack(linkId, seq, e.getDescription().cStr());
+                                    }));
+}
+
+void NodeTransfers::ack(uint32_t linkId, uint32_t seq, std::string_view error) {
+  auto it = incoming_.find(linkId);
+  if (it == incoming_.end()) return;  // lost meanwhile: its sender fails the delivery itself
+  IncomingLink& link = it->second;
+  if (!link.acks) {
+    if (link.peer.ucxAddress.empty() || link.peer.linkId == 0) {
+      loseIncoming(linkId, "it sent a UCX delivery but takes no acks (no UCX address or link id "
+                           "in its hello)");
+      return;
+    }
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      link.acks = kj::heap<AckChannel>(bodies_->connect(link.peer.ucxAddress), link.peer.linkId);
+    })) {
+      loseIncoming(linkId, std::string("cannot reach its UCX worker to answer: ") +
+                               e->getDescription().cStr());
+      return;
+    }
+  }
+  link.acks->send(seq, error);
 }
 
 kj::Promise<void> NodeTransfers::heartbeat(uint32_t linkId) {

@@ -6,6 +6,7 @@
 // Backpressure: allocate() waits (bounded by the call's timeout, else sendTimeoutMs) for space in
 // the arena and then fails with [arena-full]; nothing is ever dropped to make room.
 
+#include <capnp/common.h>
 #include <kj/async.h>
 #include <kj/timer.h>
 
@@ -43,7 +44,8 @@ struct TransferOptions {
 // while the arena is full: the backpressure between nodes) and received their body.
 class NodeTransfers final : public rpc::TransferBackend,
                             public rpc::PeerBackend,
-                            private transfer::TransferTable::Hooks {
+                            private transfer::TransferTable::Hooks,
+                            private kj::TaskSet::ErrorHandler {
  public:
   NodeTransfers(const shm::Arena& arena, shm::SlabAllocator& allocator, TransferOptions options);
   ~NodeTransfers() noexcept;
@@ -101,6 +103,7 @@ class NodeTransfers final : public rpc::TransferBackend,
   };
   class AllocateWaiter;
   class RecvAdapter;
+  class AckChannel;
   // A link from another node's daemon (we are its receiving end).
   struct IncomingLink {
     rpc::PeerIdentity peer;
@@ -109,6 +112,7 @@ class NodeTransfers final : public rpc::TransferBackend,
     kj::Own<kj::Canceler> pending;  // its deliveries in progress
     uint64_t chunks = 0;            // stored from it
     uint64_t bytes = 0;
+    kj::Own<AckChannel> acks;       // to the peer's UCX worker, made at its first UCX delivery
   };
   // Destinations split by node: local groups, and per remote node address its groups.
   struct Placement {
@@ -131,11 +135,16 @@ class NodeTransfers final : public rpc::TransferBackend,
   void releaseProxies(const std::string& dataId, uint32_t chunkId,
                       const std::vector<transfer::Group>& groups);
   IncomingLink& incoming(uint32_t linkId);
+  // Small deliveries that arrive as UCX messages (peer_messages.h).
+  kj::Promise<void> messageLoop();
+  void takeDeliverMessage(uint32_t linkId, kj::Array<capnp::word> message);
+  void ack(uint32_t linkId, uint32_t seq, std::string_view error);
   void loseIncoming(uint32_t linkId, const std::string& why);
   uint64_t receiveHint(const std::vector<transfer::Group>& destinations) const;
 
   void release(const shm::Allocation& allocation) override;
   uint64_t nowMs() override;
+  void taskFailed(kj::Exception&& e) override;
 
   const shm::Arena& arena_;
   shm::SlabAllocator& allocator_;
@@ -153,6 +162,9 @@ class NodeTransfers final : public rpc::TransferBackend,
   std::set<transfer::Rank> proxies_;     // remote ranks registered in the table as proxies
   uint32_t nextLinkId_ = 1;
   std::map<uint32_t, IncomingLink> incoming_;
+  kj::Array<capnp::word> messageBuffer_;
+  kj::Promise<void> messages_ = nullptr;
+  kj::Own<kj::TaskSet> messageDeliveries_;  // deliveries that arrived as messages, until acked
 
   rpc::SessionId nextSession_ = 1;
   std::unordered_map<rpc::SessionId, Session> sessions_;

@@ -1,12 +1,14 @@
 #include "daemon/peer_links.h"
 
 #include <capnp/rpc-twoparty.h>
+#include <capnp/serialize.h>
 #include <spdlog/spdlog.h>
 
 #include <kj/debug.h>
 
 #include <cstring>
 
+#include "daemon/peer_messages.h"
 #include "reactor/connector.h"
 #include "reactor/uring_stream.h"
 #include "rpc/peer_service.h"
@@ -17,8 +19,9 @@ namespace sidecar::daemon {
 
 using rpc::transferError;
 
-struct PeerLinks::Link : public kj::Refcounted {
-  explicit Link(std::string address) : address(std::move(address)) {}
+struct PeerLinks::Link : public kj::Refcounted, private kj::TaskSet::ErrorHandler {
+  Link(std::string address, uint32_t serial)
+      : address(std::move(address)), serial(serial), sends(*this) {}
   ~Link() noexcept(false) {
     canceler.cancel("peer link closed");
   }
@@ -32,6 +35,13 @@ struct PeerLinks::Link : public kj::Refcounted {
   kj::Own<capnp::TwoPartyClient> client;
   proto::Peer::Client peer = nullptr;
   rpc::PeerIdentity remote;
+  uint32_t serial;  // this side's id for the link: acks for it carry it in their tag
+  // Deliveries sent as UCX messages: their encoded messages until UCX is done with them, the
+  // sends themselves, and the fulfillers their acks complete. Declared before `endpoint`, whose
+  // destruction (first) force-closes it, so UCX never reads a message after it is freed.
+  std::map<uint32_t, kj::Array<capnp::word>> outgoing;
+  kj::TaskSet sends;
+  std::map<uint32_t, kj::Own<kj::PromiseFulfiller<void>>> awaitingAcks;
   kj::Own<BodyEndpoint> endpoint;
   kj::Canceler canceler;  // every call on the link is wrapped: lose() fails them all
   kj::Maybe<kj::ForkedPromise<void>> ready;
@@ -42,6 +52,11 @@ struct PeerLinks::Link : public kj::Refcounted {
   uint32_t nextSeq = 1;
   uint64_t chunks = 0;  // delivered (answered) over this link
   uint64_t bytes = 0;
+
+ private:
+  void taskFailed(kj::Exception&& e) override {
+    spdlog::debug("peer link to {}: a message send failed: {}", address, e.getDescription().cStr());
+  }
 };
 
 namespace {
@@ -70,9 +85,19 @@ kj::Promise<void> deadline(kj::Timer& timer, uint32_t timeoutMs, std::string wha
 
 PeerLinks::PeerLinks(reactor::Reactor& reactor, kj::Timer& timer, PeerLinkOptions options,
                      BodyTransport* bodies)
-    : reactor_(reactor), timer_(timer), options_(std::move(options)), bodies_(bodies) {}
+    : reactor_(reactor), timer_(timer), options_(std::move(options)), bodies_(bodies) {
+  if (bodies_ != nullptr && options_.self.ucxMessageMaxBytes > 0) {
+    ackBuffer_ = kj::heapArray<capnp::word>(kPeerAckMaxBytes / sizeof(capnp::word));
+    takesAcks_ = true;
+    acks_ = ackLoop().eagerlyEvaluate([](kj::Exception&& e) {
+      spdlog::error("peer acks stopped (small deliveries will fail with their links): {}",
+                    e.getDescription().cStr());
+    });
+  }
+}
 
 PeerLinks::~PeerLinks() {
+  acks_ = nullptr;  // cancels the posted receive before the worker goes
   for (auto& [address, link] : links_) link->canceler.cancel("the daemon is stopping");
   links_.clear();
   graveyard_.clear();
@@ -99,7 +124,9 @@ kj::Exception PeerLinks::peerError(const Link& link, kj::Exception&& e) const {
 kj::Promise<kj::Own<PeerLinks::Link>> PeerLinks::link(const std::string& address) {
   auto it = links_.find(address);
   if (it == links_.end()) {
-    auto fresh = kj::refcounted<Link>(address);
+    uint32_t serial = nextSerial_++;
+    if (serial == 0) serial = nextSerial_++;
+    auto fresh = kj::refcounted<Link>(address, serial);
     Link& l = *fresh;
     it = links_.emplace(address, kj::mv(fresh)).first;
     l.ready = l.canceler.wrap(open(l)).fork();
@@ -131,7 +158,9 @@ kj::Promise<void> PeerLinks::open(Link& l) {
         l.client = kj::heap<capnp::TwoPartyClient>(*l.stream);
         auto sidecar = l.client->bootstrap().castAs<proto::Sidecar>();
         auto request = sidecar.peerRequest();
-        rpc::writeHello(options_.self, request.initHello());
+        rpc::PeerIdentity self = options_.self;
+        self.linkId = l.serial;
+        rpc::writeHello(self, request.initHello());
         auto answer = request.send().then([](auto response) { return kj::mv(response); });
         return answer.exclusiveJoin(deadline(timer_, options_.timeoutMs, "the peer handshake")
                                         .then([]() -> capnp::Response<proto::Sidecar::PeerResults> {
@@ -208,29 +237,19 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
         return deliver(address, kj::mv(chunk));
       });
     }
+    bool small = !chunk.isTensor || chunk.sizeBytes <= options_.inlineBytesMax;
+    if (small && l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) {
+      auto message = encodePeerDeliver(l->nextSeq, chunk);
+      if (message.size() * sizeof(capnp::word) <= l->remote.ucxMessageMaxBytes) {
+        return deliverMessage(kj::mv(l), chunk, kj::mv(message));
+      }
+    }
     auto request = l->peer.deliverRequest();
     auto c = request.initChunk();
-    c.setDataId(chunk.dataId);
-    c.setChunkId(chunk.chunkId);
-    c.setNumChunks(chunk.numChunks);
-    c.setSenderRank(chunk.senderRank);
-    auto group = c.initSenderGroup(static_cast<unsigned>(chunk.senderGroup.size()));
-    for (size_t i = 0; i < chunk.senderGroup.size(); ++i) group.set(static_cast<unsigned>(i), chunk.senderGroup[i]);
-    rpc::writeDestinations(c.initDestinations(static_cast<unsigned>(chunk.destinations.size())),
-                           chunk.destinations);
+    writeChunkHeader(chunk, c);
     kj::Promise<void> bodies = kj::NEVER_DONE;
-    if (!chunk.isTensor) {
-      auto o = c.initPayload().initObject();
-      o.setTypeTag(chunk.object.typeTag);
-      o.setBytes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(chunk.object.bytes.data()),
-                              chunk.object.bytes.size()));
-    } else {
-      auto t = c.initPayload().initTensor();
-      t.setDtype(rpc::toProto(chunk.dtype));
-      auto shape = t.initShape(static_cast<unsigned>(chunk.shape.size()));
-      for (size_t i = 0; i < chunk.shape.size(); ++i) shape.set(static_cast<unsigned>(i), chunk.shape[i]);
-      t.setSizeBytes(chunk.sizeBytes);
-      auto body = t.initBody();
+    if (chunk.isTensor) {
+      auto body = c.getPayload().getTensor().initBody();
       if (chunk.sizeBytes <= options_.inlineBytesMax || !l->endpoint) {
         if (chunk.sizeBytes > kInlineHardMaxBytes) {
           return transferError("too-large",
@@ -282,12 +301,104 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
   });
 }
 
+kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk& chunk,
+                                            kj::Array<capnp::word> message) {
+  Link& raw = *l;
+  uint32_t seq = raw.nextSeq++;  // the seq encodePeerDeliver was given
+  auto bytes = message.asBytes();
+  raw.outgoing.emplace(seq, kj::mv(message));
+  auto acked = kj::newPromiseAndFulfiller<void>();
+  raw.awaitingAcks.emplace(seq, kj::mv(acked.fulfiller));
+  // The send lives in the link (never dropped before UCX is done with the message); a failed
+  // send fails the delivery at once instead of leaving it to the link's heartbeat.
+  raw.sends.add(raw.endpoint->send(peerDeliverTag(raw.remote.linkId), bytes.begin(), bytes.size())
+                    .then([&raw, seq]() { raw.outgoing.erase(seq); },
+                          [&raw, seq](kj::Exception&& e) {
+                            raw.outgoing.erase(seq);
+                            auto it = raw.awaitingAcks.find(seq);
+                            if (it != raw.awaitingAcks.end()) {
+                              it->second->reject(kj::mv(e));
+                              raw.awaitingAcks.erase(it);
+                            }
+                          }));
+  // However the delivery ends, its ack is no longer awaited.
+  struct Awaiting {
+    Awaiting(kj::Own<Link> link, uint32_t seq) : link(kj::mv(link)), seq(seq) {}
+    Awaiting(const Awaiting&) = delete;
+    Awaiting& operator=(const Awaiting&) = delete;
+    ~Awaiting() { link->awaitingAcks.erase(seq); }
+    kj::Own<Link> link;
+    uint32_t seq;
+  };
+  uint64_t tensorBytes = chunk.isTensor ? chunk.sizeBytes : 0;
+  auto answered = acked.promise.then([&raw, tensorBytes]() {
+    ++raw.chunks;
+    raw.bytes += tensorBytes;
+  });
+  return raw.canceler.wrap(kj::mv(answered))
+      .catch_([this, &raw](kj::Exception&& e) -> kj::Promise<void> { return peerError(raw, kj::mv(e)); })
+      .attach(kj::heap<Awaiting>(kj::mv(l), seq));
+}
+
+kj::Promise<void> PeerLinks::ackLoop() {
+  return bodies_->receiveAny(kPeerAckKind, kPeerMessageKindMask, ackBuffer_.begin(),
+                             ackBuffer_.size() * sizeof(capnp::word))
+      .then(
+          [this](BodyMessage message) {
+            takeAck(message.tag, ackBuffer_.asPtr().slice(0, message.sizeBytes / sizeof(capnp::word)));
+          },
+          [](kj::Exception&& e) {
+            // E.g. an ack larger than any we send: UCX dropped it. The delivery it answered, if
+            // any, fails with its link (heartbeats); keep taking the others.
+            spdlog::warn("a peer's ack could not be received: {}", e.getDescription().cStr());
+          })
+      .then([this]() { return ackLoop(); });
+}
+
+void PeerLinks::takeAck(uint64_t tag, kj::ArrayPtr<const capnp::word> words) {
+  uint32_t serial = peerMessageLinkId(tag);
+  Link* l = nullptr;
+  for (auto& [address, link] : links_) {
+    if (link->serial == serial) l = link.get();
+  }
+  if (l == nullptr) {
+    spdlog::debug("an ack for peer link {}, which is gone: dropped", serial);
+    return;
+  }
+  uint32_t seq = 0;
+  std::string error;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    capnp::FlatArrayMessageReader reader(words);
+    auto root = reader.getRoot<proto::PeerMessage>();
+    KJ_REQUIRE(root.isAck(), "not an ack");
+    seq = root.getAck().getSeq();
+    error = root.getAck().getError();
+  })) {
+    lose(*l, std::string("it sent an ack that is not a PeerMessage ack (") +
+                 e->getDescription().cStr() + ")");
+    return;
+  }
+  auto it = l->awaitingAcks.find(seq);
+  if (it == l->awaitingAcks.end()) {
+    spdlog::debug("peer link to node {}: an ack for delivery {}, not awaited: dropped",
+                  l->nodeName(), seq);
+    return;
+  }
+  if (error.empty()) {
+    it->second->fulfill();
+  } else {
+    it->second->reject(KJ_EXCEPTION(FAILED, error.c_str()));
+  }
+  l->awaitingAcks.erase(it);
+}
+
 std::vector<rpc::PeerLinkSummary> PeerLinks::summary() const {
   std::vector<rpc::PeerLinkSummary> out;
   for (auto& [address, l] : links_) {
+    std::string bodies = l->endpoint ? bodies_->describe() : "inline";
+    if (l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) bodies += kSmallAsMessages;
     out.push_back(rpc::PeerLinkSummary{true, l->remote.nodeId, address, l->remote.incarnation, l->up,
-                                       l->endpoint ? bodies_->describe() : "inline", l->chunks,
-                                       l->bytes});
+                                       bodies, l->chunks, l->bytes});
   }
   return out;
 }

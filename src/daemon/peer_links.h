@@ -12,7 +12,13 @@
 // latency path); a larger one moves over the BodyTransport (UCX) in pieces, tied to the call by
 // its tag, while the call carries the descriptor. Without a transport every body rides inline
 // (up to kInlineHardMaxBytes, which the control connection's message limit allows).
+//
+// Small deliveries over UCX: when both ends take PeerMessages (self.ucxMessageMaxBytes and the
+// peer's hello say so), an object or inline-sized tensor goes as one UCX tagged message instead
+// of a deliver call, and the peer answers with an ack message (peer_messages.h). The link's
+// failure model is the same: a pending delivery waits for its ack and fails with the link.
 
+#include <capnp/common.h>
 #include <kj/async.h>
 #include <kj/timer.h>
 
@@ -63,6 +69,7 @@ class PeerLinks {
  public:
   static constexpr uint64_t kInlineHardMaxBytes = 48ull << 20;
 
+  // With `bodies` and options.self.ucxMessageMaxBytes > 0, posts a receive for acks at once.
   PeerLinks(reactor::Reactor& reactor, kj::Timer& timer, PeerLinkOptions options,
             BodyTransport* bodies);
   ~PeerLinks();
@@ -82,6 +89,10 @@ class PeerLinks {
   kj::Promise<void> open(Link& link);
   kj::Promise<void> heartbeatLoop(Link& link);
   void lose(Link& link, const std::string& why);
+  kj::Promise<void> deliverMessage(kj::Own<Link> link, const OutgoingChunk& chunk,
+                                   kj::Array<capnp::word> message);
+  kj::Promise<void> ackLoop();
+  void takeAck(uint64_t tag, kj::ArrayPtr<const capnp::word> message);
   kj::Exception peerError(const Link& link, kj::Exception&& e) const;
 
   reactor::Reactor& reactor_;
@@ -92,6 +103,10 @@ class PeerLinks {
   std::vector<kj::Own<Link>> graveyard_;  // lost links, destroyed on a later turn
   kj::Promise<void> burial_ = nullptr;
   bool burialPending_ = false;
+  uint32_t nextSerial_ = 1;  // each link's id on this side (PeerHello.linkId of our requests)
+  kj::Array<capnp::word> ackBuffer_;
+  bool takesAcks_ = false;  // acks_ is posted: deliveries may go as UCX messages
+  kj::Promise<void> acks_ = nullptr;
 };
 
 }  // namespace sidecar::daemon

@@ -35,6 +35,7 @@ struct PeerSettings {
   std::set<int32_t> localRanks;
   std::string advertise;         // this node's host:port as peers know it; "" when unknown
   uint32_t timeoutMs = 5'000;    // a peer silent this long is dead (pending work fails)
+  bool ucxMessages = true;       // small deliveries as single UCX messages (peer_messages.h)
 };
 
 // "0-3=10.77.0.1:7650, 4-7=10.77.0.2:7650" (also ';' between entries; "5=host:port" for one

@@ -47,6 +47,13 @@ kj::Promise<void> UcxBodies::receive(uint64_t tag, void* buffer, uint64_t sizeBy
   });
 }
 
+kj::Promise<BodyMessage> UcxBodies::receiveAny(uint64_t tag, uint64_t tagMask, void* buffer,
+                                               uint64_t maxBytes) {
+  return worker_.tagRecvMasked(tag, tagMask, buffer, maxBytes).then([](net::TagCompletion done) {
+    return BodyMessage{done.sizeBytes, done.senderTag};
+  });
+}
+
 std::string UcxBodies::describe() const {
   const char* tls = std::getenv("UCX_TLS");
   return std::string("ucx (UCX_TLS=") + (tls != nullptr && *tls != '\0' ? tls : "auto") + ")";

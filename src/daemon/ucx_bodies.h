@@ -26,6 +26,8 @@ class UcxBodies final : public BodyTransport {
   std::string address() const override;
   kj::Own<BodyEndpoint> connect(const std::string& remoteAddress) override;
   kj::Promise<void> receive(uint64_t tag, void* buffer, uint64_t sizeBytes) override;
+  kj::Promise<BodyMessage> receiveAny(uint64_t tag, uint64_t tagMask, void* buffer,
+                                      uint64_t maxBytes) override;
   std::string describe() const override;
 
  private:

@@ -30,9 +30,9 @@ kj::Promise<void> UcxEndpoint::tagSend(uint64_t tag, const void* buffer, size_t 
     return KJ_EXCEPTION(DISCONNECTED, "UCX tag send on a failed endpoint", failure_->what());
   }
   if (closed_) return KJ_EXCEPTION(FAILED, "UCX tag send on a closed endpoint");
-  return kj::newAdaptedPromise<size_t, UcxOperation>(worker_, UcxOperation::Kind::kSend,
-                                                     endpoint_, tag, const_cast<void*>(buffer),
-                                                     sizeBytes)
+  return kj::newAdaptedPromise<TagCompletion, UcxOperation>(
+             worker_, UcxOperation::Kind::kSend, endpoint_, tag, ~uint64_t{0},
+             const_cast<void*>(buffer), sizeBytes)
       .ignoreResult();
 }
 

@@ -19,8 +19,9 @@ kj::Exception toKjException(ucs_status_t status, const std::string& what) {
 
 }  // namespace
 
-UcxOperation::UcxOperation(kj::PromiseFulfiller<size_t>& fulfiller, UcxWorker& worker, Kind kind,
-                           ucp_ep_h endpoint, uint64_t tag, void* buffer, size_t sizeBytes)
+UcxOperation::UcxOperation(kj::PromiseFulfiller<TagCompletion>& fulfiller, UcxWorker& worker,
+                           Kind kind, ucp_ep_h endpoint, uint64_t tag, uint64_t tagMask,
+                           void* buffer, size_t sizeBytes)
     : fulfiller_(fulfiller), worker_(worker), kind_(kind), tag_(tag), sizeBytes_(sizeBytes) {
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -34,20 +35,22 @@ UcxOperation::UcxOperation(kj::PromiseFulfiller<size_t>& fulfiller, UcxWorker& w
     param.cb.send = &UcxOperation::onSendDone;
     request = ucp_tag_send_nbx(endpoint, buffer, sizeBytes, tag, &param);
   } else {
-    // A message that already arrived (unexpected) completes inside ucp_tag_recv_nbx and UCX calls
-    // the callback there, before we could fill the request's slot: worker_.posting_ tells the
-    // callback whom it is for. (UCP_OP_ATTR_FIELD_RECV_INFO would avoid the callback, but UCX
-    // 1.13 leaves the received length unset on that path.)
+    // A message that already arrived (unexpected) completes inside ucp_tag_recv_nbx. Without
+    // NO_IMM_CMPL, UCX 1.13 then returns NULL with no callback, so no length or sender tag (and
+    // UCP_OP_ATTR_FIELD_RECV_INFO leaves the length unset on that path); with it, the callback
+    // runs inside the post, before we could fill the request's slot: worker_.posting_ tells the
+    // callback whom it is for.
     param.cb.recv = &UcxOperation::onRecvDone;
+    param.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
     worker_.posting_ = this;
-    request = ucp_tag_recv_nbx(worker_.handle(), buffer, sizeBytes, tag, ~uint64_t{0}, &param);
+    request = ucp_tag_recv_nbx(worker_.handle(), buffer, sizeBytes, tag, tagMask, &param);
     worker_.posting_ = nullptr;
     if (finished_) return;  // completed inline: the callback has freed the request
   }
   if (request == nullptr) {
-    finish(UCS_OK, sizeBytes);
+    finish(UCS_OK, sizeBytes, tag);
   } else if (UCS_PTR_IS_ERR(request)) {
-    finish(UCS_PTR_STATUS(request), 0);
+    finish(UCS_PTR_STATUS(request), 0, 0);
   } else {
     request_ = request;
     slotOf(request) = this;
@@ -70,16 +73,17 @@ UcxOperation::~UcxOperation() {
 }
 
 void UcxOperation::onSendDone(void* request, ucs_status_t status, void* worker) {
-  requestDone(request, status, 0, worker);
+  requestDone(request, status, 0, 0, worker);
 }
 
 void UcxOperation::onRecvDone(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
                               void* worker) {
-  requestDone(request, status, status == UCS_OK ? info->length : 0, worker);
+  requestDone(request, status, status == UCS_OK ? info->length : 0,
+              status == UCS_OK ? info->sender_tag : 0, worker);
 }
 
 void UcxOperation::requestDone(void* request, ucs_status_t status, size_t lengthBytes,
-                               void* worker) {
+                               uint64_t senderTag, void* worker) {
   auto* owner = static_cast<UcxWorker*>(worker);
   UcxOperation* op = slotOf(request);
   if (op == nullptr && owner->posting_ != nullptr) {
@@ -90,18 +94,21 @@ void UcxOperation::requestDone(void* request, ucs_status_t status, size_t length
   // Recycled requests start with a null slot (requestInit for fresh ones), so a callback that
   // runs inline never mistakes a stale slot for its owner.
   slotOf(request) = nullptr;
-  if (op != nullptr) op->finish(status, op->kind_ == Kind::kSend ? op->sizeBytes_ : lengthBytes);
+  if (op != nullptr) {
+    op->finish(status, op->kind_ == Kind::kSend ? op->sizeBytes_ : lengthBytes,
+               op->kind_ == Kind::kSend ? op->tag_ : senderTag);
+  }
   ucp_request_free(request);
 }
 
 void UcxOperation::requestInit(void* request) { slotOf(request) = nullptr; }
 
-void UcxOperation::finish(ucs_status_t status, size_t lengthBytes) {
+void UcxOperation::finish(ucs_status_t status, size_t lengthBytes, uint64_t senderTag) {
   request_ = nullptr;
   finished_ = true;
   if (dropping_) return;
   if (status == UCS_OK) {
-    fulfiller_.fulfill(kj::cp(lengthBytes));
+    fulfiller_.fulfill(TagCompletion{lengthBytes, senderTag});
     return;
   }
   std::string what = kind_ == Kind::kSend ? "UCX tag send" : "UCX tag receive";

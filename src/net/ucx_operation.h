@@ -14,14 +14,22 @@ namespace sidecar::net {
 
 class UcxWorker;
 
+// What a finished operation reports: bytes moved, and for receives the tag the sender used
+// (which a masked receive needs to tell messages apart).
+struct TagCompletion {
+  size_t sizeBytes = 0;
+  uint64_t senderTag = 0;
+};
+
 class UcxOperation {
  public:
   enum class Kind { kSend, kRecv };
 
-  // Posts the operation (ucp_tag_send_nbx on `endpoint`, or ucp_tag_recv_nbx on the worker).
-  // When UCX completes it at once (eager data already there) the promise is fulfilled here.
-  UcxOperation(kj::PromiseFulfiller<size_t>& fulfiller, UcxWorker& worker, Kind kind,
-               ucp_ep_h endpoint, uint64_t tag, void* buffer, size_t sizeBytes);
+  // Posts the operation (ucp_tag_send_nbx on `endpoint`, or ucp_tag_recv_nbx on the worker
+  // matching the tag bits set in `tagMask`). When UCX completes it at once (eager data already
+  // there) the promise is fulfilled here.
+  UcxOperation(kj::PromiseFulfiller<TagCompletion>& fulfiller, UcxWorker& worker, Kind kind,
+               ucp_ep_h endpoint, uint64_t tag, uint64_t tagMask, void* buffer, size_t sizeBytes);
   // Receive: cancels, then waits until UCX is done with the buffer. Send: detaches (see
   // UcxEndpoint::tagSend for why it cannot wait).
   ~UcxOperation();
@@ -35,10 +43,11 @@ class UcxOperation {
   static void onSendDone(void* request, ucs_status_t status, void* worker);
   static void onRecvDone(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
                          void* worker);
-  static void requestDone(void* request, ucs_status_t status, size_t lengthBytes, void* worker);
-  void finish(ucs_status_t status, size_t lengthBytes);
+  static void requestDone(void* request, ucs_status_t status, size_t lengthBytes,
+                          uint64_t senderTag, void* worker);
+  void finish(ucs_status_t status, size_t lengthBytes, uint64_t senderTag);
 
-  kj::PromiseFulfiller<size_t>& fulfiller_;
+  kj::PromiseFulfiller<TagCompletion>& fulfiller_;
   UcxWorker& worker_;
   Kind kind_;
   uint64_t tag_;

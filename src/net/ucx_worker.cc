@@ -67,8 +67,15 @@ std::unique_ptr<UcxEndpoint> UcxWorker::connect(kj::ArrayPtr<const uint8_t> remo
 }
 
 kj::Promise<size_t> UcxWorker::tagRecv(uint64_t tag, void* buffer, size_t sizeBytes) {
-  return kj::newAdaptedPromise<size_t, UcxOperation>(*this, UcxOperation::Kind::kRecv, nullptr,
-                                                     tag, buffer, sizeBytes);
+  return tagRecvMasked(tag, ~uint64_t{0}, buffer, sizeBytes).then([](TagCompletion done) {
+    return done.sizeBytes;
+  });
+}
+
+kj::Promise<TagCompletion> UcxWorker::tagRecvMasked(uint64_t tag, uint64_t tagMask, void* buffer,
+                                                    size_t sizeBytes) {
+  return kj::newAdaptedPromise<TagCompletion, UcxOperation>(*this, UcxOperation::Kind::kRecv,
+                                                            nullptr, tag, tagMask, buffer, sizeBytes);
 }
 
 bool UcxWorker::poll() { return ucp_worker_progress(worker_) != 0; }

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "net/ucx_context.h"
+#include "net/ucx_operation.h"
 #include "reactor/completion.h"
 #include "reactor/event_source.h"
 #include "reactor/reactor.h"
@@ -66,6 +67,12 @@ class UcxWorker final : public reactor::EventSource, private reactor::Completion
   // once. That wait ends when the data is in or the peer is declared failed (UCX's peer timeout).
   // Until then the buffer must stay valid.
   kj::Promise<size_t> tagRecv(uint64_t tag, void* buffer, size_t sizeBytes);
+
+  // The same for the first message whose tag equals `tag` in the bits set in `tagMask` (messages
+  // of one kind from any sender, told apart by the rest of the tag): resolves to its size and the
+  // sender's full tag. Same cancellation and truncation rules as tagRecv.
+  kj::Promise<TagCompletion> tagRecvMasked(uint64_t tag, uint64_t tagMask, void* buffer,
+                                           size_t sizeBytes);
 
   // Operations posted on this worker and not yet completed by UCX (including detached sends).
   size_t inFlight() const { return inFlight_; }

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "base/utf8.h"
 #include "rpc/session_service.h"
 
 namespace sidecar::rpc {
@@ -148,15 +149,10 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
   auto completion = message.initRoot<proto::LaneCompletion>();
   completion.setSeq(seq);
   if (failure != nullptr) {
-    kj::StringPtr description = failure->getDescription();
-    size_t bytes = std::min(description.size(), kLaneFailureMaxBytes);
     // Cut on a character boundary: the text is UTF-8 (a data id may not be ASCII), and Python
     // decodes it strictly.
-    while (bytes > 0 && bytes < description.size() &&
-           (static_cast<unsigned char>(description[bytes]) & 0xC0) == 0x80) {
-      --bytes;
-    }
-    completion.setFailed(kj::heapString(description.begin(), bytes));
+    auto text = utf8Prefix(failure->getDescription().cStr(), kLaneFailureMaxBytes);
+    completion.setFailed(kj::heapString(text.data(), text.size()));
   } else if (reply == nullptr) {
     completion.setDone();
   } else if (auto* object = std::get_if<transfer::ObjectChunk>(reply);

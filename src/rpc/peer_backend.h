@@ -22,7 +22,9 @@ struct PeerIdentity {
   uint64_t incarnation = 0;
   std::string address;     // host:port where it accepts peers; "" when it does not
   std::string ucxAddress;  // its UCX worker address; "" without UCX
-  uint32_t linkId = 0;     // in answers: the receiver's id for the link (top bits of UCX tags)
+  uint32_t linkId = 0;     // in answers: the receiver's id for the link (top bits of UCX tags);
+                           // in requests: the sender's (low bits of UCX ack tags)
+  uint64_t ucxMessageMaxBytes = 0;  // largest PeerMessage it takes over UCX; 0: none
 };
 
 // A tensor body arriving from a peer: inline bytes, or UCX pieces tagged tag + i.

@@ -14,6 +14,7 @@ PeerIdentity readHello(proto::PeerHello::Reader hello) {
   auto ucx = hello.getUcxAddress();
   out.ucxAddress.assign(reinterpret_cast<const char*>(ucx.begin()), ucx.size());
   out.linkId = hello.getLinkId();
+  out.ucxMessageMaxBytes = hello.getUcxMessageMaxBytes();
   return out;
 }
 
@@ -25,14 +26,12 @@ void writeHello(const PeerIdentity& identity, proto::PeerHello::Builder hello) {
   hello.setUcxAddress(kj::arrayPtr(reinterpret_cast<const kj::byte*>(identity.ucxAddress.data()),
                                    identity.ucxAddress.size()));
   hello.setLinkId(identity.linkId);
+  hello.setUcxMessageMaxBytes(identity.ucxMessageMaxBytes);
 }
 
 PeerService::~PeerService() { backend_.closePeerLink(linkId_); }
 
-kj::Promise<void> PeerService::deliver(DeliverContext context) {
-  // The sending daemon gives up on a delivery only when the link dies; the backend then fails it.
-  context.allowCancellation();
-  auto c = context.getParams().getChunk();
+PeerChunk readPeerChunk(proto::PeerChunk::Reader c) {
   PeerChunk chunk;
   chunk.dataId = c.getDataId();
   chunk.chunkId = c.getChunkId();
@@ -46,29 +45,41 @@ kj::Promise<void> PeerService::deliver(DeliverContext context) {
     auto bytes = o.getBytes();
     chunk.payload = transfer::ObjectChunk{
         o.getTypeTag(), std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size())};
-  } else {
-    auto t = payload.getTensor();
-    PeerTensor tensor;
-    tensor.dtype = fromProto(t.getDtype());
-    for (int64_t dim : t.getShape()) tensor.shape.push_back(dim);
-    tensor.sizeBytes = t.getSizeBytes();
-    auto body = t.getBody();
-    if (body.isInline()) {
-      auto bytes = body.getInline();
-      if (bytes.size() != tensor.sizeBytes) {
-        return transferError("invalid-argument",
-                             "peer sent " + std::to_string(bytes.size()) + " inline bytes for a tensor of " +
-                                 std::to_string(tensor.sizeBytes) + " bytes");
-      }
-      tensor.inlineBytes.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
-    } else {
-      auto ucx = body.getUcx();
-      tensor.viaUcx = true;
-      tensor.tag = ucx.getTag();
-      tensor.pieces = ucx.getPieces();
-      tensor.pieceBytes = ucx.getPieceBytes();
+    return chunk;
+  }
+  auto t = payload.getTensor();
+  PeerTensor tensor;
+  tensor.dtype = fromProto(t.getDtype());
+  for (int64_t dim : t.getShape()) tensor.shape.push_back(dim);
+  tensor.sizeBytes = t.getSizeBytes();
+  auto body = t.getBody();
+  if (body.isInline()) {
+    auto bytes = body.getInline();
+    if (bytes.size() != tensor.sizeBytes) {
+      throw transferError("invalid-argument",
+                          "peer sent " + std::to_string(bytes.size()) +
+                              " inline bytes for a tensor of " + std::to_string(tensor.sizeBytes) +
+                              " bytes");
     }
-    chunk.payload = std::move(tensor);
+    tensor.inlineBytes.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+  } else {
+    auto ucx = body.getUcx();
+    tensor.viaUcx = true;
+    tensor.tag = ucx.getTag();
+    tensor.pieces = ucx.getPieces();
+    tensor.pieceBytes = ucx.getPieceBytes();
+  }
+  chunk.payload = std::move(tensor);
+  return chunk;
+}
+
+kj::Promise<void> PeerService::deliver(DeliverContext context) {
+  // The sending daemon gives up on a delivery only when the link dies; the backend then fails it.
+  context.allowCancellation();
+  PeerChunk chunk;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions(
+                     [&]() { chunk = readPeerChunk(context.getParams().getChunk()); })) {
+    return kj::mv(*e);
   }
   return backend_.deliver(linkId_, std::move(chunk));
 }

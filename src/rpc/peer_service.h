@@ -23,6 +23,11 @@ class PeerService final : public proto::Peer::Server {
   uint32_t linkId_;
 };
 
+// A chunk as a peer describes it (a Peer.deliver call, or a PeerMessage over UCX). Throws the
+// transfer error "[invalid-argument]" when inline bytes disagree with the size, or a capnp
+// exception for a malformed message.
+PeerChunk readPeerChunk(proto::PeerChunk::Reader chunk);
+
 // PeerHello <-> PeerIdentity.
 PeerIdentity readHello(proto::PeerHello::Reader hello);
 void writeHello(const PeerIdentity& identity, proto::PeerHello::Builder hello);

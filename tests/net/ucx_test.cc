@@ -222,6 +222,35 @@ TEST_F(UcxTest, DroppedRecvMidTransferLeavesTheBufferAlone) {
       << "the buffer of a dropped receive changed after the drop returned";
 }
 
+// A masked receive takes messages of one kind from any sender and reports each one's full tag,
+// whether it was posted before the message came or the message waited for it (unexpected), and
+// never takes a message of another kind.
+TEST_F(UcxTest, MaskedRecvReportsTheSendersTag) {
+  Watchdog watchdog("masked receive", 30s);
+  constexpr uint64_t kMask = 0xffffffff00000000ull, kKindA = 1ull << 32, kKindB = 2ull << 32;
+  std::vector<uint8_t> source(4 * kKiB), target(8 * kKiB), other(8 * kKiB);
+  fill(source.data(), source.size(), 5);
+  // Posted first.
+  auto posted = receiver_->tagRecvMasked(kKindA, kMask, target.data(), target.size());
+  endpoint_->tagSend(kKindA | 17, source.data(), source.size()).wait(loop_.waitScope());
+  TagCompletion first = posted.wait(loop_.waitScope());
+  EXPECT_EQ(first.senderTag, kKindA | 17);
+  EXPECT_EQ(first.sizeBytes, source.size());
+  EXPECT_TRUE(same(target.data(), source.size(), 5));
+  // Unexpected: a kind-B message and a kind-A one arrive before anything is posted.
+  endpoint_->tagSend(kKindB | 3, source.data(), 64).wait(loop_.waitScope());
+  endpoint_->tagSend(kKindA | 0xfffffffeu, source.data(), 128).wait(loop_.waitScope());
+  runFor(50);
+  TagCompletion second = receiver_->tagRecvMasked(kKindA, kMask, target.data(), target.size())
+                             .wait(loop_.waitScope());
+  EXPECT_EQ(second.senderTag, kKindA | 0xfffffffeu);
+  EXPECT_EQ(second.sizeBytes, 128u);
+  TagCompletion third = receiver_->tagRecvMasked(kKindB, kMask, other.data(), other.size())
+                            .wait(loop_.waitScope());
+  EXPECT_EQ(third.senderTag, kKindB | 3);
+  EXPECT_EQ(third.sizeBytes, 64u);
+}
+
 TEST_F(UcxTest, MessageLargerThanTheBufferRejectsWithWhatToDo) {
   Watchdog watchdog("truncated", 30s);
   std::vector<uint8_t> source(8 * kKiB), target(4 * kKiB);

@@ -22,6 +22,14 @@
 #include "daemon_process.h"
 #include "kj_errors.h"
 #include "sidecar.capnp.h"
+#include "sidecar_build_config.h"
+
+#if SIDECAR_HAVE_UCX
+#include <capnp/serialize.h>
+#include <ucp/api/ucp.h>
+
+#include <optional>
+#endif
 
 namespace {
 
@@ -43,7 +51,7 @@ class PeerInputTest : public ::testing::Test {
     daemon_ = Process::start({sidecardPath(), "--socket", socket_, "--tcp", address_, "--peers",
                               "0-1=" + address_ + ",2-3=127.0.0.1:1", "--arena-size", "64MiB",
                               "--node-id", "peer-input"},
-                             {}, dir_ + "/out", dir_ + "/err");
+                             {"UCX_TLS=tcp"}, dir_ + "/out", dir_ + "/err");
     ASSERT_NE(daemon_, nullptr);
     auto deadline = std::chrono::steady_clock::now() + 15s;
     while (std::chrono::steady_clock::now() < deadline) {
@@ -215,5 +223,233 @@ TEST_F(PeerInputTest, BadPeerInputGetsTypedErrorsAndHarmsNothing) {
   }).join();
   EXPECT_TRUE(daemon_->running());
 }
+
+#if SIDECAR_HAVE_UCX
+
+// A UCX worker of this test, driven by polling: the fake peer's side of small deliveries sent as
+// UCX messages (schema PeerMessage). Plain UCX calls, independent of any KJ loop.
+class RawUcxPeer {
+ public:
+  RawUcxPeer() {
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES;
+    params.features = UCP_FEATURE_TAG;
+    ucp_config_t* config = nullptr;
+    ok_ = ucp_config_read(nullptr, nullptr, &config) == UCS_OK;
+    if (ok_) {
+      ok_ = ucp_init(&params, config, &context_) == UCS_OK;
+      ucp_config_release(config);
+    }
+    ucp_worker_params_t workerParams{};
+    workerParams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    workerParams.thread_mode = UCS_THREAD_MODE_SINGLE;
+    if (ok_) ok_ = ucp_worker_create(context_, &workerParams, &worker_) == UCS_OK;
+    ucp_address_t* address = nullptr;
+    size_t bytes = 0;
+    if (ok_) ok_ = ucp_worker_get_address(worker_, &address, &bytes) == UCS_OK;
+    if (ok_) {
+      address_.assign(reinterpret_cast<const char*>(address), bytes);
+      ucp_worker_release_address(worker_, address);
+    }
+  }
+  ~RawUcxPeer() {
+    if (endpoint_ != nullptr) {
+      ucp_request_param_t param{};
+      param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      wait(ucp_ep_close_nbx(endpoint_, &param));
+    }
+    if (worker_ != nullptr) ucp_worker_destroy(worker_);
+    if (context_ != nullptr) ucp_cleanup(context_);
+  }
+  bool ok() const { return ok_; }
+  const std::string& address() const { return address_; }
+
+  void connect(const std::string& remote) {
+    ucp_ep_params_t params{};
+    params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    params.address = reinterpret_cast<const ucp_address_t*>(remote.data());
+    params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ASSERT_EQ(ucp_ep_create(worker_, &params, &endpoint_), UCS_OK);
+  }
+
+  void send(uint64_t tag, const void* data, size_t bytes) {
+    ucp_request_param_t param{};
+    ucs_status_ptr_t request = ucp_tag_send_nbx(endpoint_, data, bytes, tag, &param);
+    ASSERT_FALSE(UCS_PTR_IS_ERR(request));
+    wait(request);
+  }
+  void send(uint64_t tag, kj::ArrayPtr<const capnp::word> words) {
+    send(tag, words.begin(), words.size() * sizeof(capnp::word));
+  }
+
+  // The next message with exactly `tag`, or none within `timeout`.
+  std::optional<std::vector<capnp::word>> receive(uint64_t tag, std::chrono::milliseconds timeout) {
+    struct Done {
+      bool done = false;
+      ucs_status_t status = UCS_OK;
+      size_t length = 0;
+    } done;
+    std::vector<capnp::word> buffer(4096);
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                         UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    param.user_data = &done;
+    param.cb.recv = [](void*, ucs_status_t status, const ucp_tag_recv_info_t* info, void* user) {
+      auto* d = static_cast<Done*>(user);
+      d->done = true;
+      d->status = status;
+      d->length = status == UCS_OK ? info->length : 0;
+    };
+    ucs_status_ptr_t request = ucp_tag_recv_nbx(worker_, buffer.data(), buffer.size() * sizeof(capnp::word),
+                                                tag, ~uint64_t{0}, &param);
+    if (UCS_PTR_IS_ERR(request)) return std::nullopt;
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!done.done && std::chrono::steady_clock::now() < deadline) ucp_worker_progress(worker_);
+    if (!done.done) {
+      ucp_request_cancel(worker_, request);
+      while (!done.done) ucp_worker_progress(worker_);
+    }
+    ucp_request_free(request);
+    if (done.status != UCS_OK) return std::nullopt;
+    buffer.resize(done.length / sizeof(capnp::word));
+    return buffer;
+  }
+
+ private:
+  void wait(ucs_status_ptr_t request) {
+    if (request == nullptr || UCS_PTR_IS_ERR(request)) return;
+    while (ucp_request_check_status(request) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+    ucp_request_free(request);
+  }
+
+  bool ok_ = false;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  ucp_ep_h endpoint_ = nullptr;
+  std::string address_;
+};
+
+kj::Array<capnp::word> deliverMessage(uint32_t seq, const std::function<void(proto::PeerChunk::Builder)>& fill) {
+  capnp::MallocMessageBuilder message;
+  auto deliver = message.initRoot<proto::PeerMessage>().initDeliver();
+  deliver.setSeq(seq);
+  fill(deliver.initChunk());
+  return capnp::messageToFlatArray(message);
+}
+
+// The small-delivery path between daemons (PeerMessage over UCX, docs/PROTOCOL.md), driven by a
+// fake peer: a good delivery is acked and stored; a refused one is acked with the typed error; a
+// message for a link that is not open is dropped; a message that is no Cap'n Proto ends the link.
+// The daemon stays up and serves what it stored.
+TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
+  setenv("UCX_TLS", "tcp", 1);
+  RawUcxPeer ucx;
+  if (!ucx.ok()) GTEST_SKIP() << "UCX does not initialize here";
+  capnp::EzRpcClient client(address_);
+  auto& waitScope = client.getWaitScope();
+  auto request = client.getMain<proto::Sidecar>().peerRequest();
+  auto h = request.initHello();
+  hello(h, proto::PROTOCOL_VERSION);
+  constexpr uint32_t kOurLinkId = 77;
+  h.setUcxAddress(kj::arrayPtr(reinterpret_cast<const kj::byte*>(ucx.address().data()), ucx.address().size()));
+  h.setLinkId(kOurLinkId);
+  h.setUcxMessageMaxBytes(4096);
+  auto answer = request.send().wait(waitScope);
+  auto daemonUcx = answer.getHello().getUcxAddress();
+  if (daemonUcx.size() == 0) GTEST_SKIP() << "the daemon runs without UCX";
+  ASSERT_GT(answer.getHello().getUcxMessageMaxBytes(), 0u) << "the daemon takes no UCX messages";
+  uint32_t linkId = answer.getHello().getLinkId();
+  auto peer = answer.getPeer();
+  ucx.connect(std::string(reinterpret_cast<const char*>(daemonUcx.begin()), daemonUcx.size()));
+  const uint64_t deliverTag = (1ull << 32) | linkId, ackTag = (2ull << 32) | kOurLinkId;
+  // Within the daemon's peer timeout (5 s): a link silent for longer is dropped.
+  auto ackOf = [&](uint32_t seq, std::chrono::milliseconds timeout = 4s) -> std::string {
+    auto words = ucx.receive(ackTag, timeout);
+    if (!words) return "(no ack)";
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(words->data(), words->size()));
+    auto ack = reader.getRoot<proto::PeerMessage>().getAck();
+    EXPECT_EQ(ack.getSeq(), seq);
+    return ack.getError();
+  };
+
+  // A good delivery: acked with no error.
+  ucx.send(deliverTag, deliverMessage(5, [](proto::PeerChunk::Builder c) {
+    fillChunk(c, "ucx-good", {0});
+    auto o = c.initPayload().initObject();
+    o.setTypeTag(1);
+    o.setBytes(kj::heapArray<kj::byte>({1, 2, 3}));
+  }));
+  EXPECT_EQ(ackOf(5), "");
+  // A chunk for a rank that does not live here: acked with the typed error.
+  ucx.send(deliverTag, deliverMessage(6, [](proto::PeerChunk::Builder c) {
+    fillChunk(c, "ucx-not-here", {3});
+    c.initPayload().initObject().setBytes(kj::heapArray<kj::byte>(4));
+  }));
+  std::string e = ackOf(6);
+  EXPECT_NE(e.find("[invalid-argument]"), std::string::npos) << e;
+  EXPECT_NE(e.find("do not live on this node"), std::string::npos) << e;
+  // A tensor whose body would follow as UCX pieces: messages carry bodies inline.
+  ucx.send(deliverTag, deliverMessage(7, [](proto::PeerChunk::Builder c) {
+    fillChunk(c, "ucx-pieces", {0});
+    auto t = c.initPayload().initTensor();
+    t.setDtype(proto::Dtype::UINT8);
+    t.initShape(1).set(0, 4096);
+    t.setSizeBytes(4096);
+    auto body = t.initBody().initUcx();
+    body.setTag(9);
+    body.setPieces(1);
+    body.setPieceBytes(4096);
+  }));
+  e = ackOf(7);
+  EXPECT_NE(e.find("[invalid-argument]"), std::string::npos) << e;
+  // Inline bytes of the wrong length.
+  ucx.send(deliverTag, deliverMessage(8, [](proto::PeerChunk::Builder c) {
+    fillChunk(c, "ucx-short", {0});
+    auto t = c.initPayload().initTensor();
+    t.setDtype(proto::Dtype::UINT8);
+    t.initShape(1).set(0, 16);
+    t.setSizeBytes(16);
+    t.initBody().setInline(kj::heapArray<kj::byte>(8));
+  }));
+  e = ackOf(8);
+  EXPECT_NE(e.find("[invalid-argument]"), std::string::npos) << e;
+  // A link that is not open: dropped, no ack.
+  ucx.send((1ull << 32) | (linkId + 1000), deliverMessage(9, [](proto::PeerChunk::Builder c) {
+    fillChunk(c, "ucx-nowhere", {0});
+    c.initPayload().initObject().setBytes(kj::heapArray<kj::byte>(4));
+  }));
+  EXPECT_EQ(ackOf(9, 1s), "(no ack)");
+  peer.heartbeatRequest().send().wait(waitScope);  // the link is still open
+  // Bytes that are no Cap'n Proto message: the link ends (its heartbeat is refused).
+  const char garbage[13] = "not capnp!!!";
+  ucx.send(deliverTag, garbage, sizeof garbage);
+  std::string lost = "(no error)";
+  for (int i = 0; i < 200 && lost == "(no error)"; ++i) {
+    std::this_thread::sleep_for(20ms);
+    lost = errorOf([&] { peer.heartbeatRequest().send().wait(waitScope); });
+  }
+  EXPECT_NE(lost.find("[peer-lost]"), std::string::npos) << lost;
+  EXPECT_NE(daemon_->err().find("no Cap'n Proto message"), std::string::npos) << daemon_->err();
+
+  // What was stored is served; nothing else is held.
+  std::thread([&] {
+    sidecar::RankConfig config;
+    config.rank = 0;
+    config.sendHint = {sidecar::Dtype::kUint8, {64}};
+    config.socketPath = socket_;
+    auto sc = sidecar::Sidecar::connect(config);
+    sidecar::Received r = sc.recv("ucx-good", 0, 10'000);
+    ASSERT_EQ(r.kind, sidecar::Received::Kind::kObject);
+    EXPECT_EQ(r.object.bytes.size(), 3u);
+    sc.markDone("ucx-good", 0);
+    auto status = sidecar::Client::connectUnix(socket_).transfers();
+    EXPECT_EQ(status.bytesHeld, 0u);
+    EXPECT_EQ(status.items, 0u);
+  }).join();
+  EXPECT_TRUE(daemon_->running());
+}
+
+#endif  // SIDECAR_HAVE_UCX
 
 }  // namespace

@@ -361,6 +361,8 @@ class TransferMatrixTest : public ::testing::Test {
           "--peers", map, "--arena-size", arenaSize, "--node-id", "node" + std::to_string(i),
           "--cores", std::to_string(coresToUse()), "--log-level", "info"};
       argv.insert(argv.end(), extra.begin(), extra.end());
+      auto own = nodeExtra_.find(i);
+      if (own != nodeExtra_.end()) argv.insert(argv.end(), own->second.begin(), own->second.end());
       std::string base = dir_ + "/sidecard" + std::to_string(i);
       nodeArgv_.push_back(argv);
       // Between namespaces of one host UCX would pick shared memory and never touch the link.
@@ -586,6 +588,7 @@ class TransferMatrixTest : public ::testing::Test {
   int nodes_ = 1;                       // SIDECAR_TEST_NODES
   std::vector<std::string> sockets_;    // per node, in the inter setup (sockets_[0] == socket_)
   std::vector<std::unique_ptr<Process>> peerDaemons_;  // nodes 1.. in the inter setup
+  std::map<int, std::vector<std::string>> nodeExtra_;  // flags for one node only (inter setup)
   std::vector<std::vector<std::string>> nodeArgv_;      // per node, for restartNode()
   std::unique_ptr<NetnsCluster> cluster_;               // as root: one namespace per node
   sidecar::ArenaStatus arena_;
@@ -1655,6 +1658,10 @@ TEST_F(TransferMatrixTest, BroadcastCrossesEachLinkOnce) {
     EXPECT_EQ(p.chunks, kChunks) << "chunks sent to " << p.nodeId;
   }
   EXPECT_EQ(outgoing, 3u) << "one link per remote node";
+  for (const auto& p : a.peers) {
+    // 32 and 64 KiB chunks went as UCX messages, the 128 KiB one as a call and UCX body pieces.
+    EXPECT_NE(p.bodies.find("small ones as messages"), std::string::npos) << p.bodies;
+  }
   for (int n = 1; n < 4; ++n) {
     auto t = transfersAt(n);
     ASSERT_EQ(t.peers.size(), 1u) << "node " << n;
@@ -1663,6 +1670,40 @@ TEST_F(TransferMatrixTest, BroadcastCrossesEachLinkOnce) {
   }
   expectDaemonEmpty();
 }
+
+// Small deliveries between daemons (objects, tensors up to 64 KiB) go as single UCX messages
+// when both daemons take them, and as Peer.deliver calls when either does not (switched off, or
+// an older daemon): the same transfers arrive either way, in both directions, and each node's
+// status says which way its links carry them.
+class SmallDeliveriesTest : public TransferMatrixTest, public ::testing::WithParamInterface<int> {};
+
+TEST_P(SmallDeliveriesTest, ArriveAsMessagesOrCalls) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  const int messagesOffOn = GetParam();  // -1: on everywhere, else the node switched off
+  if (messagesOffOn >= 0) nodeExtra_[messagesOffOn] = {"--no-peer-ucx-messages"};
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
+  const std::vector<Object> objects{strObject("small"), bytesObject("bytes"), intObject(7)};
+  Plan plan = objectPlan("small", nonce_, {0}, {2}, objects);  // 0 to 2, then 2 to 0
+  plan.config = [this](int32_t rank) { return rankConfig(rank, {rank}, MemoryHint{Dtype::kUint8, {64}}); };
+  runPlan(plan);
+  for (int n = 0; n < 2; ++n) {
+    auto t = transfersAt(n);
+    ASSERT_EQ(t.peers.size(), 2u) << "node " << n << ": one link each way";
+    for (const auto& p : t.peers) {
+      bool asMessages = p.bodies.find("small ones as messages") != std::string::npos;
+      EXPECT_EQ(asMessages, messagesOffOn < 0) << "node " << n << (p.outgoing ? " to " : " from ")
+                                                << p.nodeId << ": " << p.bodies;
+      EXPECT_EQ(p.chunks, objects.size()) << "node " << n << (p.outgoing ? " to " : " from ") << p.nodeId;
+    }
+  }
+  expectDaemonEmpty();
+}
+
+INSTANTIATE_TEST_SUITE_P(Switch, SmallDeliveriesTest, ::testing::Values(-1, 0, 1),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return info.param < 0 ? std::string("OnBothNodes")
+                                                 : "OffOnNode" + std::to_string(info.param);
+                         });
 
 // The network between node A and node B is cut (node B's link down, as root with namespaces):
 // A's pending send to B fails with [peer-lost], B's receiver waiting for the rest of A's stream
