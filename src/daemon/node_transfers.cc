@@ -317,6 +317,13 @@ void NodeTransfers::unregister(rpc::SessionId id) {
 
 kj::Promise<shm::Allocation> NodeTransfers::allocateBytes(uint64_t sizeBytes, uint64_t hint,
                                                           uint32_t waitMs) {
+  // The usual case, space now: no waiter and no timer (the latency path of small deliveries).
+  // ArenaFull here also means others wait already (FIFO): then queue behind them.
+  auto now = allocator_.tryAllocate(sizeBytes, hint);
+  if (now.ok()) return now.value();
+  if (now.code() != shm::ShmErrc::ArenaFull) {
+    return transferError(allocationErrorKind(now.code()), now.error().message);
+  }
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(waitMs);
   // The allocator fails a queued request in expireWaiters() once its deadline passed; a timer
   // just after the deadline makes sure that runs. It never resolves by itself.
