@@ -133,6 +133,9 @@ void expectDefaults(const Config& c) {
   EXPECT_EQ(c.objectBytesMax, d.objectBytesMax);
   EXPECT_EQ(c.transferTtlMs, d.transferTtlMs);
   EXPECT_EQ(c.worldSize, d.worldSize);
+  EXPECT_EQ(c.peers.timeoutMs, d.peers.timeoutMs);
+  EXPECT_EQ(c.peers.ucxMessages, d.peers.ucxMessages);
+  EXPECT_TRUE(d.peers.ucxMessages);
 }
 
 constexpr const char* kFullFile = R"(node_id = "file-node"
@@ -262,6 +265,24 @@ TEST(ConfigLoad, FlagsOverrideEnvAndFile) {
 TEST(ConfigLoad, ArenaLockFlagOverridesFalse) {
   EXPECT_TRUE(ok(load({"--arena-lock"}, {{"SIDECAR_ARENA_LOCK", "0"}})).arenaLock);
   EXPECT_TRUE(ok(load({}, {{"SIDECAR_ARENA_LOCK", "ON"}})).arenaLock);
+}
+
+// [peers] ucx_messages in all three layers, a later layer winning; a wrong value says what to do.
+TEST(ConfigLoad, PeerUcxMessagesSwitch) {
+  EXPECT_TRUE(ok(load({})).peers.ucxMessages);
+  EXPECT_FALSE(ok(load({"--no-peer-ucx-messages"})).peers.ucxMessages);
+  EXPECT_FALSE(ok(load({}, {{"SIDECAR_PEER_UCX_MESSAGES", "off"}})).peers.ucxMessages);
+  EXPECT_TRUE(ok(load({"--peer-ucx-messages"}, {{"SIDECAR_PEER_UCX_MESSAGES", "0"}})).peers.ucxMessages);
+  TempToml file("[peers]\nucx_messages = false\n");
+  EXPECT_FALSE(ok(load({"--config", file.path()})).peers.ucxMessages);
+  EXPECT_TRUE(ok(load({"--config", file.path()}, {{"SIDECAR_PEER_UCX_MESSAGES", "yes"}})).peers.ucxMessages);
+  EXPECT_EQ(error(load({}, {{"SIDECAR_PEER_UCX_MESSAGES", "sometimes"}})),
+            "sidecard: config error: SIDECAR_PEER_UCX_MESSAGES=\"sometimes\": must be true or false "
+            "(also 1/0, yes/no, on/off)");
+  // The two bool flags are independent (each has its own value).
+  Config c = ok(load({"--arena-lock", "--no-peer-ucx-messages"}));
+  EXPECT_TRUE(c.arenaLock);
+  EXPECT_FALSE(c.peers.ucxMessages);
 }
 
 TEST(ConfigLoad, KeysOnlyInFileSurviveOtherLayers) {
@@ -646,7 +667,7 @@ TEST(ConfigExample, UncommentedKeysAreExactlyTheDefaults) {
     }
     content += line + "\n";
   }
-  EXPECT_EQ(keys, 21);  // every key of Config but configPath and [peers] rank (no default)
+  EXPECT_EQ(keys, 22);  // every key of Config but configPath and [peers] rank (no default)
   TempToml file(content);
   Config c = ok(load({"--config", file.path()}));
   expectDefaults(c);
