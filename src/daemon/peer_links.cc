@@ -313,13 +313,12 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
   // send fails the delivery at once instead of leaving it to the link's heartbeat.
   raw.sends.add(raw.endpoint->send(peerDeliverTag(raw.remote.linkId), bytes.begin(), bytes.size())
                     .then([&raw, seq]() { raw.outgoing.erase(seq); },
-                          [&raw, seq](kj::Exception&& e) {
+                          [this, &raw, seq](kj::Exception&& e) {
                             raw.outgoing.erase(seq);
-                            auto it = raw.awaitingAcks.find(seq);
-                            if (it != raw.awaitingAcks.end()) {
-                              it->second->reject(kj::mv(e));
-                              raw.awaitingAcks.erase(it);
-                            }
+                            // The endpoint is dead (the peer's worker went, or the network):
+                            // every later message would fail too. A new link makes a new one.
+                            lose(raw, std::string("its UCX endpoint failed: ") +
+                                          e.getDescription().cStr());
                           }));
   // However the delivery ends, its ack is no longer awaited.
   struct Awaiting {
