@@ -784,11 +784,18 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::Array<capnp::word> w
     ack(linkId, seq, e->getDescription().cStr());
     return;
   }
+  // The ack waits until this turn's other work ran (evalLast): storing the chunk answered the
+  // local recv waiting for it, and that answer, the latency path, goes out before the ack's send.
   messageDeliveries_->add(deliver(linkId, std::move(chunk))
-                              .then([this, linkId, seq]() { ack(linkId, seq, ""); },
-                                    [this, linkId, seq](kj::Exception&& e) {
-                                      ack(linkId, seq, e.getDescription().cStr());
-                                    }));
+                              .then([]() { return std::string(); },
+                                    [](kj::Exception&& e) {
+                                      return std::string(e.getDescription().cStr());
+                                    })
+                              .then([this, linkId, seq](std::string error) {
+                                return kj::evalLast([this, linkId, seq, error = kj::mv(error)]() {
+                                  ack(linkId, seq, error);
+                                });
+                              }));
 }
 
 void NodeTransfers::ack(uint32_t linkId, uint32_t seq, std::string_view error) {
