@@ -731,6 +731,7 @@ kj::Promise<void> NodeTransfers::messageLoop() {
       .then(
           [this](BodyMessage message) {
             uint32_t linkId = peerMessageLinkId(message.tag);
+            spdlog::trace("peer message on link {} received at {} ns", linkId, monotonicNs());
             if (message.sizeBytes % sizeof(capnp::word) != 0) {
               loseIncoming(linkId, "it sent a UCX message of " + std::to_string(message.sizeBytes) +
                                        " bytes, which is no Cap'n Proto message");
@@ -913,6 +914,8 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
                           throw transferError(*error);  // the Landing frees the space
                         }
                         land.allocation.reset();  // the table owns it now
+                        spdlog::trace("chunk {} of '{}' from link {} stored at {} ns", kept.chunkId,
+                                     kept.dataId, linkId, monotonicNs());
                         auto it = incoming_.find(linkId);
                         if (it != incoming_.end()) {
                           ++it->second.chunks;

@@ -8,6 +8,7 @@
 
 #include <cstring>
 
+#include "base/clock.h"
 #include "daemon/peer_messages.h"
 #include "reactor/connector.h"
 #include "reactor/uring_stream.h"
@@ -320,6 +321,8 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
                             lose(raw, std::string("its UCX endpoint failed: ") +
                                           e.getDescription().cStr());
                           }));
+  spdlog::trace("peer message {} of '{}' to node {} sent at {} ns", seq, chunk.dataId,
+               raw.nodeName(), monotonicNs());
   // However the delivery ends, its ack is no longer awaited.
   struct Awaiting {
     Awaiting(kj::Own<Link> link, uint32_t seq) : link(kj::mv(link)), seq(seq) {}
