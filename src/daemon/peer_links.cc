@@ -308,6 +308,7 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
   uint32_t seq = raw.nextSeq++;  // the seq encodePeerDeliver was given
   auto bytes = message.asBytes();
   raw.outgoing.emplace(seq, kj::mv(message));
+  uint64_t sentNs = monotonicNs();  // before the send: over TCP it carries the bytes into the peer
   auto acked = kj::newPromiseAndFulfiller<void>();
   raw.awaitingAcks.emplace(seq, kj::mv(acked.fulfiller));
   // The send lives in the link (never dropped before UCX is done with the message); a failed
@@ -322,7 +323,7 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
                                           e.getDescription().cStr());
                           }));
   spdlog::trace("peer message {} of '{}' to node {} sent at {} ns", seq, chunk.dataId,
-               raw.nodeName(), monotonicNs());
+               raw.nodeName(), sentNs);
   // However the delivery ends, its ack is no longer awaited.
   struct Awaiting {
     Awaiting(kj::Own<Link> link, uint32_t seq) : link(kj::mv(link)), seq(seq) {}
