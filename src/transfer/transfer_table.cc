@@ -24,6 +24,7 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
+#include <vector>
 
 #include "base/check.h"
 
@@ -296,6 +297,8 @@ struct TransferTable::Impl {
     bool tombstone = false;
     uint64_t tombstoneUntilMs = 0;
     uint64_t lastActivityMs = 0;
+    Item* prev = nullptr;  // in liveList or tombstoneList (by `tombstone`)
+    Item* next = nullptr;
     std::unique_ptr<Owed> owed;
 
     ChunkSlot* find(uint32_t chunkId) {
@@ -319,6 +322,32 @@ struct TransferTable::Impl {
   Hooks& hooks;
   TransferLimits limits;
   std::unordered_map<std::string, Item> items;
+  // What expire() visits, so that a pass costs the live ids and the tombstones that end, not
+  // every tombstone of the last tombstoneMs (at tens of thousands of small transfers a second
+  // that is millions of entries, walked once a second on the owner core, which serves every
+  // transfer meanwhile). Intrusive lists (no allocation; an
+  // unordered_map's nodes do not move): every item is in one of them. Tombstones in the order they
+  // began, which is the order they end (each lasts tombstoneMs; the clock only goes forward).
+  struct ItemList {
+    Item* head = nullptr;
+    Item* tail = nullptr;
+    size_t size = 0;
+    void pushBack(Item* item) {
+      item->prev = tail;
+      item->next = nullptr;
+      (tail != nullptr ? tail->next : head) = item;
+      tail = item;
+      ++size;
+    }
+    void remove(Item* item) {
+      (item->prev != nullptr ? item->prev->next : head) = item->next;
+      (item->next != nullptr ? item->next->prev : tail) = item->prev;
+      item->prev = item->next = nullptr;
+      --size;
+    }
+  };
+  ItemList liveList;
+  ItemList tombstoneList;
   std::unordered_set<Rank> registered;
   std::unordered_map<Rank, WaitList> rankWaiters;
   WaitList ready;
@@ -483,11 +512,13 @@ struct TransferTable::Impl {
     it->second.key = &it->first;
     it->second.lastActivityMs = now;
     ++liveItems;
+    liveList.pushBack(&it->second);
     return it->second;
   }
   void eraseItem(Item& item) {
     SIDECAR_CHECK(item.waiterRefs == 0 && item.heldChunks == 0, "erasing an item in use");
     if (!item.tombstone) --liveItems;
+    (item.tombstone ? tombstoneList : liveList).remove(&item);
     auto it = items.find(*item.key);
     SIDECAR_CHECK(it != items.end() && &it->second == &item, "erasing an unknown item");
     items.erase(it);
@@ -511,6 +542,8 @@ struct TransferTable::Impl {
     item.tombstone = false;
     item.lastActivityMs = now;
     ++liveItems;
+    tombstoneList.remove(&item);
+    liveList.pushBack(&item);
   }
   void becomeTombstone(Item& item, uint64_t now) {
     SIDECAR_CHECK(item.fullyDone() && item.heldChunks == 0 && item.waiters.size == 0,
@@ -518,6 +551,8 @@ struct TransferTable::Impl {
     item.tombstone = true;
     item.tombstoneUntilMs = now + std::min<uint64_t>(limits.tombstoneMs, UINT64_MAX - now);
     --liveItems;
+    liveList.remove(&item);
+    tombstoneList.pushBack(&item);
     // Remember what the sending group still owes (only a group of several can owe anything).
     item.owed.reset();
     std::span<const Rank> sender = item.topo.sender();
@@ -960,13 +995,18 @@ struct TransferTable::Impl {
 
   void expire() {
     uint64_t now = hooks.nowMs();
-    for (auto it = items.begin(); it != items.end();) {
-      Item& item = it->second;
-      ++it;  // `item` may be erased below
-      if (item.tombstone) {
-        if (now >= item.tombstoneUntilMs && item.waiterRefs == 0) eraseItem(item);
-        continue;
-      }
+    // Tombstones whose time is up, oldest first; one that waiters still refer to stays for a
+    // later pass.
+    for (Item* t = tombstoneList.head; t != nullptr && t->tombstoneUntilMs <= now;) {
+      Item* next = t->next;
+      if (t->waiterRefs == 0) eraseItem(*t);
+      t = next;
+    }
+    // Processing an item never erases another, but may erase it or make it a tombstone (moving
+    // it to the other list): take its successor first.
+    for (Item* visited = liveList.head; visited != nullptr;) {
+      Item& item = *visited;
+      visited = visited->next;
       if (item.owed && now >= item.owed->untilMs) item.owed.reset();
       if (item.heldChunks > 0) {
         // Groups without a registered member, computed once per item.
@@ -1146,6 +1186,18 @@ struct TransferTable::Impl {
     }
     SIDECAR_CHECK(byRank == queued + readyCount && waiterCount == byRank, "waiter count");
     SIDECAR_CHECK(live == liveItems && held == heldChunks && bytes == bytesHeld, "stats counters");
+    SIDECAR_CHECK(liveList.size == live && tombstoneList.size == items.size() - live, "item lists");
+    for (const ItemList* list : {&liveList, &tombstoneList}) {
+      size_t n = 0;
+      for (const Item* i = list->head; i != nullptr; i = i->next, ++n) {
+        SIDECAR_CHECK(i->tombstone == (list == &tombstoneList), "item in the wrong list");
+        SIDECAR_CHECK(i->next != nullptr ? i->next->prev == i : list->tail == i, "list links");
+        SIDECAR_CHECK(list != &tombstoneList || i->next == nullptr ||
+                          i->tombstoneUntilMs <= i->next->tombstoneUntilMs,
+                      "tombstones out of order");
+      }
+      SIDECAR_CHECK(n == list->size, "list size");
+    }
   }
 };
 

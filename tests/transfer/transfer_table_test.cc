@@ -707,6 +707,39 @@ TEST_F(TableTest, TombstonesAreForgottenAfterTheirTime) {
   table->cancel(w);
 }
 
+// Tombstones end oldest first, each tombstoneMs after it began; one revived meanwhile (the id sent
+// again) is live and stays, and ends only tombstoneMs after its new generation finished.
+TEST_F(TableTest, TombstonesEndInTheirOrderAndRevivedOnesStay) {
+  makeTable(TransferLimits{.tombstoneMs = 1000});
+  const uint64_t t0 = hooks.now;
+  for (const char* id : {"t1", "t2", "t3"}) {
+    ASSERT_TRUE(isOk(sendObject(0, {0}, id, 0, 1, kTo2, "v")));
+    ASSERT_TRUE(isOk(markDone(2, id, 0)));
+    hooks.now += 100;  // t1 ends at 1000, t2 at 1100, t3 at 1200
+  }
+  // t2 comes again (live), finishes at 400: its new tombstone ends at 1400.
+  ASSERT_TRUE(isOk(sendObject(0, {0}, "t2", 0, 1, kTo2, "again")));
+  hooks.now += 100;
+  ASSERT_TRUE(isOk(markDone(2, "t2", 0)));
+  auto known = [&](const char* id) { return table->describe(id).has_value(); };
+  hooks.now = t0 + 1050;
+  table->expire();
+  table->checkInvariants();
+  EXPECT_FALSE(known("t1"));
+  EXPECT_TRUE(known("t2"));
+  EXPECT_TRUE(known("t3"));
+  hooks.now = t0 + 1250;
+  table->expire();
+  table->checkInvariants();
+  EXPECT_TRUE(known("t2")) << "its first tombstone's end must not forget the second";
+  EXPECT_FALSE(known("t3"));
+  hooks.now = t0 + 1400;
+  table->expire();
+  table->checkInvariants();
+  EXPECT_FALSE(known("t2"));
+  EXPECT_EQ(table->stats().items, 0u);
+}
+
 // ---- time-to-live ---------------------------------------------------------------------------------
 
 TEST_F(TableTest, HoldsOfUnregisteredGroupsExpire) {
