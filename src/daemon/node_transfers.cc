@@ -729,24 +729,27 @@ kj::Promise<void> NodeTransfers::messageLoop() {
   return bodies_->receiveAny(kPeerDeliverKind, kPeerMessageKindMask, messageBuffer_.begin(),
                              messageBuffer_.size() * sizeof(capnp::word))
       .then(
-          [this](BodyMessage message) {
+          [this](BodyMessage message) -> kj::Promise<void> {
             uint32_t linkId = peerMessageLinkId(message.tag);
             spdlog::trace("peer message on link {} received at {} ns", linkId, monotonicNs());
             if (message.sizeBytes % sizeof(capnp::word) != 0) {
               loseIncoming(linkId, "it sent a UCX message of " + std::to_string(message.sizeBytes) +
                                        " bytes, which is no Cap'n Proto message");
-              return;
+              return kj::READY_NOW;
             }
             // Copied out so the next receive can be posted at once, while this one is stored.
             auto words = kj::heapArray<capnp::word>(
                 messageBuffer_.asPtr().slice(0, message.sizeBytes / sizeof(capnp::word)));
             takeDeliverMessage(linkId, kj::mv(words));
+            return kj::READY_NOW;
           },
-          [](kj::Exception&& e) {
+          [this](kj::Exception&& e) -> kj::Promise<void> {
             // E.g. a message over kPeerMessageMaxBytes: UCX dropped it. Its sender's delivery
-            // fails with its link (no ack comes); keep taking the others.
+            // fails with its link (no ack comes); keep taking the others, after a pause, so that
+            // a receive failing at once every time cannot spin this core or flood the log.
             spdlog::warn("a peer's delivery message could not be received: {}",
                          e.getDescription().cStr());
+            return timer_->afterDelay(10 * kj::MILLISECONDS);
           })
       .then([this]() { return messageLoop(); });
 }

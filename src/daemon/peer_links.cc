@@ -347,13 +347,16 @@ kj::Promise<void> PeerLinks::ackLoop() {
   return bodies_->receiveAny(kPeerAckKind, kPeerMessageKindMask, ackBuffer_.begin(),
                              ackBuffer_.size() * sizeof(capnp::word))
       .then(
-          [this](BodyMessage message) {
+          [this](BodyMessage message) -> kj::Promise<void> {
             takeAck(message.tag, ackBuffer_.asPtr().slice(0, message.sizeBytes / sizeof(capnp::word)));
+            return kj::READY_NOW;
           },
-          [](kj::Exception&& e) {
+          [this](kj::Exception&& e) -> kj::Promise<void> {
             // E.g. an ack larger than any we send: UCX dropped it. The delivery it answered, if
-            // any, fails with its link (heartbeats); keep taking the others.
+            // any, fails with its link (heartbeats); keep taking the others, after a pause, so
+            // that a receive failing at once every time cannot spin this core.
             spdlog::warn("a peer's ack could not be received: {}", e.getDescription().cStr());
+            return timer_.afterDelay(10 * kj::MILLISECONDS);
           })
       .then([this]() { return ackLoop(); });
 }

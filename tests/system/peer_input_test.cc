@@ -421,6 +421,16 @@ TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
   }));
   EXPECT_EQ(ackOf(9, 1s), "(no ack)");
   peer.heartbeatRequest().send().wait(waitScope);  // the link is still open
+  // A message larger than the daemon takes (its hello said how large): UCX drops it there, and
+  // the daemon goes on taking the next ones.
+  std::vector<capnp::word> huge(answer.getHello().getUcxMessageMaxBytes() / sizeof(capnp::word) + 1024);
+  ucx.send(deliverTag, huge.data(), huge.size() * sizeof(capnp::word));
+  ucx.send(deliverTag, deliverMessage(10, [](proto::PeerChunk::Builder c) {
+    fillChunk(c, "ucx-after-huge", {0});
+    c.initPayload().initObject().setBytes(kj::heapArray<kj::byte>(2));
+  }));
+  EXPECT_EQ(ackOf(10), "");
+  peer.heartbeatRequest().send().wait(waitScope);
   // Bytes that are no Cap'n Proto message: the link ends (its heartbeat is refused).
   const char garbage[13] = "not capnp!!!";
   ucx.send(deliverTag, garbage, sizeof garbage);
@@ -443,6 +453,8 @@ TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
     ASSERT_EQ(r.kind, sidecar::Received::Kind::kObject);
     EXPECT_EQ(r.object.bytes.size(), 3u);
     sc.markDone("ucx-good", 0);
+    EXPECT_EQ(sc.recv("ucx-after-huge", 0, 10'000).object.bytes.size(), 2u);
+    sc.markDone("ucx-after-huge", 0);
     auto status = sidecar::Client::connectUnix(socket_).transfers();
     EXPECT_EQ(status.bytesHeld, 0u);
     EXPECT_EQ(status.items, 0u);
