@@ -430,6 +430,8 @@ TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
     c.initPayload().initObject().setBytes(kj::heapArray<kj::byte>(2));
   }));
   EXPECT_EQ(ackOf(10), "");
+  EXPECT_NE(daemon_->err().find("delivery message could not be received"), std::string::npos)
+      << daemon_->err();
   peer.heartbeatRequest().send().wait(waitScope);
   // Bytes that are no Cap'n Proto message: the link ends (its heartbeat is refused).
   const char garbage[13] = "not capnp!!!";
