@@ -240,9 +240,11 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
     }
     bool small = !chunk.isTensor || chunk.sizeBytes <= options_.inlineBytesMax;
     if (small && l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) {
-      auto message = encodePeerDeliver(l->nextSeq, chunk);
+      uint32_t seq = l->nextSeq;
+      auto message = encodePeerDeliver(seq, chunk);
       if (message.size() * sizeof(capnp::word) <= l->remote.ucxMessageMaxBytes) {
-        return deliverMessage(kj::mv(l), chunk, kj::mv(message));
+        ++l->nextSeq;
+        return deliverMessage(kj::mv(l), chunk, seq, kj::mv(message));
       }
     }
     auto request = l->peer.deliverRequest();
@@ -303,9 +305,8 @@ kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk c
 }
 
 kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk& chunk,
-                                            kj::Array<capnp::word> message) {
+                                            uint32_t seq, kj::Array<capnp::word> message) {
   Link& raw = *l;
-  uint32_t seq = raw.nextSeq++;  // the seq encodePeerDeliver was given
   auto bytes = message.asBytes();
   raw.outgoing.emplace(seq, kj::mv(message));
   uint64_t sentNs = monotonicNs();  // before the send: over TCP it carries the bytes into the peer

@@ -89,7 +89,8 @@ class PeerLinks {
   kj::Promise<void> open(Link& link);
   kj::Promise<void> heartbeatLoop(Link& link);
   void lose(Link& link, const std::string& why);
-  kj::Promise<void> deliverMessage(kj::Own<Link> link, const OutgoingChunk& chunk,
+  // `message` is encodePeerDeliver(seq, chunk); seq is taken from the link's sequence already.
+  kj::Promise<void> deliverMessage(kj::Own<Link> link, const OutgoingChunk& chunk, uint32_t seq,
                                    kj::Array<capnp::word> message);
   kj::Promise<void> ackLoop();
   void takeAck(uint64_t tag, kj::ArrayPtr<const capnp::word> message);
