@@ -1,36 +1,57 @@
 #!/usr/bin/env python3
-"""Hop-by-hop times of cross-node transfers from two daemons' trace logs (--log-level trace;
-CLOCK_MONOTONIC ns, one clock for the host's namespaces), one transfer at a time:
-  A: lane send request taken -> peer message about to be sent (UCX send call)
-  wire: that -> message received on B (the send call, TCP through the kernel, B's UCX progress)
-  B: received -> chunk stored; stored -> the next lane completion pushed (the recv's answer).
-Medians over transfers. Each trace line is a synchronous write: the figures include them.
-  bench/cross_node/hops.py NODE_A_LOG NODE_B_LOG"""
-import re, statistics, sys
-ev = []
-for path, node in ((sys.argv[1], "A"), (sys.argv[2], "B")):
+"""Where each cross-node transfer's one-way time goes, step by step.
+
+Inputs: xnode_bench --times FILE (per timed transfer: size, send ns, arrival ns) and the hop
+traces of the two daemons (SIDECAR_HOP_TRACE=PREFIX writes PREFIX.<pid>: "ns point" lines, see
+src/base/hop_trace.h). All times are CLOCK_MONOTONIC of one host.
+
+For each transfer, the first time each daemon reached each step after the sender's send() call
+is taken relative to that call; the medians over transfers are printed in order, with the time
+since the step before. Steps that are not reached in most transfers (e.g. the sender's daemon
+waking up when it was spinning anyway) are shown with how often they were.
+  bench/cross_node/hops.py TIMES NODE_A_TRACE NODE_B_TRACE"""
+import bisect
+import statistics
+import sys
+
+
+def load(path):
+    steps = []
     for line in open(path):
-        m = re.search(r"(lane: request \d+ taken|lane: completion \d+ pushed|peer message \d+ of '[^']*' to node .* sent|peer message on link \d+ received|chunk \d+ of '[^']*' from link \d+ stored) at (\d+) ns", line)
-        if m:
-            kind = m.group(1)
-            k = ("taken" if "taken" in kind else "pushed" if "pushed" in kind else "sent" if " sent" in kind
-                 else "received" if "received" in kind else "stored")
-            ev.append((int(m.group(2)), node, k))
-ev.sort()
-hops = {"A taken->sent": [], "sent->B received": [], "B received->stored": [], "B stored->pushed": []}
-last = {}
-for t, node, k in ev:
-    last[(node, k)] = t
-    if node == "A" and k == "sent" and ("A", "taken") in last:
-        hops["A taken->sent"].append(t - last[("A", "taken")])
-    if node == "B" and k == "received" and ("A", "sent") in last:
-        hops["sent->B received"].append(t - last[("A", "sent")])
-    if node == "B" and k == "stored" and ("B", "received") in last:
-        hops["B received->stored"].append(t - last[("B", "received")])
-    if node == "B" and k == "pushed" and ("B", "stored") in last and last[("B", "stored")] > last.get(("B", "pushed_seen"), 0):
-        hops["B stored->pushed"].append(t - last[("B", "stored")])
-        last[("B", "pushed_seen")] = t
-for name, v in hops.items():
-    if v:
-        print("  %-22s median %6.1f us  (n=%d, p10 %.1f, p90 %.1f)" % (name, statistics.median(v) / 1e3, len(v),
-              sorted(v)[len(v) // 10] / 1e3, sorted(v)[len(v) * 9 // 10] / 1e3))
+        ns, point = line.split()
+        steps.append((int(ns), point))
+    steps.sort()
+    return steps
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    transfers = [tuple(int(x) for x in line.split()) for line in open(sys.argv[1]) if line.strip()]
+    nodes = {"A": load(sys.argv[2]), "B": load(sys.argv[3])}
+    offsets = {}  # (node, point) -> [ns after send]
+    for _, sent, arrived in transfers:
+        for node, steps in nodes.items():
+            times = [t for t, _ in steps]
+            lo = bisect.bisect_left(times, sent)
+            hi = bisect.bisect_right(times, arrived)
+            seen = set()
+            for t, point in steps[lo:hi]:
+                if point in seen:
+                    continue
+                seen.add(point)
+                offsets.setdefault((node, point), []).append(t - sent)
+    n = len(transfers)
+    oneway = statistics.median(a - s for _, s, a in transfers)
+    print("  %d transfers, one-way median %.2f us" % (n, oneway / 1e3))
+    rows = sorted(((statistics.median(v), node, point, len(v)) for (node, point), v in offsets.items()))
+    before = 0.0
+    for med, node, point, count in rows:
+        share = "" if count == n else "  (in %d%% of transfers)" % (100 * count // n)
+        print("  %-2s %-18s at %7.2f us  (+%.2f)%s" % (node, point, med / 1e3, (med - before) / 1e3, share))
+        if count * 2 > n:
+            before = med
+    print("  client B returns    at %7.2f us  (+%.2f)" % (oneway / 1e3, (oneway - before) / 1e3))
+
+
+main()

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <deque>
+#include <stdexcept>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -85,6 +86,7 @@ struct Options {
   int window = 4;
   int rankA = 0;  // the sender, served by node A
   int rankB = 2;  // the receiver, served by node B
+  std::string timesPath;  // per timed transfer: "size send_ns arrive_ns", for bench/cross_node/hops.py
 };
 
 Options parse(int argc, char** argv) {
@@ -103,6 +105,9 @@ Options parse(int argc, char** argv) {
   app.add_option("--stream-count", o.streamCount, "streamed transfers per size (0: none)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--window", o.window, "streamed transfers in flight")->check(CLI::Range(1, 1024));
+  app.add_option("--times", o.timesPath,
+                 "write each timed one-at-a-time transfer's send and arrival (CLOCK_MONOTONIC ns) "
+                 "to this file, for bench/cross_node/hops.py");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -192,6 +197,8 @@ int main(int argc, char** argv) {
   int rc = 0;
   try {
     auto sc = connectRank(o.rankA, o.socketA);
+    FILE* times = o.timesPath.empty() ? nullptr : std::fopen(o.timesPath.c_str(), "w");
+    if (!o.timesPath.empty() && times == nullptr) throw std::runtime_error("cannot write " + o.timesPath);
     for (uint64_t size : o.sizes) {
       std::vector<double> us;
       for (int i = 0; i < o.warmup + o.iterations; ++i) {
@@ -204,6 +211,10 @@ int main(int argc, char** argv) {
         uint64_t arrived = 0;
         readAll(stamps[0], &arrived, sizeof arrived);
         if (i >= o.warmup) us.push_back(double(arrived - sent) / 1000.0);
+        if (i >= o.warmup && times != nullptr) {
+          std::fprintf(times, "%llu %llu %llu\n", (unsigned long long)size, (unsigned long long)sent,
+                       (unsigned long long)arrived);
+        }
       }
       std::sort(us.begin(), us.end());
       double median = us[us.size() / 2];
@@ -213,6 +224,7 @@ int main(int argc, char** argv) {
                   double(size) / (median * 1000.0));
       std::fflush(stdout);
     }
+    if (times != nullptr) std::fclose(times);
     for (uint64_t size : o.sizes) {
       if (!streamed(o, size)) continue;
       char r = 0;

@@ -7,6 +7,7 @@
 #include <kj/debug.h>
 
 #include "base/clock.h"
+#include "base/hop_trace.h"
 #include "daemon/peer_messages.h"
 #include "rpc/peer_service.h"
 
@@ -731,6 +732,7 @@ kj::Promise<void> NodeTransfers::messageLoop() {
       .then(
           [this](BodyMessage message) -> kj::Promise<void> {
             uint32_t linkId = peerMessageLinkId(message.tag);
+            hop::mark(hop::Point::kMessageReceived);
             spdlog::trace("peer message on link {} received at {} ns", linkId, monotonicNs());
             if (message.sizeBytes % sizeof(capnp::word) != 0) {
               loseIncoming(linkId, "it sent a UCX message of " + std::to_string(message.sizeBytes) +
@@ -821,6 +823,7 @@ void NodeTransfers::ack(uint32_t linkId, uint32_t seq, std::string_view error) {
     }
   }
   link.acks->send(seq, error);
+  hop::mark(hop::Point::kAckSent);
 }
 
 kj::Promise<void> NodeTransfers::heartbeat(uint32_t linkId) {
@@ -917,6 +920,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
                           throw transferError(*error);  // the Landing frees the space
                         }
                         land.allocation.reset();  // the table owns it now
+                        hop::mark(hop::Point::kChunkStored);
                         spdlog::trace("chunk {} of '{}' from link {} stored at {} ns", kept.chunkId,
                                      kept.dataId, linkId, monotonicNs());
                         auto it = incoming_.find(linkId);

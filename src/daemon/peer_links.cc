@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "base/clock.h"
+#include "base/hop_trace.h"
 #include "daemon/peer_messages.h"
 #include "reactor/connector.h"
 #include "reactor/uring_stream.h"
@@ -310,6 +311,7 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
   auto bytes = message.asBytes();
   raw.outgoing.emplace(seq, kj::mv(message));
   uint64_t sentNs = monotonicNs();  // before the send: over TCP it carries the bytes into the peer
+  hop::mark(hop::Point::kMessageSending);
   auto acked = kj::newPromiseAndFulfiller<void>();
   raw.awaitingAcks.emplace(seq, kj::mv(acked.fulfiller));
   // The send lives in the link (never dropped before UCX is done with the message); a failed
@@ -323,6 +325,7 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
                             lose(raw, std::string("its UCX endpoint failed: ") +
                                           e.getDescription().cStr());
                           }));
+  hop::mark(hop::Point::kMessageSent);
   spdlog::trace("peer message {} of '{}' to node {} sent at {} ns", seq, chunk.dataId,
                raw.nodeName(), sentNs);
   // However the delivery ends, its ack is no longer awaited.

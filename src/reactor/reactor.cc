@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include "base/check.h"
+#include "base/hop_trace.h"
 
 namespace sidecar::reactor {
 
@@ -196,8 +197,10 @@ void Reactor::sleep(std::optional<uint64_t> timeoutNs) {
     }
     io_uring_cqe* cqe = nullptr;
     ReactorStats::bump(stats_.sleeps);
+    hop::mark(hop::Point::kSleeping);
     int rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
     // -ETIME: the timeout passed; -EINTR: a signal (the daemon's signal handling runs elsewhere).
+    hop::mark(hop::Point::kWoke);
     SIDECAR_CHECK(rc >= 0 || rc == -ETIME || rc == -EINTR || rc == -EBUSY,
                   "io_uring_submit_and_wait_timeout: %d", rc);
   } else if (io_uring_sq_ready(&ring_) > 0) {

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "base/clock.h"
+#include "base/hop_trace.h"
 #include "base/utf8.h"
 #include "rpc/session_service.h"
 
@@ -105,6 +106,7 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
   }
   // Trace lines carry CLOCK_MONOTONIC (one clock for every process of the host): with the
   // peers' lines they time a transfer hop by hop (docs/PERFORMANCE.md).
+  hop::mark(hop::Point::kLaneTaken);
   spdlog::trace("lane: request {} taken at {} ns", KJ_ASSERT_NONNULL(seq), monotonicNs());
   auto work = kj::evalNow([&]() { return dispatch(KJ_ASSERT_NONNULL(request), std::make_shared<Keep>(owned, reader)); });
   uint64_t number = KJ_ASSERT_NONNULL(seq);
@@ -176,6 +178,7 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
     flat = capnp::messageToFlatArray(small);
   }
   spdlog::trace("lane: completion {} pushed at {} ns", seq, monotonicNs());
+  hop::mark(hop::Point::kLaneCompletion);
   if (!endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word)) && !endpoint_.broken()) {
     close("its completion ring is full (the client reserves room for every request it makes: a "
           "client bug)");
