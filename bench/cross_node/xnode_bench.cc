@@ -18,8 +18,15 @@
 //   {"name":"stream_64MiB","bytes":..,"count":..,"gbps":..}
 // gbps = count * bytes / (last arrival on B - first send on A).
 //
+// Then, with --pingpong N, per size under 1 MiB, N round trips measured the way ucx_perftest's
+// tag_lat measures (and after `warmup` untimed ones): A sends, B receives and sends the same size
+// back, A receives; half the round trip is the one-way figure. Each side allocates its next
+// tensor before it waits, and marks done / waits for its send's answer after, so only the two
+// transfers are timed. Prints
+//   {"name":"pingpong_4KiB","bytes":4096,"median_us":..,"p99_us":..}   (half round trips)
+//
 // Usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes 4096,1048576,67108864]
-//                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2]
+//                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2] [--pingpong 0]
 
 #include <CLI/CLI.hpp>
 #include <sidecar/sidecar.h>
@@ -86,6 +93,7 @@ struct Options {
   int window = 4;
   int rankA = 0;  // the sender, served by node A
   int rankB = 2;  // the receiver, served by node B
+  int pingpong = 0;  // round trips per size under 1 MiB (0: none)
   std::string timesPath;  // per timed transfer: "size send_ns arrive_ns", for bench/cross_node/hops.py
 };
 
@@ -105,6 +113,8 @@ Options parse(int argc, char** argv) {
   app.add_option("--stream-count", o.streamCount, "streamed transfers per size (0: none)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--window", o.window, "streamed transfers in flight")->check(CLI::Range(1, 1024));
+  app.add_option("--pingpong", o.pingpong, "timed round trips per size under 1 MiB (0: none)")
+      ->check(CLI::Range(0, 1000000));
   app.add_option("--times", o.timesPath,
                  "write each timed one-at-a-time transfer's send and arrival (CLOCK_MONOTONIC ns) "
                  "to this file, for bench/cross_node/hops.py");
@@ -117,6 +127,9 @@ Options parse(int argc, char** argv) {
 }
 
 std::string idOf(uint64_t size, int i) { return "xnode-" + std::to_string(size) + "-" + std::to_string(i); }
+std::string pingIdOf(uint64_t size, int i) { return "xping-" + std::to_string(size) + "-" + std::to_string(i); }
+std::string pongIdOf(uint64_t size, int i) { return "xpong-" + std::to_string(size) + "-" + std::to_string(i); }
+bool pingponged(const Options& o, uint64_t size) { return o.pingpong > 0 && size < (1u << 20); }
 std::string streamIdOf(uint64_t size, int i) { return "xstream-" + std::to_string(size) + "-" + std::to_string(i); }
 bool streamed(const Options& o, uint64_t size) { return o.streamCount > 0 && size >= (1u << 20); }
 
@@ -172,6 +185,18 @@ void checkStamp(const sidecar::Received& r, uint64_t size, uint64_t number, cons
         sc.markDone(streamIdOf(size, k), 0);
       }
       writeAll(stampFd, &arrived, sizeof arrived);
+    }
+    for (uint64_t size : o.sizes) {
+      if (!pingponged(o, size)) continue;
+      for (int i = 0; i < o.warmup + o.pingpong; ++i) {
+        auto pong = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
+        stamp(pong, size, uint64_t(i));
+        sidecar::Received r = sc.recv(pingIdOf(size, i), 0, 60'000);
+        auto sent = sc.send(pongIdOf(size, i), std::move(pong), {{o.rankA}});
+        checkStamp(r, size, uint64_t(i), pingIdOf(size, i));
+        sc.markDone(pingIdOf(size, i), 0);
+        sent.wait();
+      }
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "xnode_bench receiver: %s\n", e.what());
@@ -250,6 +275,27 @@ int main(int argc, char** argv) {
       std::printf("{\"name\":\"stream_%s\",\"bytes\":%llu,\"count\":%d,\"window\":%d,\"gbps\":%.3f}\n",
                   sizeName(size).c_str(), (unsigned long long)size, o.streamCount, o.window,
                   double(size) * o.streamCount / seconds / 1e9);
+      std::fflush(stdout);
+    }
+    for (uint64_t size : o.sizes) {
+      if (!pingponged(o, size)) continue;
+      std::vector<double> us;
+      for (int i = 0; i < o.warmup + o.pingpong; ++i) {
+        auto ping = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
+        stamp(ping, size, uint64_t(i));
+        uint64_t started = nowNs();
+        auto sent = sc.send(pingIdOf(size, i), std::move(ping), {{o.rankB}});
+        sidecar::Received r = sc.recv(pongIdOf(size, i), 0, 60'000);
+        uint64_t ended = nowNs();
+        checkStamp(r, size, uint64_t(i), pongIdOf(size, i));
+        sc.markDone(pongIdOf(size, i), 0);
+        sent.wait();
+        if (i >= o.warmup) us.push_back(double(ended - started) / 2000.0);
+      }
+      std::sort(us.begin(), us.end());
+      std::printf("{\"name\":\"pingpong_%s\",\"bytes\":%llu,\"median_us\":%.2f,\"p99_us\":%.2f}\n",
+                  sizeName(size).c_str(), (unsigned long long)size, us[us.size() / 2],
+                  us[std::min(us.size() - 1, size_t(double(us.size()) * 0.99))]);
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {
