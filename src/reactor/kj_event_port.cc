@@ -2,8 +2,6 @@
 
 #include <kj/time.h>
 
-#include <sched.h>
-
 #include <limits>
 
 #include "base/clock.h"
@@ -43,9 +41,9 @@ bool KjEventPort::wait() {
     }
     uint64_t t = monotonicNs();
     if (t - lastEventNs_ < spinNs_) {
-      // Yield rather than pause: when a client shares this CPU, it gets to run (and send the
-      // next request) instead of waiting for our spin window to end.
-      sched_yield();
+      // Yields while a client shares this CPU (it gets to run and send the next request instead
+      // of waiting for our spin window to end); alone on it, pauses without a system call.
+      pacer_.pause(t, monotonicNs);
       continue;
     }
     break;

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "base/spin_pacer.h"
 #include "reactor/reactor.h"
 
 namespace sidecar::reactor {
@@ -37,6 +38,7 @@ class KjEventPort final : public kj::EventPort {
   kj::TimerImpl timer_;
   uint64_t spinNs_;
   uint64_t lastEventNs_ = 0;
+  SpinPacer pacer_;
 };
 
 // A reactor, its port and a KJ event loop for the calling thread, bundled: what every reactor
