@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 namespace sidecar::daemon {
 
@@ -206,9 +207,15 @@ kj::Promise<void> NodeTransfers::expireLoop() {
 
 template <typename Func>
 kj::PromiseForResult<Func, void> NodeTransfers::onOwner(Func&& func) {
-  // On the owner already: run on the next turn of this loop (exceptions become rejections).
+  // On the owner already: run now (exceptions become rejections). Not on a later turn: every
+  // request comes through here, and a turn is a few promise nodes on the latency path.
   if (std::this_thread::get_id() == ownerThread_) {
-    return kj::Promise<void>(kj::READY_NOW).then(kj::fwd<Func>(func));
+    if constexpr (std::is_void_v<std::invoke_result_t<Func>>) {
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { func(); })) { return kj::mv(*e); }
+      return kj::READY_NOW;
+    } else {
+      return kj::evalNow(kj::fwd<Func>(func));  // (KJ's evalNow takes no void function)
+    }
   }
   return ownerExecutor_->executeAsync(kj::fwd<Func>(func));
 }
@@ -861,10 +868,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
       ++link.chunks;
       return kj::READY_NOW;
     }
-    // The continuations below refer to the chunk: keep it at a stable address until they ran.
-    auto held = kj::heap<rpc::PeerChunk>(std::move(chunk));
-    rpc::PeerChunk& kept = *held;
-    auto& tensor = std::get<rpc::PeerTensor>(kept.payload);
+    auto& tensor = std::get<rpc::PeerTensor>(chunk.payload);
     if (transfer::tensorBytes(tensor.dtype, tensor.shape) != tensor.sizeBytes) {
       throw transferError("invalid-argument", "a peer's tensor header does not add up: shape and "
                                               "dtype disagree with its size");
@@ -879,58 +883,66 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
         throw transferError("invalid-argument", "a peer's UCX pieces do not cover its tensor");
       }
     }
-    uint64_t hint = receiveHint(kept.destinations);
-    auto space = allocateBytes(std::max<uint64_t>(tensor.sizeBytes, 1), hint, options_.sendTimeoutMs);
-    // Owns the allocation until the table takes it: a failed or cancelled delivery frees it.
-    struct Landing {
-      explicit Landing(shm::SlabAllocator& allocator) : allocator(allocator) {}
-      Landing(const Landing&) = delete;
-      Landing& operator=(const Landing&) = delete;
-      ~Landing() {
-        if (allocation) (void)allocator.free(*allocation);
-      }
-      shm::SlabAllocator& allocator;
-      std::optional<shm::Allocation> allocation;
-    };
-    auto landing = kj::heap<Landing>(allocator_);
-    Landing& land = *landing;
-    auto received = space.then([this, &land, &tensor](shm::Allocation allocation) -> kj::Promise<void> {
-      land.allocation = allocation;
-      std::byte* destination = arena_.base() + allocation.offset;
-      if (!tensor.viaUcx) {
-        std::memcpy(destination, tensor.inlineBytes.data(), tensor.sizeBytes);
+    uint64_t bytes = std::max<uint64_t>(tensor.sizeBytes, 1);
+    uint64_t hint = receiveHint(chunk.destinations);
+    if (!tensor.viaUcx) {
+      // The usual small delivery: space now, so the body is copied and stored in this turn (no
+      // continuations on the latency path). Otherwise it waits for space below.
+      auto now = allocator_.tryAllocate(bytes, hint);
+      if (now.ok()) {
+        IncomingLanding land(allocator_);
+        land.allocation = now.value();
+        std::memcpy(arena_.base() + land.allocation->offset, tensor.inlineBytes.data(), tensor.sizeBytes);
+        storeLanded(linkId, chunk, land);
         return kj::READY_NOW;
       }
-      auto pieces = kj::heapArrayBuilder<kj::Promise<void>>(tensor.pieces);
-      for (uint32_t i = 0; i < tensor.pieces; ++i) {
-        uint64_t offset = uint64_t{i} * tensor.pieceBytes;
-        uint64_t bytes = std::min(tensor.pieceBytes, tensor.sizeBytes - offset);
-        pieces.add(bodies_->receive(tensor.tag + i, destination + offset, bytes));
+    }
+    // The continuations below refer to the chunk: keep it at a stable address until they ran.
+    auto held = kj::heap<rpc::PeerChunk>(std::move(chunk));
+    rpc::PeerChunk& kept = *held;
+    auto& body = std::get<rpc::PeerTensor>(kept.payload);
+    auto space = allocateBytes(bytes, hint, options_.sendTimeoutMs);
+    auto landing = kj::heap<IncomingLanding>(allocator_);
+    IncomingLanding& land = *landing;
+    auto received = space.then([this, &land, &body](shm::Allocation allocation) -> kj::Promise<void> {
+      land.allocation = allocation;
+      std::byte* destination = arena_.base() + allocation.offset;
+      if (!body.viaUcx) {
+        std::memcpy(destination, body.inlineBytes.data(), body.sizeBytes);
+        return kj::READY_NOW;
+      }
+      auto pieces = kj::heapArrayBuilder<kj::Promise<void>>(body.pieces);
+      for (uint32_t i = 0; i < body.pieces; ++i) {
+        uint64_t offset = uint64_t{i} * body.pieceBytes;
+        uint64_t pieceBytes = std::min(body.pieceBytes, body.sizeBytes - offset);
+        pieces.add(bodies_->receive(body.tag + i, destination + offset, pieceBytes));
       }
       return kj::joinPromises(pieces.finish());
     });
-    auto stored = link.pending->wrap(kj::mv(received))
-                      .then([this, &land, &kept, &tensor, linkId]() {
-                        transfer::TensorChunk stored{tensor.dtype, tensor.shape, tensor.sizeBytes,
-                                                     *land.allocation};
-                        auto result = table_.send(kept.senderRank, kept.senderGroup, kept.dataId,
-                                                  kept.chunkId, kept.numChunks,
-                                                  kept.destinations, std::move(stored));
-                        if (auto* error = std::get_if<transfer::Error>(&result)) {
-                          throw transferError(*error);  // the Landing frees the space
-                        }
-                        land.allocation.reset();  // the table owns it now
-                        hop::mark(hop::Point::kChunkStored);
-                        spdlog::trace("chunk {} of '{}' from link {} stored at {} ns", kept.chunkId,
-                                     kept.dataId, linkId, monotonicNs());
-                        auto it = incoming_.find(linkId);
-                        if (it != incoming_.end()) {
-                          ++it->second.chunks;
-                          it->second.bytes += tensor.sizeBytes;
-                        }
-                      });
+    auto stored = link.pending->wrap(kj::mv(received)).then([this, &land, &kept, linkId]() {
+      storeLanded(linkId, kept, land);
+    });
     return stored.attach(kj::mv(landing), kj::mv(held));
   });
+}
+
+void NodeTransfers::storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk, IncomingLanding& land) {
+  const auto& tensor = std::get<rpc::PeerTensor>(chunk.payload);
+  transfer::TensorChunk stored{tensor.dtype, tensor.shape, tensor.sizeBytes, *land.allocation};
+  auto result = table_.send(chunk.senderRank, chunk.senderGroup, chunk.dataId, chunk.chunkId,
+                            chunk.numChunks, chunk.destinations, std::move(stored));
+  if (auto* error = std::get_if<transfer::Error>(&result)) {
+    throw transferError(*error);  // the landing frees the space
+  }
+  land.allocation.reset();  // the table owns it now
+  hop::mark(hop::Point::kChunkStored);
+  spdlog::trace("chunk {} of '{}' from link {} stored at {} ns", chunk.chunkId, chunk.dataId, linkId,
+                monotonicNs());
+  auto it = incoming_.find(linkId);
+  if (it != incoming_.end()) {
+    ++it->second.chunks;
+    it->second.bytes += tensor.sizeBytes;
+  }
 }
 
 }  // namespace sidecar::daemon

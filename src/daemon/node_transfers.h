@@ -11,6 +11,7 @@
 #include <kj/timer.h>
 
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -114,6 +115,18 @@ class NodeTransfers final : public rpc::TransferBackend,
     uint64_t bytes = 0;
     kj::Own<AckChannel> acks;       // to the peer's UCX worker, made at its first UCX delivery
   };
+  // The space a delivered tensor lands in, until the table takes it: a delivery that fails or
+  // is cancelled before frees it.
+  struct IncomingLanding {
+    explicit IncomingLanding(shm::SlabAllocator& allocator) : allocator(allocator) {}
+    IncomingLanding(const IncomingLanding&) = delete;
+    IncomingLanding& operator=(const IncomingLanding&) = delete;
+    ~IncomingLanding() {
+      if (allocation) (void)allocator.free(*allocation);
+    }
+    shm::SlabAllocator& allocator;
+    std::optional<shm::Allocation> allocation;
+  };
   // Destinations split by node: local groups, and per remote node address its groups.
   struct Placement {
     std::vector<transfer::Group> local;
@@ -135,6 +148,8 @@ class NodeTransfers final : public rpc::TransferBackend,
   void releaseProxies(const std::string& dataId, uint32_t chunkId,
                       const std::vector<transfer::Group>& groups);
   IncomingLink& incoming(uint32_t linkId);
+  // A delivered tensor whose body is in `land`: into the table (which then owns the space), or throws.
+  void storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk, IncomingLanding& land);
   // Small deliveries that arrive as UCX messages (peer_messages.h).
   kj::Promise<void> messageLoop();
   void takeDeliverMessage(uint32_t linkId, kj::Array<capnp::word> message);

@@ -229,80 +229,92 @@ void PeerLinks::lose(Link& l, const std::string& why) {
 }
 
 kj::Promise<void> PeerLinks::deliver(const std::string& address, OutgoingChunk chunk) {
-  return link(address).then([this, address, chunk = kj::mv(chunk)](kj::Own<Link> l) mutable -> kj::Promise<void> {
-    if (chunk.landed && chunk.isTensor &&
-        (chunk.sizeBytes <= options_.inlineBytesMax || !l->endpoint)) {
-      // Inline: the body rides in the message, so all of it must have landed first.
-      auto whole = chunk.landed(chunk.sizeBytes);
-      chunk.landed = nullptr;
-      return whole.then([this, address, chunk = kj::mv(chunk)]() mutable {
-        return deliver(address, kj::mv(chunk));
-      });
-    }
-    bool small = !chunk.isTensor || chunk.sizeBytes <= options_.inlineBytesMax;
-    if (small && l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) {
-      uint32_t seq = l->nextSeq;
-      auto message = encodePeerDeliver(seq, chunk);
-      if (message.size() * sizeof(capnp::word) <= l->remote.ucxMessageMaxBytes) {
-        ++l->nextSeq;
-        return deliverMessage(kj::mv(l), chunk, seq, kj::mv(message));
-      }
-    }
-    auto request = l->peer.deliverRequest();
-    auto c = request.initChunk();
-    writeChunkHeader(chunk, c);
-    kj::Promise<void> bodies = kj::NEVER_DONE;
-    if (chunk.isTensor) {
-      auto body = c.getPayload().getTensor().initBody();
-      if (chunk.sizeBytes <= options_.inlineBytesMax || !l->endpoint) {
-        if (chunk.sizeBytes > kInlineHardMaxBytes) {
-          return transferError("too-large",
-                               "a tensor of " + std::to_string(chunk.sizeBytes) +
-                                   " bytes for node " + l->nodeName() +
-                                   " needs the UCX body transport, which this link lacks");
-        }
-        body.setInline(kj::arrayPtr(static_cast<const kj::byte*>(chunk.body), chunk.sizeBytes));
-      } else {
-        uint64_t pieceBytes = std::max(options_.pieceBytes, (chunk.sizeBytes + 254) / 255);
-        uint32_t pieces = static_cast<uint32_t>((chunk.sizeBytes + pieceBytes - 1) / pieceBytes);
-        // Tags: the receiver's link id, a per-link sequence number, the piece index.
-        uint64_t tag = (uint64_t{l->remote.linkId} << 40) | (uint64_t{l->nextSeq++ & 0xffffffffu} << 8);
-        auto ucx = body.initUcx();
-        ucx.setTag(tag);
-        ucx.setPieces(pieces);
-        ucx.setPieceBytes(pieceBytes);
-        auto sends = kj::heapArrayBuilder<kj::Promise<void>>(pieces);
-        for (uint32_t i = 0; i < pieces; ++i) {
-          uint64_t offset = uint64_t{i} * pieceBytes;
-          uint64_t bytes = std::min(pieceBytes, chunk.sizeBytes - offset);
-          const void* piece = static_cast<const char*>(chunk.body) + offset;
-          if (chunk.landed) {
-            // Pipelined: this piece goes out once the GPU copy has landed it.
-            BodyEndpoint* endpoint = l->endpoint.get();
-            sends.add(chunk.landed(offset + bytes).then([endpoint, tag, i, piece, bytes]() {
-              return endpoint->send(tag + i, piece, bytes);
-            }));
-          } else {
-            sends.add(l->endpoint->send(tag + i, piece, bytes));
-          }
-        }
-        // A body that fails fails the delivery; one that succeeds proves nothing until the peer
-        // answers (it stores the chunk first), so success waits for the answer alone.
-        bodies = kj::joinPromises(sends.finish()).then([]() -> kj::Promise<void> { return kj::NEVER_DONE; });
-      }
-    }
-    uint64_t tensorBytes = chunk.isTensor ? chunk.sizeBytes : 0;
-    Link& raw = *l;
-    auto answered = request.send().ignoreResult().exclusiveJoin(kj::mv(bodies)).then([&raw, tensorBytes]() {
-      ++raw.chunks;
-      raw.bytes += tensorBytes;
-    });
-    return l->canceler.wrap(kj::mv(answered))
-        .catch_([this, l = kj::mv(l)](kj::Exception&& e) -> kj::Promise<void> {
-          return peerError(*l, kj::mv(e));
-        })
-        .attach(kj::addRef(raw));
+  // A link that is up is used in this turn: waiting for link()'s promise costs event-loop turns
+  // (forked branch, continuation) on the latency path of every small delivery.
+  auto it = links_.find(address);
+  if (it != links_.end() && it->second->up && !it->second->dead) {
+    Link& l = *it->second;
+    return kj::evalNow([&]() { return deliverOn(address, kj::addRef(l), kj::mv(chunk)); });
+  }
+  return link(address).then([this, address, chunk = kj::mv(chunk)](kj::Own<Link> l) mutable {
+    return deliverOn(address, kj::mv(l), kj::mv(chunk));
   });
+}
+
+kj::Promise<void> PeerLinks::deliverOn(const std::string& address, kj::Own<Link> l,
+                                       OutgoingChunk chunk) {
+  if (chunk.landed && chunk.isTensor &&
+      (chunk.sizeBytes <= options_.inlineBytesMax || !l->endpoint)) {
+    // Inline: the body rides in the message, so all of it must have landed first.
+    auto whole = chunk.landed(chunk.sizeBytes);
+    chunk.landed = nullptr;
+    return whole.then([this, address, chunk = kj::mv(chunk)]() mutable {
+      return deliver(address, kj::mv(chunk));
+    });
+  }
+  bool small = !chunk.isTensor || chunk.sizeBytes <= options_.inlineBytesMax;
+  if (small && l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) {
+    uint32_t seq = l->nextSeq;
+    auto message = encodePeerDeliver(seq, chunk);
+    if (message.size() * sizeof(capnp::word) <= l->remote.ucxMessageMaxBytes) {
+      ++l->nextSeq;
+      return deliverMessage(kj::mv(l), chunk, seq, kj::mv(message));
+    }
+  }
+  auto request = l->peer.deliverRequest();
+  auto c = request.initChunk();
+  writeChunkHeader(chunk, c);
+  kj::Promise<void> bodies = kj::NEVER_DONE;
+  if (chunk.isTensor) {
+    auto body = c.getPayload().getTensor().initBody();
+    if (chunk.sizeBytes <= options_.inlineBytesMax || !l->endpoint) {
+      if (chunk.sizeBytes > kInlineHardMaxBytes) {
+        return transferError("too-large",
+                             "a tensor of " + std::to_string(chunk.sizeBytes) +
+                                 " bytes for node " + l->nodeName() +
+                                 " needs the UCX body transport, which this link lacks");
+      }
+      body.setInline(kj::arrayPtr(static_cast<const kj::byte*>(chunk.body), chunk.sizeBytes));
+    } else {
+      uint64_t pieceBytes = std::max(options_.pieceBytes, (chunk.sizeBytes + 254) / 255);
+      uint32_t pieces = static_cast<uint32_t>((chunk.sizeBytes + pieceBytes - 1) / pieceBytes);
+      // Tags: the receiver's link id, a per-link sequence number, the piece index.
+      uint64_t tag = (uint64_t{l->remote.linkId} << 40) | (uint64_t{l->nextSeq++ & 0xffffffffu} << 8);
+      auto ucx = body.initUcx();
+      ucx.setTag(tag);
+      ucx.setPieces(pieces);
+      ucx.setPieceBytes(pieceBytes);
+      auto sends = kj::heapArrayBuilder<kj::Promise<void>>(pieces);
+      for (uint32_t i = 0; i < pieces; ++i) {
+        uint64_t offset = uint64_t{i} * pieceBytes;
+        uint64_t bytes = std::min(pieceBytes, chunk.sizeBytes - offset);
+        const void* piece = static_cast<const char*>(chunk.body) + offset;
+        if (chunk.landed) {
+          // Pipelined: this piece goes out once the GPU copy has landed it.
+          BodyEndpoint* endpoint = l->endpoint.get();
+          sends.add(chunk.landed(offset + bytes).then([endpoint, tag, i, piece, bytes]() {
+            return endpoint->send(tag + i, piece, bytes);
+          }));
+        } else {
+          sends.add(l->endpoint->send(tag + i, piece, bytes));
+        }
+      }
+      // A body that fails fails the delivery; one that succeeds proves nothing until the peer
+      // answers (it stores the chunk first), so success waits for the answer alone.
+      bodies = kj::joinPromises(sends.finish()).then([]() -> kj::Promise<void> { return kj::NEVER_DONE; });
+    }
+  }
+  uint64_t tensorBytes = chunk.isTensor ? chunk.sizeBytes : 0;
+  Link& raw = *l;
+  auto answered = request.send().ignoreResult().exclusiveJoin(kj::mv(bodies)).then([&raw, tensorBytes]() {
+    ++raw.chunks;
+    raw.bytes += tensorBytes;
+  });
+  return l->canceler.wrap(kj::mv(answered))
+      .catch_([this, l = kj::mv(l)](kj::Exception&& e) -> kj::Promise<void> {
+        return peerError(*l, kj::mv(e));
+      })
+      .attach(kj::addRef(raw));
 }
 
 kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk& chunk,

@@ -86,6 +86,8 @@ class PeerLinks {
  private:
   struct Link;
   kj::Promise<kj::Own<Link>> link(const std::string& address);
+  // deliver() once the link is there.
+  kj::Promise<void> deliverOn(const std::string& address, kj::Own<Link> link, OutgoingChunk chunk);
   kj::Promise<void> open(Link& link);
   kj::Promise<void> heartbeatLoop(Link& link);
   void lose(Link& link, const std::string& why);
