@@ -8,7 +8,9 @@ src/base/hop_trace.h). All times are CLOCK_MONOTONIC of one host.
 For each transfer, the first time each daemon reached each step after the sender's send() call
 is taken relative to that call; the medians over transfers are printed in order, with the time
 since the step before. Steps that are not reached in most transfers (e.g. the sender's daemon
-waking up when it was spinning anyway) are shown with how often they were.
+waking up when it was spinning anyway) are shown with how often they were. Then the medians of
+each daemon's own work per transfer: the sender's from taking the lane request to calling the
+UCX send, the receiver's from seeing the message to pushing the recv's answer.
   bench/cross_node/hops.py TIMES NODE_A_TRACE NODE_B_TRACE"""
 import bisect
 import statistics
@@ -30,7 +32,11 @@ def main():
     transfers = [tuple(int(x) for x in line.split()) for line in open(sys.argv[1]) if line.strip()]
     nodes = {"A": load(sys.argv[2]), "B": load(sys.argv[3])}
     offsets = {}  # (node, point) -> [ns after send]
+    spans = {"sending daemon: lane request -> UCX send": ("A", "lane-taken", "message-sending"),
+             "receiving daemon: message -> recv answer": ("B", "message-received", "lane-completion")}
+    work = {name: [] for name in spans}
     for _, sent, arrived in transfers:
+        firsts = {}
         for node, steps in nodes.items():
             times = [t for t, _ in steps]
             lo = bisect.bisect_left(times, sent)
@@ -41,6 +47,10 @@ def main():
                     continue
                 seen.add(point)
                 offsets.setdefault((node, point), []).append(t - sent)
+                firsts[(node, point)] = t
+        for name, (node, start, end) in spans.items():
+            if (node, start) in firsts and (node, end) in firsts and firsts[(node, end)] >= firsts[(node, start)]:
+                work[name].append(firsts[(node, end)] - firsts[(node, start)])
     n = len(transfers)
     oneway = statistics.median(a - s for _, s, a in transfers)
     print("  %d transfers, one-way median %.2f us" % (n, oneway / 1e3))
@@ -52,6 +62,9 @@ def main():
         if count * 2 > n:
             before = med
     print("  client B returns    at %7.2f us  (+%.2f)" % (oneway / 1e3, (oneway - before) / 1e3))
+    for name, v in work.items():
+        if v:
+            print("  %-42s median %.2f us (n=%d)" % (name, statistics.median(v) / 1e3, len(v)))
 
 
 main()

@@ -200,6 +200,11 @@ kj::Promise<void> NodeTransfers::expireLoop() {
                            " ms (peers.timeout_ms)");
     }
     table_.expire();
+    // Ids a link delivered into that need it no more (the rest arrived through another path, or
+    // the id expired): a delivery that failed half-way leaves its id here until then.
+    for (auto& [id, link] : incoming_) {
+      std::erase_if(link.dataIds, [this](const std::string& dataId) { return table_.allChunksArrived(dataId); });
+    }
     allocator_.poll();
     return expireLoop();
   });
@@ -850,6 +855,7 @@ kj::Promise<void> NodeTransfers::peerCloseStream(uint32_t linkId, std::string da
     }
     link.dataIds.insert(dataId);
     take(table_.closeStream(senderRank, dataId, numChunks, destinations));
+    if (table_.allChunksArrived(dataId)) link.dataIds.erase(dataId);
   });
 }
 
@@ -865,6 +871,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
     if (auto* object = std::get_if<transfer::ObjectChunk>(&chunk.payload)) {
       take(table_.send(chunk.senderRank, chunk.senderGroup, chunk.dataId, chunk.chunkId,
                        chunk.numChunks, chunk.destinations, std::move(*object)));
+      if (table_.allChunksArrived(chunk.dataId)) link.dataIds.erase(chunk.dataId);
       ++link.chunks;
       return kj::READY_NOW;
     }
@@ -942,6 +949,7 @@ void NodeTransfers::storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk, In
   if (it != incoming_.end()) {
     ++it->second.chunks;
     it->second.bytes += tensor.sizeBytes;
+    if (table_.allChunksArrived(chunk.dataId)) it->second.dataIds.erase(chunk.dataId);
   }
 }
 

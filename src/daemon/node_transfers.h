@@ -109,7 +109,9 @@ class NodeTransfers final : public rpc::TransferBackend,
   struct IncomingLink {
     rpc::PeerIdentity peer;
     uint64_t lastHeardMs = 0;
-    std::set<std::string> dataIds;  // ids it delivered into: their waiters fail if it is lost
+    // Ids it is delivering into (chunks still to come): their waiters fail if it is lost. An id
+    // leaves once all its chunks arrived, so this holds streams in flight, not history.
+    std::set<std::string> dataIds;
     kj::Own<kj::Canceler> pending;  // its deliveries in progress
     uint64_t chunks = 0;            // stored from it
     uint64_t bytes = 0;

@@ -1285,6 +1285,13 @@ std::vector<std::string> TransferTable::dataIds() const {
   return out;
 }
 
+bool TransferTable::allChunksArrived(const std::string& dataId) const {
+  auto it = impl_->items.find(dataId);
+  if (it == impl_->items.end()) return true;
+  const Impl::Item& item = it->second;
+  return item.tombstone || (item.numChunksKnown && item.chunks.size() >= item.numChunks);
+}
+
 void TransferTable::checkInvariants() const { impl_->checkInvariants(); }
 
 }  // namespace sidecar::transfer

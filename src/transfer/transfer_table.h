@@ -243,6 +243,10 @@ class TransferTable {
   // or nullopt when unknown.
   std::optional<std::string> describe(const std::string& dataId) const;
   std::vector<std::string> dataIds() const;
+  // True when no chunk of `dataId` is still to come: every chunk of a known count has arrived, or
+  // the id is unknown or a tombstone. (A node forgets a link's ids once this holds: a recv
+  // waiting on them no longer depends on that link.)
+  bool allChunksArrived(const std::string& dataId) const;
   // Arena bytes of tensor chunks each destination rank's group still holds (not marked done,
   // not expired). Walks every item: for status reports, not the data path.
   std::map<Rank, uint64_t> heldBytesByRank() const;  // live ids (not tombstones), sorted

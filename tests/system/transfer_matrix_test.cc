@@ -1558,6 +1558,57 @@ TEST_F(TransferMatrixTest, PeerKilledMidStreamFailsWaitersAndRecovers) {
   expectDaemonEmpty(/*expectNoItems=*/false);
 }
 
+// A link remembers the ids it is delivering into, so that their waiters fail when it is lost;
+// an id whose chunks all arrived leaves that set. Before, every id ever delivered stayed (a
+// daemon's memory grew with its traffic, and losing a link walked them all): after 6 complete
+// ids (single chunks, objects, a two-chunk id) the killed sender's link was "delivering" 6.
+TEST_F(TransferMatrixTest, ALinkForgetsTheIdsItFinishedDelivering) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
+  MemoryHint hint{Dtype::kFloat32, {256}};
+  ChunkPlan tensor;
+  tensor.dtype = Dtype::kFloat32;
+  tensor.shape = {256};
+  ChunkPlan object;
+  object.isObject = true;
+  object.object = Object{7, "a small object"};
+  std::vector<ItemPlan> items;
+  for (int i = 0; i < 3; ++i) items.push_back(ItemPlan{id("finished-tensor-" + std::to_string(i)), {tensor}});
+  for (int i = 0; i < 2; ++i) items.push_back(ItemPlan{id("finished-object-" + std::to_string(i)), {object}});
+  items.push_back(ItemPlan{id("finished-two-chunks"), {tensor, tensor}});
+  for (auto& item : items) {
+    for (size_t k = 0; k < item.chunks.size(); ++k) item.chunks[k].seed = seedOf(item.id, 0, uint32_t(k));
+  }
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  forkRank("sender on node A", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    for (const auto& item : items) {
+      for (uint32_t k = 0; k < item.chunks.size(); ++k) {
+        sendChunk(sc, item, k, uint32_t(item.chunks.size()), {{2}}, buffer);
+      }
+    }
+  });
+  forkRank("receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    for (const auto& item : items) {
+      for (uint32_t k = 0; k < item.chunks.size(); ++k) {
+        verifyChunk(sc.recv(item.id, k, kRecvTimeoutMs), item, k);
+        sc.markDone(item.id, k);
+      }
+    }
+  });
+  expectRanksSucceed(60s);
+  node(0).signal(SIGKILL);
+  node(0).waitFor(10s);
+  auto deadline = Clock::now() + 10s;
+  while (node(1).err().find("lost: ") == std::string::npos && Clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  std::string log = node(1).err();
+  EXPECT_NE(log.find("failing 0 id(s) it was delivering"), std::string::npos) << tail(log);
+}
+
 // Node B's daemon is frozen (SIGSTOP: its connections stay open but nothing answers, as when the
 // network is cut): a send from A to B fails with [peer-lost] once B was silent for the peer
 // timeout; after SIGCONT a new send gets through.

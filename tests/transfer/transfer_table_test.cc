@@ -1132,4 +1132,30 @@ TEST(TensorBytes, CountsAndRefusesWhatCannotBeCounted) {
   EXPECT_EQ(tensorBytes(Dtype::kUint8, {int64_t{1} << 62, 8}), std::nullopt);  // 2^65 would wrap to 0
   EXPECT_EQ(tensorBytes(static_cast<Dtype>(200), {1}), std::nullopt);
 }
+
+// allChunksArrived: what a node asks before it forgets that a link was delivering an id.
+TEST_F(TableTest, AllChunksArrivedOnlyWhenNoChunkIsStillToCome) {
+  EXPECT_TRUE(table->allChunksArrived("never-seen"));
+  TestWaiter waiting;
+  recv(2, "awaited", 0, waiting);  // a recv queued before any chunk: the id is known, incomplete
+  EXPECT_FALSE(table->allChunksArrived("awaited"));
+  ASSERT_TRUE(isOk(sendObject(0, {0}, "awaited", 0, 1, kTo2, "v")));
+  EXPECT_TRUE(table->allChunksArrived("awaited"));
+
+  ASSERT_TRUE(isOk(sendObject(0, {0}, "two", 0, 2, kTo2, "a")));
+  EXPECT_FALSE(table->allChunksArrived("two"));
+  ASSERT_TRUE(isOk(sendObject(0, {0}, "two", 1, 2, kTo2, "b")));
+  EXPECT_TRUE(table->allChunksArrived("two"));
+
+  ASSERT_TRUE(isOk(sendObject(0, {0}, "stream", 0, 0, kTo2, "a")));  // count unknown yet
+  EXPECT_FALSE(table->allChunksArrived("stream"));
+  ASSERT_TRUE(isOk(table->closeStream(0, "stream", 1, kTo2)));
+  EXPECT_TRUE(table->allChunksArrived("stream"));
+
+  ASSERT_TRUE(isOk(markDone(2, "two", 0)));
+  ASSERT_TRUE(isOk(markDone(2, "two", 1)));
+  EXPECT_TRUE(table->allChunksArrived("two")) << "a finished id (tombstone) waits for nothing";
+  table->checkInvariants();
+}
+
 }  // namespace sidecar::transfer::testing
