@@ -751,10 +751,9 @@ kj::Promise<void> NodeTransfers::messageLoop() {
                                        " bytes, which is no Cap'n Proto message");
               return kj::READY_NOW;
             }
-            // Copied out so the next receive can be posted at once, while this one is stored.
-            auto words = kj::heapArray<capnp::word>(
-                messageBuffer_.asPtr().slice(0, message.sizeBytes / sizeof(capnp::word)));
-            takeDeliverMessage(linkId, kj::mv(words));
+            // Read in place: what the delivery keeps (its chunk) is copied out before the next
+            // receive reuses the buffer, which is posted only after this returns.
+            takeDeliverMessage(linkId, messageBuffer_.asPtr().slice(0, message.sizeBytes / sizeof(capnp::word)));
             return kj::READY_NOW;
           },
           [this](kj::Exception&& e) -> kj::Promise<void> {
@@ -768,7 +767,7 @@ kj::Promise<void> NodeTransfers::messageLoop() {
       .then([this]() { return messageLoop(); });
 }
 
-void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::Array<capnp::word> words) {
+void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp::word> words) {
   auto it = incoming_.find(linkId);
   if (it == incoming_.end()) {
     // A link this daemon dropped (its sender learns it from its next heartbeat), or garbage.
@@ -867,11 +866,15 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
       throw transferError("invalid-argument", "a chunk from node '" + link.peer.nodeId +
                                                   "' names ranks that do not live on this node");
     }
-    link.dataIds.insert(chunk.dataId);
+    // The link remembers an id while chunks of it are still to come (through it or another
+    // path): stored in this turn, only an id that is still incomplete afterwards is noted.
+    auto noteIfIncomplete = [this, &link](const std::string& dataId) {
+      if (!table_.allChunksArrived(dataId)) link.dataIds.insert(dataId);
+    };
     if (auto* object = std::get_if<transfer::ObjectChunk>(&chunk.payload)) {
       take(table_.send(chunk.senderRank, chunk.senderGroup, chunk.dataId, chunk.chunkId,
                        chunk.numChunks, chunk.destinations, std::move(*object)));
-      if (table_.allChunksArrived(chunk.dataId)) link.dataIds.erase(chunk.dataId);
+      noteIfIncomplete(chunk.dataId);
       ++link.chunks;
       return kj::READY_NOW;
     }
@@ -901,9 +904,13 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
         land.allocation = now.value();
         std::memcpy(arena_.base() + land.allocation->offset, tensor.inlineBytes.data(), tensor.sizeBytes);
         storeLanded(linkId, chunk, land);
+        noteIfIncomplete(chunk.dataId);
         return kj::READY_NOW;
       }
     }
+    // Waits (for space or the body): the link may be lost meanwhile, and then this id's waiters
+    // hear of it. storeLanded forgets the id again once all its chunks arrived.
+    link.dataIds.insert(chunk.dataId);
     // The continuations below refer to the chunk: keep it at a stable address until they ran.
     auto held = kj::heap<rpc::PeerChunk>(std::move(chunk));
     rpc::PeerChunk& kept = *held;

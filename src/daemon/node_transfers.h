@@ -154,7 +154,8 @@ class NodeTransfers final : public rpc::TransferBackend,
   void storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk, IncomingLanding& land);
   // Small deliveries that arrive as UCX messages (peer_messages.h).
   kj::Promise<void> messageLoop();
-  void takeDeliverMessage(uint32_t linkId, kj::Array<capnp::word> message);
+  // `message` is only read during the call.
+  void takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp::word> message);
   void ack(uint32_t linkId, uint32_t seq, std::string_view error);
   void loseIncoming(uint32_t linkId, const std::string& why);
   uint64_t receiveHint(const std::vector<transfer::Group>& destinations) const;
