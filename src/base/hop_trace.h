@@ -76,7 +76,8 @@ class Recorder {
     if (f == nullptr) return;
     uint32_t n = std::min(next_.load(), kHopCapacity);
     for (uint32_t i = 0; i < n; ++i) {
-      std::fprintf(f, "%llu %s\n", static_cast<unsigned long long>(steps_[i].ns), pointName(steps_[i].point));
+      std::fprintf(f, "%llu %s\n", static_cast<unsigned long long>(steps_[i].ns),
+                   pointName(steps_[i].point));
     }
     std::fclose(f);
   }

@@ -203,7 +203,8 @@ kj::Promise<void> NodeTransfers::expireLoop() {
     // Ids a link delivered into that need it no more (the rest arrived through another path, or
     // the id expired): a delivery that failed half-way leaves its id here until then.
     for (auto& [id, link] : incoming_) {
-      std::erase_if(link.dataIds, [this](const std::string& dataId) { return table_.allChunksArrived(dataId); });
+      std::erase_if(link.dataIds,
+                    [this](const std::string& dataId) { return table_.allChunksArrived(dataId); });
     }
     allocator_.poll();
     return expireLoop();
@@ -753,7 +754,8 @@ kj::Promise<void> NodeTransfers::messageLoop() {
             }
             // Read in place: what the delivery keeps (its chunk) is copied out before the next
             // receive reuses the buffer, which is posted only after this returns.
-            takeDeliverMessage(linkId, messageBuffer_.asPtr().slice(0, message.sizeBytes / sizeof(capnp::word)));
+            size_t words = message.sizeBytes / sizeof(capnp::word);
+            takeDeliverMessage(linkId, messageBuffer_.asPtr().slice(0, words));
             return kj::READY_NOW;
           },
           [this](kj::Exception&& e) -> kj::Promise<void> {
@@ -902,7 +904,8 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
       if (now.ok()) {
         IncomingLanding land(allocator_);
         land.allocation = now.value();
-        std::memcpy(arena_.base() + land.allocation->offset, tensor.inlineBytes.data(), tensor.sizeBytes);
+        std::memcpy(arena_.base() + land.allocation->offset, tensor.inlineBytes.data(),
+                    tensor.sizeBytes);
         storeLanded(linkId, chunk, land);
         noteIfIncomplete(chunk.dataId);
         return kj::READY_NOW;
@@ -940,7 +943,8 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
   });
 }
 
-void NodeTransfers::storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk, IncomingLanding& land) {
+void NodeTransfers::storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk,
+                                IncomingLanding& land) {
   const auto& tensor = std::get<rpc::PeerTensor>(chunk.payload);
   transfer::TensorChunk stored{tensor.dtype, tensor.shape, tensor.sizeBytes, *land.allocation};
   auto result = table_.send(chunk.senderRank, chunk.senderGroup, chunk.dataId, chunk.chunkId,

@@ -150,7 +150,8 @@ class NodeTransfers final : public rpc::TransferBackend,
   void releaseProxies(const std::string& dataId, uint32_t chunkId,
                       const std::vector<transfer::Group>& groups);
   IncomingLink& incoming(uint32_t linkId);
-  // A delivered tensor whose body is in `land`: into the table (which then owns the space), or throws.
+  // A delivered tensor whose body is in `land`: into the table (which then owns the space), or
+  // throws.
   void storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk, IncomingLanding& land);
   // Small deliveries that arrive as UCX messages (peer_messages.h).
   kj::Promise<void> messageLoop();
