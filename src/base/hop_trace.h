@@ -17,7 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
+#include <memory>
 #include <string>
 
 #include "base/clock.h"
@@ -51,27 +51,28 @@ struct Step {
   Point point;
 };
 
+// One per process in use (gRecorder); tests make their own.
 class Recorder {
  public:
   Recorder() {
     const char* prefix = std::getenv("SIDECAR_HOP_TRACE");
     if (prefix == nullptr || prefix[0] == '\0') return;
-    // Never freed, and no member with a destructor: the writer runs at exit, after this object's
-    // destructor (registered within its constructor, so it runs after it).
-    prefix_ = strdup(prefix);
-    steps_ = new Step[kHopCapacity];
+    prefix_ = prefix;
+    steps_ = std::make_unique<Step[]>(kHopCapacity);
     enabled = true;
-    std::atexit([]() { instance().writeOut(); });
   }
-  static Recorder& instance();
+  Recorder(const Recorder&) = delete;
+  Recorder& operator=(const Recorder&) = delete;
 
   void record(Point p) {
     uint32_t i = next_.fetch_add(1, std::memory_order_relaxed);
     if (i < kHopCapacity) steps_[i] = Step{monotonicNs(), p};
   }
 
+  // Writes the steps kept so far to PREFIX.<pid>; nothing when off.
   void writeOut() {
-    std::string path = std::string(prefix_) + "." + std::to_string(getpid());
+    if (!enabled) return;
+    std::string path = prefix_ + "." + std::to_string(getpid());
     FILE* f = std::fopen(path.c_str(), "w");
     if (f == nullptr) return;
     uint32_t n = std::min(next_.load(), kHopCapacity);
@@ -85,13 +86,15 @@ class Recorder {
   bool enabled = false;
 
  private:
-  char* prefix_ = nullptr;
-  Step* steps_ = nullptr;
+  std::string prefix_;
+  std::unique_ptr<Step[]> steps_;
   std::atomic<uint32_t> next_{0};
 };
 
 inline Recorder gRecorder;
-inline Recorder& Recorder::instance() { return gRecorder; }
+// Registered once gRecorder is built (inline variables of one header initialise in the order
+// they are defined), so it runs at exit before gRecorder's destructor.
+inline const bool gRecorderWrittenAtExit = std::atexit([]() { gRecorder.writeOut(); }) == 0;
 
 inline void mark(Point p) {
   if (__builtin_expect(gRecorder.enabled, false)) gRecorder.record(p);
