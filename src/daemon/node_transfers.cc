@@ -854,9 +854,8 @@ kj::Promise<void> NodeTransfers::peerCloseStream(uint32_t linkId, std::string da
       throw transferError("invalid-argument", "closeStream from node '" + link.peer.nodeId +
                                                   "' names ranks that do not live on this node");
     }
-    link.dataIds.insert(dataId);
     take(table_.closeStream(senderRank, dataId, numChunks, destinations));
-    if (table_.allChunksArrived(dataId)) link.dataIds.erase(dataId);
+    trackDelivering(link, dataId);
   });
 }
 
@@ -868,15 +867,10 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
       throw transferError("invalid-argument", "a chunk from node '" + link.peer.nodeId +
                                                   "' names ranks that do not live on this node");
     }
-    // The link remembers an id while chunks of it are still to come (through it or another
-    // path): stored in this turn, only an id that is still incomplete afterwards is noted.
-    auto noteIfIncomplete = [this, &link](const std::string& dataId) {
-      if (!table_.allChunksArrived(dataId)) link.dataIds.insert(dataId);
-    };
     if (auto* object = std::get_if<transfer::ObjectChunk>(&chunk.payload)) {
       take(table_.send(chunk.senderRank, chunk.senderGroup, chunk.dataId, chunk.chunkId,
                        chunk.numChunks, chunk.destinations, std::move(*object)));
-      noteIfIncomplete(chunk.dataId);
+      trackDelivering(link, chunk.dataId);
       ++link.chunks;
       return kj::READY_NOW;
     }
@@ -907,12 +901,11 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
         std::memcpy(arena_.base() + land.allocation->offset, tensor.inlineBytes.data(),
                     tensor.sizeBytes);
         storeLanded(linkId, chunk, land);
-        noteIfIncomplete(chunk.dataId);
         return kj::READY_NOW;
       }
     }
     // Waits (for space or the body): the link may be lost meanwhile, and then this id's waiters
-    // hear of it. storeLanded forgets the id again once all its chunks arrived.
+    // hear of it (storeLanded tracks the id again once it is stored).
     link.dataIds.insert(chunk.dataId);
     // The continuations below refer to the chunk: keep it at a stable address until they ran.
     auto held = kj::heap<rpc::PeerChunk>(std::move(chunk));
@@ -960,7 +953,15 @@ void NodeTransfers::storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk,
   if (it != incoming_.end()) {
     ++it->second.chunks;
     it->second.bytes += tensor.sizeBytes;
-    if (table_.allChunksArrived(chunk.dataId)) it->second.dataIds.erase(chunk.dataId);
+    trackDelivering(it->second, chunk.dataId);
+  }
+}
+
+void NodeTransfers::trackDelivering(IncomingLink& link, const std::string& dataId) {
+  if (table_.allChunksArrived(dataId)) {
+    link.dataIds.erase(dataId);
+  } else {
+    link.dataIds.insert(dataId);
   }
 }
 

@@ -150,6 +150,9 @@ class NodeTransfers final : public rpc::TransferBackend,
   void releaseProxies(const std::string& dataId, uint32_t chunkId,
                       const std::vector<transfer::Group>& groups);
   IncomingLink& incoming(uint32_t linkId);
+  // After `link` stored into (or closed) `dataId`: noted while chunks of it are still to come,
+  // forgotten once all arrived.
+  void trackDelivering(IncomingLink& link, const std::string& dataId);
   // A delivered tensor whose body is in `land`: into the table (which then owns the space), or
   // throws.
   void storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk, IncomingLanding& land);
