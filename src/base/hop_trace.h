@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -74,7 +76,11 @@ class Recorder {
     if (!enabled) return;
     std::string path = prefix_ + "." + std::to_string(getpid());
     FILE* f = std::fopen(path.c_str(), "w");
-    if (f == nullptr) return;
+    if (f == nullptr) {
+      std::fprintf(stderr, "SIDECAR_HOP_TRACE: cannot write %s (%s); set it to a writable path prefix\n",
+                   path.c_str(), std::strerror(errno));
+      return;
+    }
     uint32_t n = std::min(next_.load(), kHopCapacity);
     for (uint32_t i = 0; i < n; ++i) {
       std::fprintf(f, "%llu %s\n", static_cast<unsigned long long>(steps_[i].ns),

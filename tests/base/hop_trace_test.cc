@@ -51,5 +51,17 @@ TEST(HopTrace, KeepsStepsInOrderAndWritesThem) {
   std::remove(path.c_str());
 }
 
+TEST(HopTrace, AnUnwritablePrefixIsReportedNotFatal) {
+  setenv("SIDECAR_HOP_TRACE", "/nonexistent-dir/hop", 1);
+  Recorder recorder;
+  unsetenv("SIDECAR_HOP_TRACE");
+  recorder.record(Point::kWoke);
+  testing::internal::CaptureStderr();
+  recorder.writeOut();
+  std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("SIDECAR_HOP_TRACE: cannot write /nonexistent-dir/hop."), std::string::npos) << err;
+  EXPECT_NE(err.find("writable path prefix"), std::string::npos) << err;
+}
+
 }  // namespace
 }  // namespace sidecar::hop
