@@ -167,7 +167,11 @@ Result<LaneMemory> LaneMemory::create(uint64_t ringBytes) {
   if (fcntl(memory.fd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
     return mapError("sealing a lane's memfd");
   }
-  memory.base_ = mmap(nullptr, memory.mappedBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, memory.fd_, 0);
+  // Populated: otherwise the first pass of the records through each page of the rings costs a
+  // page fault in each process (a few hundred in a lane's first thousands of requests, each
+  // microseconds on a VM, on the latency path).
+  memory.base_ = mmap(nullptr, memory.mappedBytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                      memory.fd_, 0);
   if (memory.base_ == MAP_FAILED) {
     memory.base_ = nullptr;
     return mapError("mmap of a lane");
@@ -188,7 +192,7 @@ Result<LaneMemory> LaneMemory::map(int fd) {
   }
   LaneMemory memory;
   memory.mappedBytes_ = fileBytes;
-  memory.base_ = mmap(nullptr, fileBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  memory.base_ = mmap(nullptr, fileBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
   if (memory.base_ == MAP_FAILED) {
     memory.base_ = nullptr;
     return mapError("mmap of a lane");
