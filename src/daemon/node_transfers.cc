@@ -38,6 +38,16 @@ const char* allocationErrorKind(shm::ShmErrc code) {
 
 bool processAlive(int32_t pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
 
+// What a recv answers for a chunk the table gave it (a view: copied out here).
+rpc::RecvReply replyOf(const transfer::RecvValue& value) {
+  if (auto* tensor = std::get_if<const transfer::TensorChunk*>(&value)) {
+    const transfer::TensorChunk& t = **tensor;
+    return rpc::TensorDescriptor{t.dtype, t.shape, t.allocation.offset, t.sizeBytes};
+  }
+  if (auto* object = std::get_if<const transfer::ObjectChunk*>(&value)) return **object;
+  return transfer::EndOfStream{};
+}
+
 template <typename T>
 T take(transfer::Result<T>&& result) {
   if (auto* error = std::get_if<transfer::Error>(&result)) throw transferError(*error);
@@ -92,20 +102,63 @@ class NodeTransfers::RecvAdapter final : public transfer::RecvWaiter {
       fulfiller_.reject(transferError(*error));
       return;
     }
-    auto& value = std::get<transfer::RecvValue>(result);
-    if (auto* tensor = std::get_if<const transfer::TensorChunk*>(&value)) {
-      const transfer::TensorChunk& t = **tensor;
-      fulfiller_.fulfill(rpc::TensorDescriptor{t.dtype, t.shape, t.allocation.offset, t.sizeBytes});
-    } else if (auto* object = std::get_if<const transfer::ObjectChunk*>(&value)) {
-      fulfiller_.fulfill(**object);
-    } else {
-      fulfiller_.fulfill(transfer::EndOfStream{});
-    }
+    fulfiller_.fulfill(replyOf(std::get<transfer::RecvValue>(result)));
   }
 
  private:
   kj::PromiseFulfiller<rpc::RecvReply>& fulfiller_;
   transfer::TransferTable& table_;
+  bool completed_ = false;
+};
+
+// The answer of a recvInto, given once: by the table (the chunk came, or the recv failed) or by
+// the timeout, whichever is first.
+class NodeTransfers::RecvOnce {
+ public:
+  explicit RecvOnce(RecvAnswer answer) : answer_(kj::mv(answer)) {}
+  void give(kj::Maybe<rpc::RecvReply&> reply, const kj::Exception* failure) {
+    if (given_) return;
+    given_ = true;
+    // It runs inside the table's store: an exception must not cross it.
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { answer_(reply, failure); })) {
+      spdlog::error("answering a recv failed (a bug): {}", e->getDescription().cStr());
+    }
+  }
+
+ private:
+  RecvAnswer answer_;
+  bool given_ = false;
+};
+
+// A recvInto's place in the table: answers from inside the table's call that completes it, then
+// resolves its promise. Its destructor withdraws the recv.
+class NodeTransfers::RecvCallback final : public transfer::RecvWaiter {
+ public:
+  RecvCallback(kj::PromiseFulfiller<void>& fulfiller, transfer::TransferTable& table,
+               transfer::Rank rank, const std::string& dataId, uint32_t chunkId,
+               std::shared_ptr<RecvOnce> answer)
+      : fulfiller_(fulfiller), table_(table), answer_(std::move(answer)) {
+    table_.recv(rank, dataId, chunkId, *this);
+  }
+  ~RecvCallback() {
+    if (!completed_) table_.cancel(*this);
+  }
+  void complete(transfer::Result<transfer::RecvValue> result) override {
+    completed_ = true;
+    if (auto* error = std::get_if<transfer::Error>(&result)) {
+      auto failure = transferError(*error);
+      answer_->give(nullptr, &failure);
+    } else {
+      auto reply = replyOf(std::get<transfer::RecvValue>(result));
+      answer_->give(reply, nullptr);
+    }
+    fulfiller_.fulfill();
+  }
+
+ private:
+  kj::PromiseFulfiller<void>& fulfiller_;
+  transfer::TransferTable& table_;
+  std::shared_ptr<RecvOnce> answer_;
   bool completed_ = false;
 };
 
@@ -508,12 +561,41 @@ kj::Promise<rpc::RecvReply> NodeTransfers::recv(rpc::SessionId id, std::string d
     if (timeoutMs == 0) return waiting;
     return waiting.exclusiveJoin(timer_->afterDelay(timeoutMs * kj::MILLISECONDS)
                                      .then([dataId, chunkId, timeoutMs]() -> rpc::RecvReply {
-                                       throw transferError(
-                                           "timeout", "chunk " + std::to_string(chunkId) +
-                                                          " of id '" + dataId + "' did not arrive within " +
-                                                          std::to_string(timeoutMs) + " ms");
+                                       throw recvTimeout(dataId, chunkId, timeoutMs);
                                      }));
   });
+}
+
+kj::Exception NodeTransfers::recvTimeout(const std::string& dataId, uint32_t chunkId,
+                                         uint32_t timeoutMs) {
+  return transferError("timeout", "chunk " + std::to_string(chunkId) + " of id '" + dataId +
+                                      "' did not arrive within " + std::to_string(timeoutMs) +
+                                      " ms");
+}
+
+kj::Promise<void> NodeTransfers::recvInto(rpc::SessionId id, std::string dataId, uint32_t chunkId,
+                                          uint32_t timeoutMs, RecvAnswer answer) {
+  if (std::this_thread::get_id() != ownerThread_) {
+    return TransferBackend::recvInto(id, std::move(dataId), chunkId, timeoutMs, kj::mv(answer));
+  }
+  auto once = std::make_shared<RecvOnce>(kj::mv(answer));
+  kj::Maybe<kj::Promise<void>> waiting;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    Session& s = session(id);
+    waiting = kj::newAdaptedPromise<void, RecvCallback>(table_, s.registration.rank, dataId,
+                                                        chunkId, once);
+  })) {
+    once->give(nullptr, e);
+    return kj::READY_NOW;
+  }
+  auto answered = kj::mv(KJ_ASSERT_NONNULL(waiting));
+  if (timeoutMs == 0) return answered;
+  return answered.exclusiveJoin(
+      timer_->afterDelay(timeoutMs * kj::MILLISECONDS)
+          .then([once, dataId = std::move(dataId), chunkId, timeoutMs]() {
+            auto failure = recvTimeout(dataId, chunkId, timeoutMs);
+            once->give(nullptr, &failure);
+          }));
 }
 
 kj::Promise<void> NodeTransfers::markDone(rpc::SessionId id, std::string dataId, uint32_t chunkId) {
@@ -746,7 +828,7 @@ kj::Promise<void> NodeTransfers::messageLoop() {
           [this](BodyMessage message) -> kj::Promise<void> {
             uint32_t linkId = peerMessageLinkId(message.tag);
             hop::mark(hop::Point::kMessageReceived);
-            spdlog::trace("peer message on link {} received at {} ns", linkId, monotonicNs());
+            spdlog::trace("peer message on link {} received", linkId);
             if (message.sizeBytes % sizeof(capnp::word) != 0) {
               loseIncoming(linkId, "it sent a UCX message of " + std::to_string(message.sizeBytes) +
                                        " bytes, which is no Cap'n Proto message");
@@ -786,7 +868,9 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp
     seq = root.getDeliver().getSeq();
     // A descriptor the receiver refuses is answered (the ack carries the error); a message that
     // is not a PeerMessage ends the link, as garbage on its connection would.
-    refused = kj::runCatchingExceptions([&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk()); });
+    // The inline body is read where it is: deliver() copies it before it waits for anything.
+    refused = kj::runCatchingExceptions(
+        [&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk(), /*viewInline=*/true); });
   })) {
     loseIncoming(linkId, std::string("it sent a UCX message that is not a PeerMessage deliver (") +
                              e->getDescription().cStr() + ")");
@@ -860,7 +944,15 @@ kj::Promise<void> NodeTransfers::peerCloseStream(uint32_t linkId, std::string da
 }
 
 kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) {
-  return onOwner([this, linkId, chunk = std::move(chunk)]() mutable -> kj::Promise<void> {
+  // Bytes seen in the caller's message: copied before they could outlive it.
+  auto keepInline = [](rpc::PeerChunk& c) {
+    auto* t = std::get_if<rpc::PeerTensor>(&c.payload);
+    if (t == nullptr || t->inlineView.begin() == nullptr) return;
+    t->inlineBytes.assign(reinterpret_cast<const char*>(t->inlineView.begin()), t->inlineView.size());
+    t->inlineView = nullptr;
+  };
+  if (std::this_thread::get_id() != ownerThread_) keepInline(chunk);
+  return onOwner([this, linkId, keepInline, chunk = std::move(chunk)]() mutable -> kj::Promise<void> {
     IncomingLink& link = incoming(linkId);
     link.lastHeardMs = nowMs();
     if (!place(chunk.destinations).remote.empty()) {
@@ -898,7 +990,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
       if (now.ok()) {
         IncomingLanding land(allocator_);
         land.allocation = now.value();
-        std::memcpy(arena_.base() + land.allocation->offset, tensor.inlineBytes.data(),
+        std::memcpy(arena_.base() + land.allocation->offset, tensor.inlineData().begin(),
                     tensor.sizeBytes);
         storeLanded(linkId, chunk, land);
         return kj::READY_NOW;
@@ -906,6 +998,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
     }
     // Waits (for space or the body): the link may be lost meanwhile, and then this id's waiters
     // hear of it (storeLanded tracks the id again once it is stored).
+    keepInline(chunk);
     link.dataIds.insert(chunk.dataId);
     // The continuations below refer to the chunk: keep it at a stable address until they ran.
     auto held = kj::heap<rpc::PeerChunk>(std::move(chunk));
@@ -918,7 +1011,7 @@ kj::Promise<void> NodeTransfers::deliver(uint32_t linkId, rpc::PeerChunk chunk) 
       land.allocation = allocation;
       std::byte* destination = arena_.base() + allocation.offset;
       if (!body.viaUcx) {
-        std::memcpy(destination, body.inlineBytes.data(), body.sizeBytes);
+        std::memcpy(destination, body.inlineData().begin(), body.sizeBytes);
         return kj::READY_NOW;
       }
       auto pieces = kj::heapArrayBuilder<kj::Promise<void>>(body.pieces);
@@ -947,8 +1040,7 @@ void NodeTransfers::storeLanded(uint32_t linkId, const rpc::PeerChunk& chunk,
   }
   land.allocation.reset();  // the table owns it now
   hop::mark(hop::Point::kChunkStored);
-  spdlog::trace("chunk {} of '{}' from link {} stored at {} ns", chunk.chunkId, chunk.dataId, linkId,
-                monotonicNs());
+  spdlog::trace("chunk {} of '{}' from link {} stored", chunk.chunkId, chunk.dataId, linkId);
   auto it = incoming_.find(linkId);
   if (it != incoming_.end()) {
     ++it->second.chunks;

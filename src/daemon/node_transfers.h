@@ -15,6 +15,7 @@
 #include <set>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include "daemon/body_transport.h"
 #include "daemon/peer_links.h"
@@ -76,6 +77,9 @@ class NodeTransfers final : public rpc::TransferBackend,
                                 std::vector<transfer::Group> destinations) override;
   kj::Promise<rpc::RecvReply> recv(rpc::SessionId session, std::string dataId, uint32_t chunkId,
                                    uint32_t timeoutMs) override;
+  // On the owner core the answer is given from inside the store of the chunk (no turns).
+  kj::Promise<void> recvInto(rpc::SessionId session, std::string dataId, uint32_t chunkId,
+                             uint32_t timeoutMs, RecvAnswer answer) override;
   kj::Promise<void> markDone(rpc::SessionId session, std::string dataId,
                              uint32_t chunkId) override;
   kj::Promise<rpc::TransferSummary> summary() override;
@@ -104,6 +108,8 @@ class NodeTransfers final : public rpc::TransferBackend,
   };
   class AllocateWaiter;
   class RecvAdapter;
+  class RecvOnce;
+  class RecvCallback;
   class AckChannel;
   // A link from another node's daemon (we are its receiving end).
   struct IncomingLink {
@@ -138,6 +144,7 @@ class NodeTransfers final : public rpc::TransferBackend,
   template <typename Func>
   kj::PromiseForResult<Func, void> onOwner(Func&& func);
   Session& session(rpc::SessionId id);
+  static kj::Exception recvTimeout(const std::string& dataId, uint32_t chunkId, uint32_t timeoutMs);
   void dropSession(rpc::SessionId id);
   kj::Promise<void> expireLoop();
   kj::Promise<shm::Allocation> allocateBytes(uint64_t sizeBytes, uint64_t hint, uint32_t waitMs);

@@ -322,7 +322,6 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
   Link& raw = *l;
   auto bytes = message.asBytes();
   raw.outgoing.emplace(seq, kj::mv(message));
-  uint64_t sentNs = monotonicNs();  // before the send: over TCP it carries the bytes into the peer
   hop::mark(hop::Point::kMessageSending);
   auto acked = kj::newPromiseAndFulfiller<void>();
   raw.awaitingAcks.emplace(seq, kj::mv(acked.fulfiller));
@@ -338,8 +337,9 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
                                           e.getDescription().cStr());
                           }));
   hop::mark(hop::Point::kMessageSent);
-  spdlog::trace("peer message {} of '{}' to node {} sent at {} ns", seq, chunk.dataId,
-               raw.nodeName(), sentNs);
+  if (spdlog::should_log(spdlog::level::trace)) {  // (nodeName() builds a string)
+    spdlog::trace("peer message {} of '{}' to node {} sent", seq, chunk.dataId, raw.nodeName());
+  }
   // However the delivery ends, its ack is no longer awaited.
   struct Awaiting {
     Awaiting(kj::Own<Link> link, uint32_t seq) : link(kj::mv(link)), seq(seq) {}

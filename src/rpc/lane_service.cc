@@ -104,16 +104,37 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
           "credits)");
     return;
   }
-  // Trace lines carry CLOCK_MONOTONIC (one clock for every process of the host): with the
-  // peers' lines they time a transfer hop by hop (docs/PERFORMANCE.md).
+  // A hop trace times the steps without a clock read when off (base/hop_trace.h).
   hop::mark(hop::Point::kLaneTaken);
-  spdlog::trace("lane: request {} taken at {} ns", KJ_ASSERT_NONNULL(seq), monotonicNs());
-  auto work = kj::evalNow([&]() { return dispatch(KJ_ASSERT_NONNULL(request), std::make_shared<Keep>(owned, reader)); });
+  spdlog::trace("lane: request {} taken", KJ_ASSERT_NONNULL(seq));
   uint64_t number = KJ_ASSERT_NONNULL(seq);
+  auto& req = KJ_ASSERT_NONNULL(request);
+  if (req.isRecv()) {
+    std::string dataId;
+    uint32_t chunkId = 0, timeoutMs = 0;
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      dataId = text(req.getDataId());
+      chunkId = req.getChunkId();
+      timeoutMs = req.getRecv().getTimeoutMs();
+    })) {
+      credits_.give(reserve);
+      complete(number, nullptr, e);
+      return;
+    }
+    // Answered from inside the store of the chunk it waits for (TransferBackend::recvInto).
+    tasks_.add(backend_.recvInto(
+        session_, std::move(dataId), chunkId, timeoutMs,
+        [this, number, reserve](kj::Maybe<RecvReply&> reply, const kj::Exception* failure) {
+          credits_.give(reserve);
+          complete(number, reply, failure);
+        }));
+    return;
+  }
+  auto work = kj::evalNow([&]() { return dispatch(req, std::make_shared<Keep>(owned, reader)); });
   tasks_.add(work.then(
-      [this, number, reserve](kj::Maybe<RecvReply> reply) {
+      [this, number, reserve]() {
         credits_.give(reserve);
-        complete(number, reply, nullptr);
+        complete(number, nullptr, nullptr);
       },
       [this, number, reserve](kj::Exception&& e) {
         credits_.give(reserve);
@@ -121,11 +142,10 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
       }));
 }
 
-kj::Promise<kj::Maybe<RecvReply>> LaneService::dispatch(proto::LaneRequest::Reader request,
-                                                         std::shared_ptr<const Keep> keep) {
+kj::Promise<void> LaneService::dispatch(proto::LaneRequest::Reader request,
+                                        std::shared_ptr<const Keep> keep) {
   std::string dataId = text(request.getDataId());
   uint32_t chunkId = request.getChunkId();
-  auto none = []() -> kj::Maybe<RecvReply> { return nullptr; };
   switch (request.which()) {
     case proto::LaneRequest::SEND: {
       auto send = request.getSend();
@@ -134,14 +154,12 @@ kj::Promise<kj::Maybe<RecvReply>> LaneService::dispatch(proto::LaneRequest::Read
       header.chunkId = chunkId;
       header.numChunks = send.getNumChunks();
       header.destinations = readDestinations(send.getDestinations());
-      return sendPayload(backend_, session_, std::move(header), send.getPayload(), std::move(keep))
-          .then(none);
+      return sendPayload(backend_, session_, std::move(header), send.getPayload(), std::move(keep));
     }
     case proto::LaneRequest::RECV:
-      return backend_.recv(session_, dataId, chunkId, request.getRecv().getTimeoutMs())
-          .then([](RecvReply reply) -> kj::Maybe<RecvReply> { return kj::mv(reply); });
+      break;  // onRecord answers it through recvInto
     case proto::LaneRequest::MARK_DONE:
-      return backend_.markDone(session_, dataId, chunkId).then(none);
+      return backend_.markDone(session_, dataId, chunkId);
   }
   return transferError("invalid-argument",
                        "a lane request that is none of send, recv, markDone (a newer client?)");
@@ -177,7 +195,7 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
     useCall.setUseCall();
     flat = capnp::messageToFlatArray(small);
   }
-  spdlog::trace("lane: completion {} pushed at {} ns", seq, monotonicNs());
+  spdlog::trace("lane: completion {} pushed", seq);
   hop::mark(hop::Point::kLaneCompletion);
   if (!endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word)) && !endpoint_.broken()) {
     close("its completion ring is full (the client reserves room for every request it makes: a "

@@ -62,9 +62,8 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
                          std::shared_ptr<capnp::FlatArrayMessageReader>>;
 
   void onRecord(const std::vector<uint64_t>& words, uint64_t size);
-  // A recv resolves to its reply; send and markDone to nothing.
-  kj::Promise<kj::Maybe<RecvReply>> dispatch(proto::LaneRequest::Reader request,
-                                             std::shared_ptr<const Keep> keep);
+  // A send or markDone (a recv goes through TransferBackend::recvInto).
+  kj::Promise<void> dispatch(proto::LaneRequest::Reader request, std::shared_ptr<const Keep> keep);
   void complete(uint64_t seq, kj::Maybe<RecvReply&> reply, const kj::Exception* failure);
   void close(const std::string& why);
   void taskFailed(kj::Exception&& exception) override;

@@ -33,7 +33,15 @@ struct PeerTensor {
   std::vector<int64_t> shape;
   uint64_t sizeBytes = 0;
   bool viaUcx = false;
-  std::string inlineBytes;  // when !viaUcx
+  std::string inlineBytes;  // when !viaUcx, unless inlineView is set
+  // Instead of inlineBytes: the bytes where the message holds them, valid only while the caller
+  // holds the message (a UCX delivery read in place; PeerBackend::deliver copies them before it
+  // waits for anything).
+  kj::ArrayPtr<const kj::byte> inlineView;
+  kj::ArrayPtr<const kj::byte> inlineData() const {
+    if (inlineView.begin() != nullptr) return inlineView;
+    return kj::arrayPtr(reinterpret_cast<const kj::byte*>(inlineBytes.data()), inlineBytes.size());
+  }
   uint64_t tag = 0;         // when viaUcx
   uint32_t pieces = 1;
   uint64_t pieceBytes = 0;

@@ -31,7 +31,7 @@ void writeHello(const PeerIdentity& identity, proto::PeerHello::Builder hello) {
 
 PeerService::~PeerService() { backend_.closePeerLink(linkId_); }
 
-PeerChunk readPeerChunk(proto::PeerChunk::Reader c) {
+PeerChunk readPeerChunk(proto::PeerChunk::Reader c, bool viewInline) {
   PeerChunk chunk;
   chunk.dataId = c.getDataId();
   chunk.chunkId = c.getChunkId();
@@ -61,7 +61,11 @@ PeerChunk readPeerChunk(proto::PeerChunk::Reader c) {
                               " inline bytes for a tensor of " + std::to_string(tensor.sizeBytes) +
                               " bytes");
     }
-    tensor.inlineBytes.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+    if (viewInline) {
+      tensor.inlineView = bytes;
+    } else {
+      tensor.inlineBytes.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+    }
   } else {
     auto ucx = body.getUcx();
     tensor.viaUcx = true;

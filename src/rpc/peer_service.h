@@ -25,8 +25,9 @@ class PeerService final : public proto::Peer::Server {
 
 // A chunk as a peer describes it (a Peer.deliver call, or a PeerMessage over UCX). Throws the
 // transfer error "[invalid-argument]" when inline bytes disagree with the size, or a capnp
-// exception for a malformed message.
-PeerChunk readPeerChunk(proto::PeerChunk::Reader chunk);
+// exception for a malformed message. `viewInline`: inline tensor bytes are a view into the
+// message (PeerTensor::inlineView), not copied.
+PeerChunk readPeerChunk(proto::PeerChunk::Reader chunk, bool viewInline = false);
 
 // PeerHello <-> PeerIdentity.
 PeerIdentity readHello(proto::PeerHello::Reader hello);

@@ -27,4 +27,14 @@ kj::Promise<void> TransferBackend::sendLanding(SessionId session, SendRequest re
       });
 }
 
+kj::Promise<void> TransferBackend::recvInto(SessionId session, std::string dataId, uint32_t chunkId,
+                                            uint32_t timeoutMs, RecvAnswer answer) {
+  auto owned = kj::heap<RecvAnswer>(kj::mv(answer));
+  RecvAnswer& call = *owned;
+  return recv(session, std::move(dataId), chunkId, timeoutMs)
+      .then([&call](RecvReply reply) { call(reply, nullptr); },
+            [&call](kj::Exception&& e) { call(nullptr, &e); })
+      .attach(kj::mv(owned));
+}
+
 }  // namespace sidecar::rpc

@@ -6,6 +6,7 @@
 
 #include <kj/async.h>
 #include <kj/exception.h>
+#include <kj/function.h>
 
 #include <cstdint>
 #include <functional>
@@ -97,6 +98,16 @@ class TransferBackend {
   virtual kj::Promise<RecvReply> recv(SessionId session, std::string dataId, uint32_t chunkId,
                                       uint32_t timeoutMs) = 0;
   virtual kj::Promise<void> markDone(SessionId session, std::string dataId, uint32_t chunkId) = 0;
+
+  // recv() answered through a callback instead of a promise's continuations (the lane's path):
+  // `answer` runs exactly once, on the calling thread, with the reply or with the failure (the
+  // other null), unless the returned promise is dropped first, which withdraws the recv. Called
+  // on the core that owns the transfers, the answer runs inside the store of the chunk it
+  // waited for, so it leaves in that very turn (a promise's continuations take two more). The
+  // promise resolves once `answer` ran. By default: recv() and a continuation.
+  using RecvAnswer = kj::Function<void(kj::Maybe<RecvReply&> reply, const kj::Exception* failure)>;
+  virtual kj::Promise<void> recvInto(SessionId session, std::string dataId, uint32_t chunkId,
+                                     uint32_t timeoutMs, RecvAnswer answer);
 
   virtual kj::Promise<TransferSummary> summary() = 0;
   virtual kj::Promise<std::string> inspect(std::string dataId) = 0;
