@@ -130,7 +130,7 @@ enum Key : size_t {
   kArenaSize, kArenaPages, kArenaLock,
   kSendTimeoutMs, kObjectBytesMax, kTtlMs, kWorldSize,
   kPeerRanks, kPeerDnsTemplate, kLocalRanks, kNodeRank, kAdvertise, kPeerTimeoutMs,
-  kPeerUcxMessages,
+  kPeerUcxMessages, kPeerAckDelayUs,
   kKeyCount
 };
 
@@ -326,6 +326,11 @@ void applyArenaLock(Config& c, std::string_view v) { c.arenaLock = parseBool(v);
 
 void applyPeerUcxMessages(Config& c, std::string_view v) { c.peers.ucxMessages = parseBool(v); }
 
+constexpr const char* kAckDelayAccepted = "must be an integer from 0 to 10000 (microseconds)";
+void applyPeerAckDelayUs(Config& c, std::string_view v) {
+  c.peers.ackDelayUs = parseU32(v, 0, 10'000, kAckDelayAccepted);
+}
+
 // Indexed by Key.
 const std::array<Setting, kKeyCount> kSettings{{
     {"", "node_id", "SIDECAR_NODE_ID", "node-id", Kind::kString,
@@ -391,6 +396,10 @@ const std::array<Setting, kKeyCount> kSettings{{
      "must be true or false",
      "Small deliveries to peers as single UCX messages (--no-peer-ucx-messages: as calls)",
      "BOOL", applyPeerUcxMessages},
+    {"peers", "ack_delay_us", "SIDECAR_PEER_ACK_DELAY_US", "peer-ack-delay-us", Kind::kInteger,
+     kAckDelayAccepted,
+     "Acks of small deliveries wait this long, so they do not delay answers (0: at once)", "US",
+     applyPeerAckDelayUs},
 }};
 
 constexpr std::array<std::string_view, 5> kTables{"listen", "reactor", "arena", "transfer", "peers"};
@@ -713,7 +722,8 @@ std::string describeConfig(const Config& c) {
   return fmt::format(
       "config: file={} node_id={} socket={} tcp={} cores={} cpus={} spin_us={} ring_entries={} "
       "log_level={} log_format={} arena_size={} arena_pages={} arena_lock={} peers={} "
-      "dns_template={} local_ranks={} advertise={} peer_timeout_ms={} peer_ucx_messages={}",
+      "dns_template={} local_ranks={} advertise={} peer_timeout_ms={} peer_ucx_messages={} "
+      "peer_ack_delay_us={}",
       c.configPath.empty() ? "(none)" : c.configPath, c.nodeId, c.socketPath,
       c.tcpListen.empty() ? "off" : c.tcpListen, c.cores,
       c.cpuList.empty() ? "auto" : formatCpuList(c.cpuList), c.spinUs, c.ringEntries, c.logLevel,
@@ -724,7 +734,7 @@ std::string describeConfig(const Config& c) {
           ? std::string("(all)")
           : formatCpuList(std::vector<int>(c.peers.localRanks.begin(), c.peers.localRanks.end())),
       c.peers.advertise.empty() ? "(none)" : c.peers.advertise, c.peers.timeoutMs,
-      c.peers.ucxMessages);
+      c.peers.ucxMessages, c.peers.ackDelayUs);
 }
 
 LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
@@ -754,7 +764,7 @@ LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
       defaults.arenaPages, "false", std::to_string(defaults.sendTimeoutMs), "1MiB",
       std::to_string(defaults.transferTtlMs), std::to_string(defaults.worldSize), "(none)",
       "(none)", "(none)", "(none)", "(listen.tcp)", std::to_string(defaults.peers.timeoutMs),
-      "true"};
+      "true", std::to_string(defaults.peers.ackDelayUs)};
 
   std::array<std::string, kKeyCount> flagText;
   std::array<CLI::Option*, kKeyCount> flagOpt{};

@@ -228,6 +228,7 @@ void NodeTransfers::attachOwner(kj::Timer& timer, reactor::Reactor& reactor) {
 
 void NodeTransfers::detachOwner() {
   expiry_ = nullptr;
+  ackFlush_ = nullptr;
   messages_ = nullptr;            // cancels the posted receive
   messageDeliveries_ = nullptr;
   for (auto& [id, link] : incoming_) link.pending->cancel("the daemon is stopping");
@@ -919,7 +920,35 @@ void NodeTransfers::ack(uint32_t linkId, uint32_t seq, std::string_view error) {
       return;
     }
   }
-  link.acks->send(seq, error);
+  // A failure goes at once (rare, and the sender acts on it); a success waits a little, so that
+  // its send does not hold this core up while the answer to the delivery (the local recv's, and
+  // perhaps the receiver's reply to the sender) is on its way.
+  if (!error.empty() || options_.peers.ackDelayUs == 0) {
+    link.acks->send(seq, error);
+    hop::mark(hop::Point::kAckSent);
+    return;
+  }
+  link.acksDue.push_back(seq);
+  if (link.acksDue.size() >= kAckBatchMax) {
+    sendAcksDue(link);
+    return;
+  }
+  if (ackFlushArmed_) return;
+  ackFlushArmed_ = true;
+  ackFlush_ = timer_->afterDelay(options_.peers.ackDelayUs * kj::MICROSECONDS)
+                  .then([this]() {
+                    ackFlushArmed_ = false;
+                    for (auto& [id, l] : incoming_) sendAcksDue(l);
+                  })
+                  .eagerlyEvaluate([](kj::Exception&& e) {
+                    spdlog::error("sending due acks failed (a bug): {}", e.getDescription().cStr());
+                  });
+}
+
+void NodeTransfers::sendAcksDue(IncomingLink& link) {
+  if (link.acksDue.empty()) return;
+  for (uint32_t seq : link.acksDue) link.acks->send(seq, "");
+  link.acksDue.clear();
   hop::mark(hop::Point::kAckSent);
 }
 

@@ -29,6 +29,9 @@
 
 namespace sidecar::daemon {
 
+// Acks due on one link are sent together once this many are (without waiting for the delay).
+inline constexpr size_t kAckBatchMax = 32;
+
 struct TransferOptions {
   uint32_t sendTimeoutMs = 30'000;    // default wait for arena space
   transfer::TransferLimits limits;
@@ -122,6 +125,7 @@ class NodeTransfers final : public rpc::TransferBackend,
     uint64_t chunks = 0;            // stored from it
     uint64_t bytes = 0;
     kj::Own<AckChannel> acks;       // to the peer's UCX worker, made at its first UCX delivery
+    std::vector<uint32_t> acksDue;  // successful deliveries not acked yet (ackDelayUs)
   };
   // The space a delivered tensor lands in, until the table takes it: a delivery that fails or
   // is cancelled before frees it.
@@ -167,7 +171,10 @@ class NodeTransfers final : public rpc::TransferBackend,
   kj::Promise<void> messageLoop();
   // `message` is only read during the call.
   void takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp::word> message);
+  // Acks a delivery that came as a UCX message: a failure at once, a success within
+  // peers.ackDelayUs (with the others due by then) or once kAckBatchMax are due.
   void ack(uint32_t linkId, uint32_t seq, std::string_view error);
+  void sendAcksDue(IncomingLink& link);
   void loseIncoming(uint32_t linkId, const std::string& why);
   uint64_t receiveHint(const std::vector<transfer::Group>& destinations) const;
 
@@ -194,6 +201,8 @@ class NodeTransfers final : public rpc::TransferBackend,
   kj::Array<capnp::word> messageBuffer_;
   kj::Promise<void> messages_ = nullptr;
   kj::Own<kj::TaskSet> messageDeliveries_;  // deliveries that arrived as messages, until acked
+  kj::Promise<void> ackFlush_ = nullptr;     // sends the acks due, ackDelayUs after the first
+  bool ackFlushArmed_ = false;
 
   rpc::SessionId nextSession_ = 1;
   std::unordered_map<rpc::SessionId, Session> sessions_;

@@ -36,6 +36,10 @@ struct PeerSettings {
   std::string advertise;         // this node's host:port as peers know it; "" when unknown
   uint32_t timeoutMs = 5'000;    // a peer silent this long is dead (pending work fails)
   bool ucxMessages = true;       // small deliveries as single UCX messages (peer_messages.h)
+  // Their acks wait this long (or until kAckBatchMax are due) before they are sent: an ack sent
+  // at once occupies the daemon (a send system call) just when the receiver's answer to what it
+  // acknowledges is on its way. 0: each ack as soon as its delivery is stored.
+  uint32_t ackDelayUs = 20;
 };
 
 // "0-3=10.77.0.1:7650, 4-7=10.77.0.2:7650" (also ';' between entries; "5=host:port" for one

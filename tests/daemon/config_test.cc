@@ -136,6 +136,7 @@ void expectDefaults(const Config& c) {
   EXPECT_EQ(c.peers.timeoutMs, d.peers.timeoutMs);
   EXPECT_EQ(c.peers.ucxMessages, d.peers.ucxMessages);
   EXPECT_TRUE(d.peers.ucxMessages);
+  EXPECT_EQ(c.peers.ackDelayUs, d.peers.ackDelayUs);
 }
 
 constexpr const char* kFullFile = R"(node_id = "file-node"
@@ -283,6 +284,19 @@ TEST(ConfigLoad, PeerUcxMessagesSwitch) {
   Config c = ok(load({"--arena-lock", "--no-peer-ucx-messages"}));
   EXPECT_TRUE(c.arenaLock);
   EXPECT_FALSE(c.peers.ucxMessages);
+}
+
+// [peers] ack_delay_us: 20 by default, 0 allowed (acks at once), bounded above with the range
+// named in the error.
+TEST(ConfigLoad, PeerAckDelay) {
+  EXPECT_EQ(ok(load({})).peers.ackDelayUs, 20u);
+  EXPECT_EQ(ok(load({"--peer-ack-delay-us", "0"})).peers.ackDelayUs, 0u);
+  EXPECT_EQ(ok(load({}, {{"SIDECAR_PEER_ACK_DELAY_US", "500"}})).peers.ackDelayUs, 500u);
+  TempToml file("[peers]\nack_delay_us = 7\n");
+  EXPECT_EQ(ok(load({"--config", file.path()})).peers.ackDelayUs, 7u);
+  EXPECT_EQ(error(load({"--peer-ack-delay-us", "20000"})),
+            "sidecard: config error: --peer-ack-delay-us=\"20000\": must be an integer from 0 to "
+            "10000 (microseconds)");
 }
 
 TEST(ConfigLoad, KeysOnlyInFileSurviveOtherLayers) {
@@ -667,7 +681,7 @@ TEST(ConfigExample, UncommentedKeysAreExactlyTheDefaults) {
     }
     content += line + "\n";
   }
-  EXPECT_EQ(keys, 22);  // every key of Config but configPath and [peers] rank (no default)
+  EXPECT_EQ(keys, 23);  // every key of Config but configPath and [peers] rank (no default)
   TempToml file(content);
   Config c = ok(load({"--config", file.path()}));
   expectDefaults(c);

@@ -1756,6 +1756,60 @@ INSTANTIATE_TEST_SUITE_P(Switch, SmallDeliveriesTest, ::testing::Values(-1, 0, 1
                                                  : "OffOnNode" + std::to_string(info.param);
                          });
 
+// The acks of small deliveries wait peers.ack_delay_us (or until 32 are due on a link): with no
+// delay, with one of 10 ms (the timer sends them) and with 40 sends in flight (the first 32 go as
+// a batch, the rest on the timer), every send completes, everything arrives once, and both
+// nodes end holding nothing (the sender's holds last until the acks came).
+class DelayedAcksTest : public TransferMatrixTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(DelayedAcksTest, EverySendCompletes) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--peer-ack-delay-us", GetParam()}));
+  constexpr int kSends = 40;
+  MemoryHint hint{Dtype::kUint8, {4096}};
+  ChunkPlan tensor;
+  tensor.dtype = Dtype::kUint8;
+  tensor.shape = {4096};
+  std::vector<ItemPlan> items;
+  for (int i = 0; i < kSends; ++i) {
+    items.push_back(ItemPlan{id("acked-" + std::to_string(i)), {tensor}});
+    items.back().chunks[0].seed = seedOf(items.back().id, 0, 0);
+  }
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  forkRank("sender on node A", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    // One alone (its ack comes from the timer), then the rest in flight together.
+    sc.send(items[0].id, Object{kStr, "alone"}, {{2}}).wait();
+    std::vector<sidecar::SendHandle> inFlight;
+    for (int i = 1; i < kSends; ++i) {
+      auto t = sc.allocateTensor(Dtype::kUint8, {4096});
+      fillBytes(t.data(), 4096, items[i].chunks[0].seed);
+      inFlight.push_back(sc.send(items[i].id, std::move(t), {{2}}));
+    }
+    for (auto& handle : inFlight) handle.wait();
+  });
+  forkRank("receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    Received first = sc.recv(items[0].id, 0, kRecvTimeoutMs);
+    require(first.kind == Received::Kind::kObject && first.object.bytes == "alone", "the first object");
+    sc.markDone(items[0].id, 0);
+    for (int i = 1; i < kSends; ++i) {
+      verifyChunk(sc.recv(items[i].id, 0, kRecvTimeoutMs), items[i], 0);
+      sc.markDone(items[i].id, 0);
+    }
+  });
+  expectRanksSucceed(60s);
+  auto t = transfersAt(1);
+  ASSERT_EQ(t.peers.size(), 1u) << describe(t);
+  EXPECT_EQ(t.peers[0].chunks, uint64_t(kSends)) << "node B stored a delivery more than once";
+  expectDaemonEmpty();
+}
+
+INSTANTIATE_TEST_SUITE_P(Delay, DelayedAcksTest, ::testing::Values("0", "20", "10000"),
+                         [](const ::testing::TestParamInfo<const char*>& info) {
+                           return std::string("Us") + info.param;
+                         });
+
 // The network between node A and node B is cut (node B's link down, as root with namespaces):
 // A's pending send to B fails with [peer-lost], B's receiver waiting for the rest of A's stream
 // gets [peer-lost], both within 10 s, and B holds nothing for it. With the link back, traffic
