@@ -131,14 +131,43 @@ kj::AutoCloseFd listenUnix(const std::string& path, unsigned mode, int backlog, 
       unlink(path.c_str());
     }
   }
+  // Whatever is still at the path (not a stale socket: e.g. a regular file) is not ours to
+  // replace; the rename below would.
+  struct stat left {};
+  if (lstat(path.c_str(), &left) == 0) {
+    fail("cannot bind unix socket '" + path + "': the path exists and is not a stale socket",
+         EADDRINUSE);
+  }
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   KJ_SYSCALL(fd);
   kj::AutoCloseFd owned(fd);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) {
-    fail("cannot bind unix socket '" + path + "'", errno);
+  // The path appears only once the socket listens: bound and listening under a temporary name,
+  // then renamed into place (atomic). A client that connects as soon as it sees the path (a test,
+  // an orchestrator polling for it) is never refused for connecting between bind and listen.
+  // Without room for the temporary name in sun_path, the socket is bound at its path directly.
+  std::string staged = path + ".new" + std::to_string(getpid());
+  bool stage = staged.size() < sizeof(addr.sun_path);
+  sockaddr_un bound = stage ? unixAddress(staged) : addr;
+  const std::string& boundPath = stage ? staged : path;
+  if (stage) unlink(staged.c_str());  // left by a crashed daemon of the same pid
+  if (bind(fd, reinterpret_cast<sockaddr*>(&bound), sizeof bound) < 0) {
+    fail("cannot bind unix socket '" + boundPath + "'", errno);
   }
-  if (chmod(path.c_str(), mode) < 0) fail("cannot chmod unix socket '" + path + "'", errno);
-  KJ_SYSCALL(listen(fd, backlog));
+  if (chmod(boundPath.c_str(), mode) < 0) {
+    int err = errno;
+    if (stage) unlink(staged.c_str());
+    fail("cannot chmod unix socket '" + boundPath + "'", err);
+  }
+  if (listen(fd, backlog) < 0) {
+    int err = errno;
+    if (stage) unlink(staged.c_str());
+    fail("cannot listen on unix socket '" + boundPath + "'", err);
+  }
+  if (stage && rename(staged.c_str(), path.c_str()) < 0) {
+    int err = errno;
+    unlink(staged.c_str());
+    fail("cannot move unix socket '" + staged + "' to '" + path + "'", err);
+  }
   return owned;
 }
 

@@ -132,6 +132,33 @@ TEST(ListenUnix, DoesNotDeleteAFileThatIsNotASocket) {
   EXPECT_EQ(content, "keep me");
 }
 
+// The socket is bound and listening under a staged name, then renamed into place: once the call
+// returns only the path is there, and a connect to it is never refused for coming between bind
+// and listen.
+TEST(ListenUnix, LeavesOnlyTheListeningSocketAtItsPath) {
+  TempDir dir;
+  std::string path = dir.path("s.sock");
+  auto fd = listenUnix(path, 0600);
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path(""))) {
+    names.push_back(entry.path().filename().string());
+  }
+  EXPECT_EQ(names, std::vector<std::string>{"s.sock"});
+  auto client = connectUnix(path);
+  EXPECT_GE(client.get(), 0);
+}
+
+TEST(ListenUnix, APathWithNoRoomForTheStagedNameIsBoundDirectly) {
+  TempDir dir;
+  std::string base = dir.path("");
+  sockaddr_un probe{};
+  // The longest path sun_path takes: the staged name (".new<pid>" more) cannot fit.
+  std::string path = base + std::string(sizeof(probe.sun_path) - 1 - base.size(), 'p');
+  auto fd = listenUnix(path, 0600);
+  auto client = connectUnix(path);
+  EXPECT_GE(client.get(), 0);
+}
+
 TEST(ListenUnix, PathTooLongIsAClearError) {
   std::string path = "/tmp/" + std::string(200, 'x');
   auto error = kj::runCatchingExceptions([&]() { listenUnix(path, 0600); });
