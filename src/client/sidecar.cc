@@ -227,7 +227,10 @@ template <typename ImplT, typename Fill>
 kj::Promise<void> sendPromise(ImplT& impl, const std::string& dataId, uint32_t chunkId,
                               uint32_t numChunks, const Groups& destinations, Fill&& fill) {
   if (impl.lane.get() != nullptr) {
-    capnp::MallocMessageBuilder message(1024);
+    // Sized for the usual request (a tensor's descriptor, a few destinations: ~30 words); an
+    // inline body or a long id takes a second segment. A larger first segment is zeroed for
+    // nothing on every send (8 KiB was ~75 ns more per request).
+    capnp::MallocMessageBuilder message(64);
     auto request = message.initRoot<proto::LaneRequest>();
     request.setDataId(dataId);
     request.setChunkId(chunkId);

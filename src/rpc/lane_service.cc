@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 
 #include "base/clock.h"
 #include "base/hop_trace.h"
@@ -77,18 +78,21 @@ void LaneService::taskFailed(kj::Exception&& exception) {
 }
 
 void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
-  // The record is the endpoint's buffer until the next one; an inline tensor's bytes must outlive
-  // it (its allocation may wait for space), so the request is read from a copy that the send keeps.
-  auto owned = std::make_shared<std::vector<uint64_t>>(words);
+  // The record is the endpoint's buffer until the next one. Every request is read from it in
+  // place and parsed before this returns, except a send of an inline tensor: its bytes must
+  // outlive the record (its allocation may wait for space), so it reads from a copy it keeps.
+  auto segment = [size](const std::vector<uint64_t>& from) {
+    return kj::arrayPtr(reinterpret_cast<const capnp::word*>(from.data()), size / sizeof(capnp::word));
+  };
+  capnp::ReaderOptions options{words.size() * 4 + 64, 16};
+  std::optional<capnp::FlatArrayMessageReader> inPlace;
+  std::shared_ptr<std::vector<uint64_t>> owned;
   std::shared_ptr<capnp::FlatArrayMessageReader> reader;
   kj::Maybe<uint64_t> seq;
   kj::Maybe<proto::LaneRequest::Reader> request;
   // The reader checks the segment table as it is made: garbage throws there already.
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
-    reader = std::make_shared<capnp::FlatArrayMessageReader>(
-        kj::arrayPtr(reinterpret_cast<const capnp::word*>(owned->data()), size / sizeof(capnp::word)),
-        capnp::ReaderOptions{owned->size() * 4 + 64, 16});
-    auto root = reader->getRoot<proto::LaneRequest>();
+    auto root = inPlace.emplace(segment(words), options).getRoot<proto::LaneRequest>();
     seq = root.getSeq();
     request = root;
   })) {
@@ -130,7 +134,20 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
         }));
     return;
   }
-  auto work = kj::evalNow([&]() { return dispatch(req, std::make_shared<Keep>(owned, reader)); });
+  bool inlineTensor = false;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    inlineTensor = req.isSend() && req.getSend().getPayload().isInlineTensor();
+  })) {
+    (void)e;  // a malformed send: dispatch meets the same error and answers it
+  }
+  std::shared_ptr<const Keep> keep;
+  if (inlineTensor) {
+    owned = std::make_shared<std::vector<uint64_t>>(words);
+    reader = std::make_shared<capnp::FlatArrayMessageReader>(segment(*owned), options);
+    req = reader->getRoot<proto::LaneRequest>();
+    keep = std::make_shared<Keep>(owned, reader);
+  }
+  auto work = kj::evalNow([&]() { return dispatch(req, std::move(keep)); });
   tasks_.add(work.then(
       [this, number, reserve]() {
         credits_.give(reserve);
@@ -169,7 +186,7 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
   if (endpoint_.broken()) return;
   const RecvReply* reply = nullptr;
   KJ_IF_MAYBE(r, maybeReply) { reply = r; }
-  capnp::MallocMessageBuilder message(256);
+  capnp::MallocMessageBuilder message(64);  // a tensor's answer; an object takes a second segment
   auto completion = message.initRoot<proto::LaneCompletion>();
   completion.setSeq(seq);
   if (failure != nullptr) {
