@@ -195,6 +195,10 @@ struct LaneRequest {
       timeoutMs @6 :UInt32;
     }
     markDone @7 :Void;
+    cancel @8 :UInt64;
+    # Withdraws the recv whose request had this seq (its handle was dropped unanswered): that recv
+    # is answered `failed` "[cancelled] ..." if it was still waiting, and this request `done`
+    # either way. A daemon without it answers this request `failed` (the recv then waits on).
   }
 }
 

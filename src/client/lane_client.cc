@@ -23,11 +23,12 @@ LaneClient::LaneClient(reactor::Reactor& reactor, shm::LaneMemory memory, kj::Au
       credits_(memory_.ringBytes(), objectMaxBytes, proto::LANE_COMPLETION_BYTES) {}
 
 LaneClient::~LaneClient() {
+  *self_ = nullptr;
   failAll(KJ_EXCEPTION(DISCONNECTED, "the Sidecar was closed"));
 }
 
 kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> LaneClient::request(capnp::MallocMessageBuilder& message,
-                                                                 bool recv) {
+                                                                 bool recv, uint64_t* seqOut) {
   if (closed_ || endpoint_.broken()) return nullptr;
   uint64_t reserve = credits_.reservation(recv);
   if (!credits_.take(reserve)) return nullptr;
@@ -39,9 +40,18 @@ kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> LaneClient::request(capnp::MallocMes
     return nullptr;
   }
   ++nextSeq_;
+  if (seqOut != nullptr) *seqOut = seq;
   auto paf = kj::newPromiseAndFulfiller<kj::Own<LaneAnswer>>();
   pending_.emplace(seq, Pending{kj::mv(paf.fulfiller), reserve});
   return kj::mv(paf.promise);
+}
+
+void LaneClient::cancel(uint64_t recvSeq) {
+  if (pending_.find(recvSeq) == pending_.end()) return;  // answered already (or the lane closed)
+  capnp::MallocMessageBuilder message(16);
+  message.initRoot<proto::LaneRequest>().setCancel(recvSeq);
+  // Its own answer (`done`) only returns its credits: nobody waits for it.
+  (void)request(message, false);
 }
 
 void LaneClient::onCompletion(const std::vector<uint64_t>& words, uint64_t size) {

@@ -43,12 +43,24 @@ class LaneClient {
   // object of up to objectMaxBytes(). Null when the lane cannot take it now: make the call.
   // The promise rejects with the daemon's "[kind] message" for a failed request, or with
   // `failAll`'s exception.
-  kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> request(capnp::MallocMessageBuilder& message, bool recv);
+  // `seq`, when given, gets the request's seq (for cancel()).
+  kj::Maybe<kj::Promise<kj::Own<LaneAnswer>>> request(capnp::MallocMessageBuilder& message, bool recv,
+                                                      uint64_t* seq = nullptr);
+
+  // The recv request `recvSeq` lost its caller (its handle was dropped): if it is still waiting,
+  // asks the daemon to withdraw it, which answers it [cancelled] and so frees its credits on
+  // both sides (a waiting recv holds ~17 KiB of them until its data or timeout). Best effort:
+  // nothing when the lane has no room for the request.
+  void cancel(uint64_t recvSeq);
 
   // Rejects every pending request (the connection broke) and takes no more.
   void failAll(const kj::Exception& exception);
 
   uint32_t objectMaxBytes() const { return objectMaxBytes_; }
+
+  // Reads this lane, or null once it is destroyed: for callbacks that may outlive it (a
+  // dropped recv's cancel runs when its promise goes, perhaps after the Sidecar's lane).
+  std::shared_ptr<LaneClient* const> self() const { return self_; }
 
  private:
   struct Pending {
@@ -58,6 +70,7 @@ class LaneClient {
   void onCompletion(const std::vector<uint64_t>& words, uint64_t size);
 
   shm::LaneMemory memory_;
+  std::shared_ptr<LaneClient*> self_ = std::make_shared<LaneClient*>(this);
   uint32_t objectMaxBytes_;
   uint64_t nextSeq_ = 1;
   bool closed_ = false;

@@ -302,13 +302,19 @@ kj::Promise<Received> recvPromise(ImplT& impl, const std::string& dataId, uint32
     request.setDataId(dataId);
     request.setChunkId(chunkId);
     request.initRecv().setTimeoutMs(timeoutMs);
-    KJ_IF_MAYBE(answer, impl.lane->request(message, true)) {
+    uint64_t seq = 0;
+    KJ_IF_MAYBE(answer, impl.lane->request(message, true, &seq)) {
+      // Dropped before its answer came (its handle went unwaited), the recv is withdrawn from
+      // the daemon instead of holding its waiter and lane credits until its timeout.
+      auto lane = impl.lane->self();
       return answer->then([&impl, dataId, chunkId, timeoutMs](kj::Own<client::LaneAnswer> a) -> kj::Promise<Received> {
         auto completion = a->get();
         if (completion.isReceived()) return toReceived(impl, completion.getReceived());
         if (completion.isUseCall()) return recvCall(impl, dataId, chunkId, timeoutMs);
         throw Error(ErrorCode::kProtocolMismatch, "the daemon answered a lane recv with neither data nor an error");
-      });
+      }).attach(kj::defer([lane, seq]() {
+        if (*lane != nullptr) (*lane)->cancel(seq);
+      }));
     }
   }
   return recvCall(impl, dataId, chunkId, timeoutMs);

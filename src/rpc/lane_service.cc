@@ -125,13 +125,31 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
       complete(number, nullptr, e);
       return;
     }
+    if (recvs_.count(number) != 0) {
+      close("it reused the seq of a recv still waiting (" + std::to_string(number) + ")");
+      return;
+    }
+    PendingRecv& pending = recvs_[number];
+    pending.canceler = kj::heap<kj::Canceler>();
+    pending.reserve = reserve;
     // Answered from inside the store of the chunk it waits for (TransferBackend::recvInto).
-    tasks_.add(backend_.recvInto(
+    auto answered = backend_.recvInto(
         session_, std::move(dataId), chunkId, timeoutMs,
         [this, number, reserve](kj::Maybe<RecvReply&> reply, const kj::Exception* failure) {
+          auto it = recvs_.find(number);
+          if (it != recvs_.end()) it->second.answered = true;  // a cancel now changes nothing
           credits_.give(reserve);
           complete(number, reply, failure);
-        }));
+        });
+    tasks_.add(pending.canceler->wrap(kj::mv(answered))
+                   .then([this, number]() { recvs_.erase(number); },
+                         [this, number](kj::Exception&&) { recvs_.erase(number); }));
+    return;
+  }
+  if (req.isCancel()) {
+    cancelRecv(req.getCancel());
+    credits_.give(reserve);
+    complete(number, nullptr, nullptr);
     return;
   }
   bool inlineTensor = false;
@@ -159,6 +177,18 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
       }));
 }
 
+void LaneService::cancelRecv(uint64_t seq) {
+  auto it = recvs_.find(seq);
+  if (it == recvs_.end() || it->second.answered) return;  // answered, or no recv of ours
+  PendingRecv pending = std::move(it->second);
+  recvs_.erase(it);
+  // Destroys the waiting recv (it leaves the table) before this returns.
+  pending.canceler->cancel("the client dropped the recv");
+  credits_.give(pending.reserve);
+  auto cancelled = transferError("cancelled", "the recv was dropped by its client before its data came");
+  complete(seq, nullptr, &cancelled);
+}
+
 kj::Promise<void> LaneService::dispatch(proto::LaneRequest::Reader request,
                                         std::shared_ptr<const Keep> keep) {
   std::string dataId = text(request.getDataId());
@@ -174,7 +204,8 @@ kj::Promise<void> LaneService::dispatch(proto::LaneRequest::Reader request,
       return sendPayload(backend_, session_, std::move(header), send.getPayload(), std::move(keep));
     }
     case proto::LaneRequest::RECV:
-      break;  // onRecord answers it through recvInto
+    case proto::LaneRequest::CANCEL:
+      break;  // onRecord answers them
     case proto::LaneRequest::MARK_DONE:
       return backend_.markDone(session_, dataId, chunkId);
   }

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "lane/lane_credits.h"
@@ -65,6 +66,9 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
   // A send or markDone (a recv goes through TransferBackend::recvInto).
   kj::Promise<void> dispatch(proto::LaneRequest::Reader request, std::shared_ptr<const Keep> keep);
   void complete(uint64_t seq, kj::Maybe<RecvReply&> reply, const kj::Exception* failure);
+  // A `cancel` request: the recv with that seq, if it still waits, leaves the table and is
+  // answered [cancelled].
+  void cancelRecv(uint64_t seq);
   void close(const std::string& why);
   void taskFailed(kj::Exception&& exception) override;
 
@@ -75,6 +79,14 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
   shm::LaneMemory memory_;
   lane::LaneEndpoint endpoint_;
   lane::LaneCredits credits_;  // the client's, mirrored
+  // Recvs still in tasks_, by seq. `answered`: its completion is written (the entry goes on a
+  // later turn), so a cancel must not answer it again.
+  struct PendingRecv {
+    kj::Own<kj::Canceler> canceler;
+    uint64_t reserve = 0;
+    bool answered = false;
+  };
+  std::unordered_map<uint64_t, PendingRecv> recvs_;  // before tasks_: destroyed after it
   kj::TaskSet tasks_;
 };
 

@@ -307,6 +307,82 @@ void buildMarkDone(capnp::MallocMessageBuilder& message, uint64_t seq, const std
   request.setMarkDone();
 }
 
+// The daemon's waiters (from `sidecarctl status`'s transfer summary), once they are `expected`
+// or after 5 s. Asked from a thread of its own: this one may have a raw client's event loop.
+uint64_t waitersOnceThey(const LocalDaemon& daemon, uint64_t expected) {
+  uint64_t waiters = 0;
+  std::thread asker([&] {
+    for (int i = 0; i < 500; ++i) {
+      waiters = sidecar::Client::connectUnix(daemon.socket()).transfers().waiters;
+      if (waiters == expected) break;
+      std::this_thread::sleep_for(10ms);
+    }
+  });
+  asker.join();
+  return waiters;
+}
+
+// A `cancel` request withdraws a waiting recv: the recv is answered [cancelled] (its credits come
+// back), the cancel `done`; cancelling it again, or a seq that is no waiting recv, is `done` and
+// changes nothing.
+TEST_F(LaneTest, RawCancelWithdrawsAWaitingRecv) {
+  RawLaneClient raw(daemon_.socket(), 0);
+  ASSERT_GT(raw.openLane(), 0u);
+  capnp::MallocMessageBuilder recv;
+  buildRecv(recv, 1, "lane-never-sent", 60'000);
+  ASSERT_TRUE(raw.push(recv));
+  EXPECT_EQ(waitersOnceThey(daemon_, 1), 1u);
+  auto cancel = [&](uint64_t seq, uint64_t target) {
+    capnp::MallocMessageBuilder message;
+    auto request = message.initRoot<proto::LaneRequest>();
+    request.setSeq(seq);
+    request.setCancel(target);
+    return raw.push(message);
+  };
+  ASSERT_TRUE(cancel(2, 1));
+  Completion c = readCompletion(raw);
+  EXPECT_EQ(c.seq, 1u);
+  EXPECT_EQ(c.what.rfind("[cancelled]", 0), 0u) << c.what;
+  c = readCompletion(raw);
+  EXPECT_EQ(c.seq, 2u);
+  EXPECT_EQ(c.what, "done");
+  EXPECT_EQ(waitersOnceThey(daemon_, 0), 0u);
+  ASSERT_TRUE(cancel(3, 1));   // again
+  ASSERT_TRUE(cancel(4, 99));  // never a request
+  c = readCompletion(raw);
+  EXPECT_EQ(c.seq, 3u);
+  EXPECT_EQ(c.what, "done");
+  c = readCompletion(raw);
+  EXPECT_EQ(c.seq, 4u);
+  EXPECT_EQ(c.what, "done");
+}
+
+// recvAsync handles dropped unwaited withdraw their recvs from the daemon: none is left waiting,
+// and the lane's credits come back, so later requests still go over the lane (without the cancel,
+// each held ~17 KiB of credit until its 60 s timeout, and the lane ran dry after ~60).
+TEST_F(LaneTest, DroppedRecvsAreWithdrawnFromTheDaemon) {
+  Sidecar receiver = Sidecar::connect(daemon_.rankConfig(2));
+  Sidecar sender = Sidecar::connect(daemon_.rankConfig(3));
+  for (int i = 0; i < 200; ++i) {
+    sidecar::RecvHandle dropped = receiver.recvAsync("lane-dropped-" + std::to_string(i), 0, 60'000);
+  }
+  EXPECT_EQ(waitersOnceThey(daemon_, 0), 0u);
+  // A round trip runs this client's loop: the answers to the cancelled recvs come in, and with
+  // them their credits.
+  sender.send("lane-round-trip", Object{1, "x"}, {{2}}).wait();
+  receiver.recv("lane-round-trip", 0, kRecvTimeoutMs);
+  receiver.markDone("lane-round-trip", 0);
+  // A recv goes over the lane again: it is in the daemon's table at once, while this thread only
+  // waits for the count (a call would stay in this client's write buffer until its loop runs).
+  sidecar::RecvHandle pending = receiver.recvAsync("lane-after-drops", 0, kRecvTimeoutMs);
+  EXPECT_EQ(waitersOnceThey(daemon_, 1), 1u);
+  sender.send("lane-after-drops", Object{1, "still on the lane"}, {{2}}).wait();
+  Received r = pending.wait();
+  ASSERT_EQ(r.kind, Received::Kind::kObject);
+  EXPECT_EQ(r.object.bytes, "still on the lane");
+  receiver.markDone("lane-after-drops", 0);
+}
+
 TEST_F(LaneTest, RawLaneAnswersOutOfOrderAndKeepsTheLaneOpenOnBadRequests) {
   {
     RawLaneClient raw(daemon_.socket(), 0);
