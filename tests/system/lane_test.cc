@@ -383,6 +383,24 @@ TEST_F(LaneTest, DroppedRecvsAreWithdrawnFromTheDaemon) {
   receiver.markDone("lane-after-drops", 0);
 }
 
+// The same from a session on a core that does not own the transfers (the recv reaches the table
+// through the owner's executor, and its withdrawal through the same).
+TEST(LaneOtherCore, DroppedRecvsAreWithdrawnToo) {
+  if (coresToUse() < 2) GTEST_SKIP() << "needs 2 CPUs for a daemon with 2 cores";
+  LocalDaemon daemon;
+  ASSERT_NO_FATAL_FAILURE(daemon.start("lanes-2cores", "64MiB", {"--cores", "2"}));
+  // Connections are dealt to the cores in turn: this one takes core 0, the receiver's core 1.
+  sidecar::Client first = sidecar::Client::connectUnix(daemon.socket());
+  Sidecar receiver = Sidecar::connect(daemon.rankConfig(2));
+  auto cores = first.status().cores;
+  ASSERT_EQ(cores.size(), 2u);
+  ASSERT_EQ(cores[1].lanes, 1u) << "the receiver's lane is not on core 1";
+  for (int i = 0; i < 100; ++i) {
+    sidecar::RecvHandle dropped = receiver.recvAsync("lane-dropped-" + std::to_string(i), 0, 60'000);
+  }
+  EXPECT_EQ(waitersOnceThey(daemon, 0), 0u);
+}
+
 TEST_F(LaneTest, RawLaneAnswersOutOfOrderAndKeepsTheLaneOpenOnBadRequests) {
   {
     RawLaneClient raw(daemon_.socket(), 0);
