@@ -86,8 +86,6 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
   };
   capnp::ReaderOptions options{words.size() * 4 + 64, 16};
   std::optional<capnp::FlatArrayMessageReader> inPlace;
-  std::shared_ptr<std::vector<uint64_t>> owned;
-  std::shared_ptr<capnp::FlatArrayMessageReader> reader;
   kj::Maybe<uint64_t> seq;
   kj::Maybe<proto::LaneRequest::Reader> request;
   // The reader checks the segment table as it is made: garbage throws there already.
@@ -114,36 +112,7 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
   uint64_t number = KJ_ASSERT_NONNULL(seq);
   auto& req = KJ_ASSERT_NONNULL(request);
   if (req.isRecv()) {
-    std::string dataId;
-    uint32_t chunkId = 0, timeoutMs = 0;
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
-      dataId = text(req.getDataId());
-      chunkId = req.getChunkId();
-      timeoutMs = req.getRecv().getTimeoutMs();
-    })) {
-      credits_.give(reserve);
-      complete(number, nullptr, e);
-      return;
-    }
-    if (recvs_.count(number) != 0) {
-      close("it reused the seq of a recv still waiting (" + std::to_string(number) + ")");
-      return;
-    }
-    PendingRecv& pending = recvs_[number];
-    pending.canceler = kj::heap<kj::Canceler>();
-    pending.reserve = reserve;
-    // Answered from inside the store of the chunk it waits for (TransferBackend::recvInto).
-    auto answered = backend_.recvInto(
-        session_, std::move(dataId), chunkId, timeoutMs,
-        [this, number, reserve](kj::Maybe<RecvReply&> reply, const kj::Exception* failure) {
-          auto it = recvs_.find(number);
-          if (it != recvs_.end()) it->second.answered = true;  // a cancel now changes nothing
-          credits_.give(reserve);
-          complete(number, reply, failure);
-        });
-    tasks_.add(pending.canceler->wrap(kj::mv(answered))
-                   .then([this, number]() { recvs_.erase(number); },
-                         [this, number](kj::Exception&&) { recvs_.erase(number); }));
+    startRecv(number, reserve, req);
     return;
   }
   if (req.isCancel()) {
@@ -160,8 +129,8 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
   }
   std::shared_ptr<const Keep> keep;
   if (inlineTensor) {
-    owned = std::make_shared<std::vector<uint64_t>>(words);
-    reader = std::make_shared<capnp::FlatArrayMessageReader>(segment(*owned), options);
+    auto owned = std::make_shared<std::vector<uint64_t>>(words);
+    auto reader = std::make_shared<capnp::FlatArrayMessageReader>(segment(*owned), options);
     req = reader->getRoot<proto::LaneRequest>();
     keep = std::make_shared<Keep>(owned, reader);
   }
@@ -175,6 +144,41 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
         credits_.give(reserve);
         complete(number, nullptr, &e);
       }));
+}
+
+void LaneService::startRecv(uint64_t seq, uint64_t reserve, proto::LaneRequest::Reader request) {
+  std::string dataId;
+  uint32_t chunkId = 0, timeoutMs = 0;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    dataId = text(request.getDataId());
+    chunkId = request.getChunkId();
+    timeoutMs = request.getRecv().getTimeoutMs();
+  })) {
+    credits_.give(reserve);
+    complete(seq, nullptr, e);
+    return;
+  }
+  if (recvs_.count(seq) != 0) {
+    close("it reused the seq of a recv still waiting (" + std::to_string(seq) + ")");
+    return;
+  }
+  PendingRecv& pending = recvs_[seq];
+  pending.canceler = kj::heap<kj::Canceler>();
+  pending.reserve = reserve;
+  // Answered from inside the store of the chunk it waits for (TransferBackend::recvInto).
+  auto answered = backend_.recvInto(
+      session_, std::move(dataId), chunkId, timeoutMs,
+      [this, seq, reserve](kj::Maybe<RecvReply&> reply, const kj::Exception* failure) {
+        auto it = recvs_.find(seq);
+        if (it != recvs_.end()) it->second.answered = true;  // a cancel now changes nothing
+        credits_.give(reserve);
+        complete(seq, reply, failure);
+      });
+  // The entry goes once the recv's promise is done (not from inside its answer, which runs
+  // within it).
+  tasks_.add(pending.canceler->wrap(kj::mv(answered))
+                 .then([this, seq]() { recvs_.erase(seq); },
+                       [this, seq](kj::Exception&&) { recvs_.erase(seq); }));
 }
 
 void LaneService::cancelRecv(uint64_t seq) {
@@ -210,7 +214,7 @@ kj::Promise<void> LaneService::dispatch(proto::LaneRequest::Reader request,
       return backend_.markDone(session_, dataId, chunkId);
   }
   return transferError("invalid-argument",
-                       "a lane request that is none of send, recv, markDone (a newer client?)");
+                       "a lane request that is none of send, recv, markDone, cancel (a newer client?)");
 }
 
 void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const kj::Exception* failure) {

@@ -66,6 +66,8 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
   // A send or markDone (a recv goes through TransferBackend::recvInto).
   kj::Promise<void> dispatch(proto::LaneRequest::Reader request, std::shared_ptr<const Keep> keep);
   void complete(uint64_t seq, kj::Maybe<RecvReply&> reply, const kj::Exception* failure);
+  // A recv: answered through TransferBackend::recvInto, withdrawn by a later `cancel`.
+  void startRecv(uint64_t seq, uint64_t reserve, proto::LaneRequest::Reader request);
   // A `cancel` request: the recv with that seq, if it still waits, leaves the table and is
   // answered [cancelled].
   void cancelRecv(uint64_t seq);
