@@ -85,33 +85,7 @@ class NodeTransfers::AllocateWaiter final : public shm::AllocationWaiter {
   shm::SlabAllocator& allocator_;
 };
 
-// Bridges a queued recv to a promise; its destructor withdraws the recv.
-class NodeTransfers::RecvAdapter final : public transfer::RecvWaiter {
- public:
-  RecvAdapter(kj::PromiseFulfiller<rpc::RecvReply>& fulfiller, transfer::TransferTable& table,
-              transfer::Rank rank, const std::string& dataId, uint32_t chunkId)
-      : fulfiller_(fulfiller), table_(table) {
-    table_.recv(rank, dataId, chunkId, *this);
-  }
-  ~RecvAdapter() {
-    if (!completed_) table_.cancel(*this);
-  }
-  void complete(transfer::Result<transfer::RecvValue> result) override {
-    completed_ = true;
-    if (auto* error = std::get_if<transfer::Error>(&result)) {
-      fulfiller_.reject(transferError(*error));
-      return;
-    }
-    fulfiller_.fulfill(replyOf(std::get<transfer::RecvValue>(result)));
-  }
-
- private:
-  kj::PromiseFulfiller<rpc::RecvReply>& fulfiller_;
-  transfer::TransferTable& table_;
-  bool completed_ = false;
-};
-
-// The answer of a recvInto, given once: by the table (the chunk came, or the recv failed) or by
+// The answer of a recv, given once: by the table (the chunk came, or the recv failed) or by
 // the timeout, whichever is first.
 class NodeTransfers::RecvOnce {
  public:
@@ -130,7 +104,7 @@ class NodeTransfers::RecvOnce {
   bool given_ = false;
 };
 
-// A recvInto's place in the table: answers from inside the table's call that completes it, then
+// A recv's place in the table: answers from inside the table's call that completes it, then
 // resolves its promise. Its destructor withdraws the recv.
 class NodeTransfers::RecvCallback final : public transfer::RecvWaiter {
  public:
@@ -555,15 +529,20 @@ kj::Promise<void> NodeTransfers::closeStream(rpc::SessionId id, std::string data
 kj::Promise<rpc::RecvReply> NodeTransfers::recv(rpc::SessionId id, std::string dataId,
                                                 uint32_t chunkId, uint32_t timeoutMs) {
   return onOwner([this, id, dataId = std::move(dataId), chunkId,
-                  timeoutMs]() -> kj::Promise<rpc::RecvReply> {
-    Session& s = session(id);
-    auto waiting = kj::newAdaptedPromise<rpc::RecvReply, RecvAdapter>(
-        table_, s.registration.rank, dataId, chunkId);
-    if (timeoutMs == 0) return waiting;
-    return waiting.exclusiveJoin(timer_->afterDelay(timeoutMs * kj::MILLISECONDS)
-                                     .then([dataId, chunkId, timeoutMs]() -> rpc::RecvReply {
-                                       throw recvTimeout(dataId, chunkId, timeoutMs);
-                                     }));
+                  timeoutMs]() mutable -> kj::Promise<rpc::RecvReply> {
+    auto reply = kj::newPromiseAndFulfiller<rpc::RecvReply>();
+    auto waiting = recvOnOwner(
+        id, std::move(dataId), chunkId, timeoutMs,
+        [fulfiller = kj::mv(reply.fulfiller)](kj::Maybe<rpc::RecvReply&> answer,
+                                              const kj::Exception* failure) mutable {
+          KJ_IF_MAYBE(r, answer) {
+            fulfiller->fulfill(kj::cp(*r));
+          } else {
+            fulfiller->reject(kj::cp(*failure));
+          }
+        });
+    // Dropping the reply withdraws the recv (and its timeout) with it.
+    return reply.promise.attach(waiting.eagerlyEvaluate(nullptr));
   });
 }
 
@@ -579,6 +558,11 @@ kj::Promise<void> NodeTransfers::recvInto(rpc::SessionId id, std::string dataId,
   if (std::this_thread::get_id() != ownerThread_) {
     return TransferBackend::recvInto(id, std::move(dataId), chunkId, timeoutMs, kj::mv(answer));
   }
+  return recvOnOwner(id, std::move(dataId), chunkId, timeoutMs, kj::mv(answer));
+}
+
+kj::Promise<void> NodeTransfers::recvOnOwner(rpc::SessionId id, std::string dataId, uint32_t chunkId,
+                                             uint32_t timeoutMs, RecvAnswer answer) {
   auto once = std::make_shared<RecvOnce>(kj::mv(answer));
   kj::Maybe<kj::Promise<void>> waiting;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {

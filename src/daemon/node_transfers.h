@@ -110,7 +110,6 @@ class NodeTransfers final : public rpc::TransferBackend,
     bool orphaned = false;
   };
   class AllocateWaiter;
-  class RecvAdapter;
   class RecvOnce;
   class RecvCallback;
   class AckChannel;
@@ -149,6 +148,10 @@ class NodeTransfers final : public rpc::TransferBackend,
   kj::PromiseForResult<Func, void> onOwner(Func&& func);
   Session& session(rpc::SessionId id);
   static kj::Exception recvTimeout(const std::string& dataId, uint32_t chunkId, uint32_t timeoutMs);
+  // Every recv, on the owner core: `answer` runs once, from inside the store of the chunk, or
+  // with the failure (the timeout included); dropping the promise withdraws the recv.
+  kj::Promise<void> recvOnOwner(rpc::SessionId id, std::string dataId, uint32_t chunkId,
+                                uint32_t timeoutMs, RecvAnswer answer);
   void dropSession(rpc::SessionId id);
   kj::Promise<void> expireLoop();
   kj::Promise<shm::Allocation> allocateBytes(uint64_t sizeBytes, uint64_t hint, uint32_t waitMs);
