@@ -14,7 +14,10 @@
 // gbps = bytes / median one-way time (decimal GB/s, as ucx_perftest's MB/s are decimal).
 // Then, per size of at least 1 MiB, a stream like ucx_perftest's tag_bw: `streamCount` transfers
 // sent back to back with up to `window` sends in flight (each allocated in A's arena, waiting for
-// space when it is full), received in order, each marked done at once; prints
+// space when it is full), received in order, each marked done at once, after `streamWarmup`
+// untimed streams of the same shape (ucx_perftest warms up too, and reuses one buffer: a fresh
+// arena's first pass through its slabs pays a page fault per 4 KiB page on both nodes where
+// there are no huge pages, which on the dev VM cut the figure to a third); prints
 //   {"name":"stream_64MiB","bytes":..,"count":..,"gbps":..}
 // gbps = count * bytes / (last arrival on B - first send on A).
 //
@@ -27,6 +30,7 @@
 //
 // Usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes 4096,1048576,67108864]
 //                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2] [--pingpong 0]
+//                    [--stream-count 16] [--window 4] [--stream-warmup 1]
 
 #include <CLI/CLI.hpp>
 #include <sidecar/sidecar.h>
@@ -91,6 +95,7 @@ struct Options {
   int warmup = 5;
   int streamCount = 16;
   int window = 4;
+  int streamWarmup = 1;  // untimed streams per size before the timed one
   int rankA = 0;  // the sender, served by node A
   int rankB = 2;  // the receiver, served by node B
   int pingpong = 0;  // round trips per size under 1 MiB (0: none)
@@ -113,6 +118,10 @@ Options parse(int argc, char** argv) {
   app.add_option("--stream-count", o.streamCount, "streamed transfers per size (0: none)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--window", o.window, "streamed transfers in flight")->check(CLI::Range(1, 1024));
+  app.add_option("--stream-warmup", o.streamWarmup,
+                 "untimed streams per size before the timed one (a fresh arena's first pass pays "
+                 "its page faults)")
+      ->check(CLI::Range(0, 100));
   app.add_option("--pingpong", o.pingpong, "timed round trips per size under 1 MiB (0: none)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--times", o.timesPath,
@@ -130,7 +139,10 @@ std::string idOf(uint64_t size, int i) { return "xnode-" + std::to_string(size) 
 std::string pingIdOf(uint64_t size, int i) { return "xping-" + std::to_string(size) + "-" + std::to_string(i); }
 std::string pongIdOf(uint64_t size, int i) { return "xpong-" + std::to_string(size) + "-" + std::to_string(i); }
 bool pingponged(const Options& o, uint64_t size) { return o.pingpong > 0 && size < (1u << 20); }
-std::string streamIdOf(uint64_t size, int i) { return "xstream-" + std::to_string(size) + "-" + std::to_string(i); }
+// Pass 0 is the timed stream; passes 1.. are the warm-up streams before it.
+std::string streamIdOf(uint64_t size, int i, int pass = 0) {
+  return "xstream-" + std::to_string(pass) + "-" + std::to_string(size) + "-" + std::to_string(i);
+}
 bool streamed(const Options& o, uint64_t size) { return o.streamCount > 0 && size >= (1u << 20); }
 
 sidecar::Sidecar connectRank(int rank, const std::string& socket) {
@@ -175,16 +187,18 @@ void checkStamp(const sidecar::Received& r, uint64_t size, uint64_t number, cons
     }
     for (uint64_t size : o.sizes) {
       if (!streamed(o, size)) continue;
-      char ready = 1;
-      writeAll(readyFd, &ready, 1);
-      uint64_t arrived = 0;
-      for (int k = 0; k < o.streamCount; ++k) {
-        sidecar::Received r = sc.recv(streamIdOf(size, k), 0, 60'000);
-        arrived = nowNs();
-        checkStamp(r, size, uint64_t(k), streamIdOf(size, k));
-        sc.markDone(streamIdOf(size, k), 0);
+      for (int pass = o.streamWarmup; pass >= 0; --pass) {
+        char ready = 1;
+        writeAll(readyFd, &ready, 1);
+        uint64_t arrived = 0;
+        for (int k = 0; k < o.streamCount; ++k) {
+          sidecar::Received r = sc.recv(streamIdOf(size, k, pass), 0, 60'000);
+          arrived = nowNs();
+          checkStamp(r, size, uint64_t(k), streamIdOf(size, k, pass));
+          sc.markDone(streamIdOf(size, k, pass), 0);
+        }
+        writeAll(stampFd, &arrived, sizeof arrived);
       }
-      writeAll(stampFd, &arrived, sizeof arrived);
     }
     for (uint64_t size : o.sizes) {
       if (!pingponged(o, size)) continue;
@@ -252,25 +266,27 @@ int main(int argc, char** argv) {
     if (times != nullptr) std::fclose(times);
     for (uint64_t size : o.sizes) {
       if (!streamed(o, size)) continue;
-      char r = 0;
-      readAll(ready[0], &r, 1);
-      std::deque<sidecar::SendHandle> inFlight;
-      uint64_t started = nowNs();
-      for (int k = 0; k < o.streamCount; ++k) {
-        if (int(inFlight.size()) >= o.window) {
+      uint64_t started = 0, arrived = 0;
+      for (int pass = o.streamWarmup; pass >= 0; --pass) {
+        char r = 0;
+        readAll(ready[0], &r, 1);
+        std::deque<sidecar::SendHandle> inFlight;
+        started = nowNs();
+        for (int k = 0; k < o.streamCount; ++k) {
+          if (int(inFlight.size()) >= o.window) {
+            inFlight.front().wait();
+            inFlight.pop_front();
+          }
+          auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
+          stamp(tensor, size, uint64_t(k));
+          inFlight.push_back(sc.send(streamIdOf(size, k, pass), std::move(tensor), {{o.rankB}}));
+        }
+        while (!inFlight.empty()) {
           inFlight.front().wait();
           inFlight.pop_front();
         }
-        auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
-        stamp(tensor, size, uint64_t(k));
-        inFlight.push_back(sc.send(streamIdOf(size, k), std::move(tensor), {{o.rankB}}));
+        readAll(stamps[0], &arrived, sizeof arrived);
       }
-      while (!inFlight.empty()) {
-        inFlight.front().wait();
-        inFlight.pop_front();
-      }
-      uint64_t arrived = 0;
-      readAll(stamps[0], &arrived, sizeof arrived);
       double seconds = double(arrived - started) / 1e9;
       std::printf("{\"name\":\"stream_%s\",\"bytes\":%llu,\"count\":%d,\"window\":%d,\"gbps\":%.3f}\n",
                   sizeName(size).c_str(), (unsigned long long)size, o.streamCount, o.window,
