@@ -127,7 +127,7 @@ enum Key : size_t {
   kNodeId, kLogLevel, kLogFormat,
   kSocket, kTcp,
   kCores, kCpus, kSpinUs, kRingEntries,
-  kArenaSize, kArenaPages, kArenaLock,
+  kArenaSize, kArenaPages, kArenaLock, kArenaPopulate,
   kSendTimeoutMs, kObjectBytesMax, kTtlMs, kWorldSize,
   kPeerRanks, kPeerDnsTemplate, kLocalRanks, kNodeRank, kAdvertise, kPeerTimeoutMs,
   kPeerUcxMessages, kPeerAckDelayUs,
@@ -324,6 +324,8 @@ bool parseBool(std::string_view v) {
 
 void applyArenaLock(Config& c, std::string_view v) { c.arenaLock = parseBool(v); }
 
+void applyArenaPopulate(Config& c, std::string_view v) { c.arenaPopulate = parseBool(v); }
+
 void applyPeerUcxMessages(Config& c, std::string_view v) { c.peers.ucxMessages = parseBool(v); }
 
 constexpr const char* kAckDelayAccepted = "must be an integer from 0 to 10000 (microseconds)";
@@ -359,6 +361,11 @@ const std::array<Setting, kKeyCount> kSettings{{
      "auto|hugetlb-1g|hugetlb-2m|thp|plain", "KIND", applyArenaPages},
     {"arena", "lock", "SIDECAR_ARENA_LOCK", "arena-lock", Kind::kBool, "must be true or false",
      "mlock the arena (--no-arena-lock to override the file or env)", "BOOL", applyArenaLock},
+    {"arena", "populate", "SIDECAR_ARENA_POPULATE", "arena-populate", Kind::kBool,
+     "must be true or false",
+     "Fault in every arena page at start, so the first transfers pay no page faults "
+     "(--no-arena-populate to override the file or env)",
+     "BOOL", applyArenaPopulate},
     {"transfer", "send_timeout_ms", "SIDECAR_SEND_TIMEOUT_MS", "send-timeout-ms", Kind::kInteger,
      kTimeoutAccepted, "How long a send waits for arena space before failing", "MS",
      applySendTimeoutMs},
@@ -721,13 +728,13 @@ std::string describeRankMap(const std::vector<RankRange>& ranks) {
 std::string describeConfig(const Config& c) {
   return fmt::format(
       "config: file={} node_id={} socket={} tcp={} cores={} cpus={} spin_us={} ring_entries={} "
-      "log_level={} log_format={} arena_size={} arena_pages={} arena_lock={} peers={} "
+      "log_level={} log_format={} arena_size={} arena_pages={} arena_lock={} arena_populate={} peers={} "
       "dns_template={} local_ranks={} advertise={} peer_timeout_ms={} peer_ucx_messages={} "
       "peer_ack_delay_us={}",
       c.configPath.empty() ? "(none)" : c.configPath, c.nodeId, c.socketPath,
       c.tcpListen.empty() ? "off" : c.tcpListen, c.cores,
       c.cpuList.empty() ? "auto" : formatCpuList(c.cpuList), c.spinUs, c.ringEntries, c.logLevel,
-      c.logFormat, formatSize(c.arenaBytes), c.arenaPages, c.arenaLock,
+      c.logFormat, formatSize(c.arenaBytes), c.arenaPages, c.arenaLock, c.arenaPopulate,
       c.peers.ranks.empty() ? "(none)" : describeRankMap(c.peers.ranks),
       c.peers.dnsTemplate.empty() ? "(none)" : c.peers.dnsTemplate,
       c.peers.localRanks.empty()

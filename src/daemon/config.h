@@ -44,6 +44,7 @@ struct Config {
   uint64_t arenaBytes = 0;  // 0 = default sized for the machine (decided by the arena module)
   std::string arenaPages = "auto";  // auto|hugetlb-1g|hugetlb-2m|thp|plain
   bool arenaLock = false;           // mlock the arena
+  bool arenaPopulate = false;       // pre-fault every page of the arena at start
   // Transfers.
   uint32_t sendTimeoutMs = 30'000;     // a send waits this long for arena space, then fails
   uint64_t objectBytesMax = 1 << 20;   // largest small object (rides in a control message)

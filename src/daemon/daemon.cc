@@ -49,6 +49,7 @@ void Daemon::start() {
   if (!(kind.ok())) KJ_FAIL_REQUIRE(kj::str("arena pages: ", kind.error().message.c_str()));
   arenaOptions.pageKind = *kind;
   arenaOptions.lockMemory = config_.arenaLock;
+  arenaOptions.populate = config_.arenaPopulate;
   auto arena = shm::Arena::create(arenaOptions);
   if (!(arena.ok())) KJ_FAIL_REQUIRE(kj::str("cannot create the arena of ",
                                  shm::formatBytes(arenaOptions.sizeBytes).c_str(), ": ",

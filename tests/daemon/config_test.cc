@@ -129,6 +129,7 @@ void expectDefaults(const Config& c) {
   EXPECT_EQ(c.arenaBytes, d.arenaBytes);
   EXPECT_EQ(c.arenaPages, d.arenaPages);
   EXPECT_EQ(c.arenaLock, d.arenaLock);
+  EXPECT_EQ(c.arenaPopulate, d.arenaPopulate);
   EXPECT_EQ(c.sendTimeoutMs, d.sendTimeoutMs);
   EXPECT_EQ(c.objectBytesMax, d.objectBytesMax);
   EXPECT_EQ(c.transferTtlMs, d.transferTtlMs);
@@ -266,6 +267,18 @@ TEST(ConfigLoad, FlagsOverrideEnvAndFile) {
 TEST(ConfigLoad, ArenaLockFlagOverridesFalse) {
   EXPECT_TRUE(ok(load({"--arena-lock"}, {{"SIDECAR_ARENA_LOCK", "0"}})).arenaLock);
   EXPECT_TRUE(ok(load({}, {{"SIDECAR_ARENA_LOCK", "ON"}})).arenaLock);
+}
+
+TEST(ConfigLoad, ArenaPopulateFromEachLayer) {
+  EXPECT_FALSE(ok(load({})).arenaPopulate);
+  TempToml file("[arena]\npopulate = true\n");
+  EXPECT_TRUE(ok(load({"--config", file.path()})).arenaPopulate);
+  EXPECT_TRUE(ok(load({}, {{"SIDECAR_ARENA_POPULATE", "yes"}})).arenaPopulate);
+  // The flag beats the environment, which beats the file.
+  EXPECT_FALSE(ok(load({"--config", file.path(), "--no-arena-populate"},
+                       {{"SIDECAR_ARENA_POPULATE", "1"}})).arenaPopulate);
+  EXPECT_FALSE(ok(load({"--config", file.path()}, {{"SIDECAR_ARENA_POPULATE", "off"}})).arenaPopulate);
+  EXPECT_TRUE(ok(load({"--arena-populate"}, {{"SIDECAR_ARENA_POPULATE", "0"}})).arenaPopulate);
 }
 
 // [peers] ucx_messages in all three layers, a later layer winning; a wrong value says what to do.
@@ -482,6 +495,14 @@ INSTANTIATE_TEST_SUITE_P(
         BadText{"SIDECAR_ARENA_SIZE", "--arena-size", "12XB", "not a size"},
         BadText{"SIDECAR_ARENA_PAGES", "--arena-pages", "2m", "hugetlb-2m"}));
 
+TEST(ConfigErrors, ArenaPopulateMustBeBoolean) {
+  EXPECT_EQ(error(load({}, {{"SIDECAR_ARENA_POPULATE", "sometimes"}})),
+            "sidecard: config error: SIDECAR_ARENA_POPULATE=\"sometimes\": must be true or false "
+            "(also 1/0, yes/no, on/off)");
+  TempToml file("[arena]\npopulate = \"yes\"\n");
+  EXPECT_NE(error(load({"--config", file.path()})).find("[arena] populate"), std::string::npos);
+}
+
 TEST(ConfigErrors, ArenaLockEnvMustBeBoolean) {
   EXPECT_EQ(error(load({}, {{"SIDECAR_ARENA_LOCK", "maybe"}})),
             "sidecard: config error: SIDECAR_ARENA_LOCK=\"maybe\": must be true or false (also "
@@ -625,7 +646,7 @@ TEST(ConfigHelp, HelpExitsZeroAndListsFlagsAndVariables) {
     EXPECT_EQ(exit->code, 0);
     for (const char* want : {"Usage", "--config", "--socket", "--tcp", "--node-id", "--cores",
                              "--cpus", "--spin-us", "--ring-entries", "--log-level",
-                             "--arena-size", "--arena-pages", "--arena-lock", "--version",
+                             "--arena-size", "--arena-pages", "--arena-lock", "--arena-populate", "--version",
                              "SIDECAR_CORES", "SIDECAR_CONFIG", "Precedence"}) {
       EXPECT_NE(exit->text.find(want), std::string::npos) << want << " missing from\n"
                                                           << exit->text;
@@ -681,7 +702,7 @@ TEST(ConfigExample, UncommentedKeysAreExactlyTheDefaults) {
     }
     content += line + "\n";
   }
-  EXPECT_EQ(keys, 23);  // every key of Config but configPath and [peers] rank (no default)
+  EXPECT_EQ(keys, 24);  // every key of Config but configPath and [peers] rank (no default)
   TempToml file(content);
   Config c = ok(load({"--config", file.path()}));
   expectDefaults(c);

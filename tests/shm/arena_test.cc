@@ -3,11 +3,15 @@
 #include "shm/arena.h"
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstring>
+#include <vector>
 
 #include "shm/sizes.h"
 
@@ -35,6 +39,26 @@ TEST(ShmArena, PlainIsAlwaysAvailable) {
   ASSERT_TRUE(arena.ok()) << arena.error().message;
   EXPECT_EQ(arena->pageKind(), PageKind::Plain);
   EXPECT_EQ(arena->sizeBytes(), 8192u) << "rounded up to the page size";
+}
+
+// Pages of the arena's mapping that are in memory (mincore), out of all of them.
+size_t residentPages(const Arena& arena) {
+  auto pageBytes = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> resident((arena.sizeBytes() + pageBytes - 1) / pageBytes);
+  EXPECT_EQ(mincore(arena.base(), arena.sizeBytes(), resident.data()), 0) << std::strerror(errno);
+  return static_cast<size_t>(std::count_if(resident.begin(), resident.end(),
+                                           [](unsigned char r) { return (r & 1) != 0; }));
+}
+
+TEST(ShmArena, PopulateFaultsEveryPageInAtCreate) {
+  auto pageBytes = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  Result<Arena> lazy = Arena::create({.sizeBytes = 4 * kMiB, .pageKind = PageKind::Plain});
+  ASSERT_TRUE(lazy.ok()) << lazy.error().message;
+  EXPECT_EQ(residentPages(*lazy), 0u) << "a plain arena is backed on first touch";
+  Result<Arena> populated =
+      Arena::create({.sizeBytes = 4 * kMiB, .pageKind = PageKind::Plain, .populate = true});
+  ASSERT_TRUE(populated.ok()) << populated.error().message;
+  EXPECT_EQ(residentPages(*populated), 4 * kMiB / pageBytes);
 }
 
 TEST(ShmArena, ZeroSizeIsRejected) {
