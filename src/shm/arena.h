@@ -40,7 +40,8 @@ struct ArenaOptions {
   uint64_t sizeBytes = 0;           // required, > 0; rounded up to the page size obtained
   PageKind pageKind = PageKind::Auto;
   bool lockMemory = false;          // mlock the mapping (needs RLIMIT_MEMLOCK >= sizeBytes)
-  bool populate = false;            // pre-fault every page at create time (MAP_POPULATE)
+  bool populate = false;            // pre-fault every page at create time (MAP_POPULATE for
+                                    // hugetlb; else MADV_POPULATE_WRITE, or a store per page)
   std::string name = "sidecar-arena";  // memfd name, visible in /proc/<pid>/fd and maps
 };
 
