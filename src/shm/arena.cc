@@ -70,14 +70,17 @@ std::byte* mapAligned(int fd, uint64_t sizeBytes, uint64_t alignBytes, int extra
   return static_cast<std::byte*>(mapped);
 }
 
-// Faults every page of a new mapping in, writable. MADV_POPULATE_WRITE (Linux 5.14) does it in
-// one call; older kernels get one store per page (the arena is new and all zero, and nobody else
-// maps it yet, so storing a zero changes nothing).
-void prefault(std::byte* base, uint64_t sizeBytes) {
-  if (::madvise(base, sizeBytes, MADV_POPULATE_WRITE) == 0) return;
+// Faults every page of a new shmem mapping in, writable; returns 0 or the errno of the failure
+// (ENOMEM: the memory is not there). MADV_POPULATE_WRITE (Linux 5.14) does it in one call; a
+// kernel without it (EINVAL) gets one store per page (the arena is new and all zero, and nobody
+// else maps it yet, so storing a zero changes nothing).
+int prefault(std::byte* base, uint64_t sizeBytes) {
+  if (::madvise(base, sizeBytes, MADV_POPULATE_WRITE) == 0) return 0;
+  if (errno != EINVAL) return errno;
   auto pageBytes = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   volatile std::byte* bytes = base;
   for (uint64_t offset = 0; offset < sizeBytes; offset += pageBytes) bytes[offset] = std::byte{0};
+  return 0;
 }
 
 struct Attempt {
@@ -177,9 +180,7 @@ Attempt tryShmem(const ArenaOptions& options, bool wantThp) {
     ::munmap(a.base, a.sizeBytes);
     a.base = nullptr;
   } else {
-    // MAP_POPULATE would fault before madvise(MADV_HUGEPAGE); fault the pages in after it.
-    if (options.populate) prefault(a.base, a.sizeBytes);
-    return a;
+    return a;  // populated by create(), after madvise(MADV_HUGEPAGE) (MAP_POPULATE would be before)
   }
   ::close(a.fd);
   a.fd = -1;
@@ -291,6 +292,15 @@ Result<Arena> Arena::create(const ArenaOptions& options) {
   arena.pageSizeBytes_ = got.pageBytes;
   arena.kind_ = kind;
   arena.reason_ = std::move(refused);
+  // Hugetlb mappings were made with MAP_POPULATE.
+  if (options.populate && kind != PageKind::Hugetlb2M && kind != PageKind::Hugetlb1G) {
+    if (int err = prefault(arena.base_, arena.sizeBytes_); err != 0) {
+      return ShmError{ShmErrc::MapFailed,
+                      "faulting in the " + formatBytes(arena.sizeBytes_) + " arena failed: " +
+                          errnoText(err) + " (is that much memory free? use a smaller arena, or "
+                          "turn populate off to back it on first touch)"};
+    }
+  }
   if (options.lockMemory) {
     if (::mlock(arena.base_, arena.sizeBytes_) != 0) {
       int err = errno;

@@ -14,6 +14,7 @@
 // - `lockMemory` mlocks the whole mapping; failure is MlockFailed naming RLIMIT_MEMLOCK.
 // - Hugetlb memory is reserved at map time, so a created hugetlb arena cannot SIGBUS later for
 //   lack of huge pages. THP and plain arenas are backed lazily unless `populate` is set.
+//   `populate` faults them all in at create; failure (e.g. the memory is not free) is MapFailed.
 //
 // Cost: create is a few syscalls plus, with populate or lockMemory, touching every page (about
 // 0.1-0.3 s per GiB with 4 KiB pages, far less with huge pages). Nothing here is on a data path.
