@@ -36,10 +36,14 @@ struct PeerSettings {
   std::string advertise;         // this node's host:port as peers know it; "" when unknown
   uint32_t timeoutMs = 5'000;    // a peer silent this long is dead (pending work fails)
   bool ucxMessages = true;       // small deliveries as single UCX messages (peer_messages.h)
-  // Their acks wait this long (or until kAckBatchMax are due) before they are sent: an ack sent
-  // at once occupies the daemon (a send system call) just when the receiver's answer to what it
-  // acknowledges is on its way. 0: each ack as soon as its delivery is stored.
-  uint32_t ackDelayUs = 20;
+  // Their acks wait this long (or until kAckBatchMax are due) before they are sent, so that an
+  // ack's send (a system call) does not occupy the daemon just when the receiver's answer to what
+  // it acknowledges is on its way. 0 (the default): each ack goes as soon as its delivery is
+  // stored, after that turn's other work. A delay holds every sender's send() completion that
+  // much longer; on the H100 host 20 us made a sender that waits for each send before the next
+  // 2.2x slower end to end (4 KiB one-way 17-19 us at 0, 38-44 us at 20, docs/PERFORMANCE.md)
+  // and bought nothing measurable in a ping-pong.
+  uint32_t ackDelayUs = 0;
 };
 
 // "0-3=10.77.0.1:7650, 4-7=10.77.0.2:7650" (also ';' between entries; "5=host:port" for one

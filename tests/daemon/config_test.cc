@@ -299,10 +299,11 @@ TEST(ConfigLoad, PeerUcxMessagesSwitch) {
   EXPECT_FALSE(c.peers.ucxMessages);
 }
 
-// [peers] ack_delay_us: 20 by default, 0 allowed (acks at once), bounded above with the range
-// named in the error.
+// [peers] ack_delay_us: 0 by default (acks at once), a delay from each layer, bounded above
+// with the range named in the error.
 TEST(ConfigLoad, PeerAckDelay) {
-  EXPECT_EQ(ok(load({})).peers.ackDelayUs, 20u);
+  EXPECT_EQ(ok(load({})).peers.ackDelayUs, 0u);
+  EXPECT_EQ(ok(load({"--peer-ack-delay-us", "20"})).peers.ackDelayUs, 20u);
   EXPECT_EQ(ok(load({"--peer-ack-delay-us", "0"})).peers.ackDelayUs, 0u);
   EXPECT_EQ(ok(load({}, {{"SIDECAR_PEER_ACK_DELAY_US", "500"}})).peers.ackDelayUs, 500u);
   TempToml file("[peers]\nack_delay_us = 7\n");
