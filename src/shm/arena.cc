@@ -83,6 +83,8 @@ int prefault(std::byte* base, uint64_t sizeBytes) {
   return 0;
 }
 
+bool isHugetlb(PageKind kind) { return kind == PageKind::Hugetlb1G || kind == PageKind::Hugetlb2M; }
+
 struct Attempt {
   int fd = -1;
   std::byte* base = nullptr;
@@ -244,7 +246,7 @@ Result<Arena> Arena::create(const ArenaOptions& options) {
                         formatBytes(options.sizeBytes) + " arena but " + a.why};
   };
 
-  if (want == PageKind::Hugetlb1G || want == PageKind::Hugetlb2M) {
+  if (isHugetlb(want)) {
     uint64_t pageBytes = want == PageKind::Hugetlb1G ? kGiB : 2 * kMiB;
     got = tryHugetlb(options, pageBytes);
     if (!got.base) return explicitFailure(got);
@@ -293,7 +295,7 @@ Result<Arena> Arena::create(const ArenaOptions& options) {
   arena.kind_ = kind;
   arena.reason_ = std::move(refused);
   // Hugetlb mappings were made with MAP_POPULATE.
-  if (options.populate && kind != PageKind::Hugetlb2M && kind != PageKind::Hugetlb1G) {
+  if (options.populate && !isHugetlb(kind)) {
     if (int err = prefault(arena.base_, arena.sizeBytes_); err != 0) {
       return ShmError{ShmErrc::MapFailed,
                       "faulting in the " + formatBytes(arena.sizeBytes_) + " arena failed: " +
