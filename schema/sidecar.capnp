@@ -148,9 +148,10 @@ interface Session {
   # Gives back an allocation that will not be sent.
 
   send @2 (dataId :Text, chunkId :UInt32, numChunks :UInt32, destinations :List(Destination),
-           payload :Payload) -> ();
+           payload :Payload, directLink :UInt32, directSeq :UInt32) -> ();
   # numChunks 0: a stream whose length closeStream fixes later. A tensor payload's allocation
-  # passes to the daemon (also when the call fails, it is then freed).
+  # passes to the daemon (also when the call fails, it is then freed). directLink, directSeq: as
+  # in LaneRequest.send (a direct send whose lane request did not fit the lane).
 
   closeStream @3 (dataId :Text, numChunks :UInt32, destinations :List(Destination)) -> ();
 
@@ -173,6 +174,31 @@ interface Session {
   # travel as LaneRequest records instead of calls; everything else stays a call. A recv whose
   # object is over objectMaxBytes is answered `useCall` (recv it again with a call). Once per
   # session; a second call fails with [invalid-argument]. Older daemons answer `unimplemented`.
+
+  directRoute @8 (destinations :List(Destination), renew :Bool) -> (route :DirectRoute);
+  # Whether this session may send small deliveries for these destinations to their node itself,
+  # over UCX, instead of through this daemon (docs/PROTOCOL.md, "Direct sends"): the latency path
+  # of small cross-node tensors. A client that sends one that way still makes the send (naming
+  # the message in LaneRequest.send.directSeq), and its daemon then awaits the peer's ack in place
+  # of sending. The session keeps its block of seqs on that link across calls; `renew` (its block
+  # is used up) gives it a new one, and the one before stays valid. Older daemons answer
+  # `unimplemented`: the client then sends as before.
+}
+
+struct DirectRoute {
+  union {
+    none @0 :Text;              # why not (every destination must be on one other node, reached
+                                # with UCX messages, its link up); ask again after retryMs
+    ucx :group {
+      workerAddress @1 :Data;   # the remote daemon's UCX worker (PeerHello.ucxAddress)
+      deliverTag @2 :UInt64;    # the tag of PeerMessage.deliver messages on this link
+      linkSerial @3 :UInt32;    # this daemon's id for the link: name it in LaneRequest.send.directLink
+      seqBase @4 :UInt32;       # deliver seqs [seqBase, seqBase + seqCount) are this session's
+      seqCount @5 :UInt32;
+      messageMaxBytes @6 :UInt64;  # the largest deliver message the peer takes
+    }
+  }
+  retryMs @7 :UInt32;           # ask again after this long: a route goes stale with its link
 }
 
 interface FdHandle {
@@ -190,6 +216,12 @@ struct LaneRequest {
       numChunks @3 :UInt32;
       destinations @4 :List(Destination);
       payload @5 :Payload;
+      directLink @9 :UInt32;
+      directSeq @10 :UInt32;
+      # Non-zero: the client already sent this chunk to its node itself, as PeerMessage.deliver
+      # `directSeq` on the link `directLink` (Session.directRoute). The daemon stores it as any
+      # send and awaits that message's ack instead of forwarding it; a seq that is not this
+      # session's, or a link that is gone, makes it forward the chunk itself.
     }
     recv :group {
       timeoutMs @6 :UInt32;
@@ -239,6 +271,7 @@ struct PeerLinkInfo {
   bodies @5 :Text;            # how large bodies move: "ucx ..." or "inline"
   chunks @6 :UInt64;          # chunks delivered over this link (stored by the receiving side)
   bytes @7 :UInt64;           # their tensor bytes
+  directChunks @8 :UInt64;    # of `chunks`, those the sending clients put on the wire themselves
 }
 
 struct RankInfo {

@@ -87,6 +87,7 @@ struct PeerLinkStatus {
   std::string bodies;        // how large bodies move: "ucx ..." or "inline"
   uint64_t chunks = 0;       // chunks delivered over the link (stored by the receiving side)
   uint64_t bytes = 0;        // their tensor bytes
+  uint64_t directChunks = 0; // of `chunks`, those the sending executors put on the wire themselves
 };
 
 struct TransferStatus {

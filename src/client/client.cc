@@ -165,7 +165,8 @@ TransferStatus Client::transfers() {
     for (auto p : s.getPeers()) {
       out.peers.push_back(PeerLinkStatus{p.getOutgoing(), p.getNodeId().cStr(),
                                          p.getAddress().cStr(), p.getIncarnation(), p.getUp(),
-                                         p.getBodies().cStr(), p.getChunks(), p.getBytes()});
+                                         p.getBodies().cStr(), p.getChunks(), p.getBytes(),
+                                         p.getDirectChunks()});
     }
   });
   return out;

@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "base/dtype_table.h"
+#include "client/direct_sends.h"
 #include "client/errors.h"
 #include "client/lane_client.h"
 #include "client/spin_wait.h"
@@ -149,6 +150,7 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   }
 
   ~Impl() {
+    direct.reset();  // its route requests are calls on the session
     watchDisconnect = nullptr;
     lane = nullptr;
     session = nullptr;
@@ -206,6 +208,8 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   // pending requests when the connection breaks.
   kj::Own<client::LaneClient> lane;
   kj::Promise<void> watchDisconnect = nullptr;
+  // Small tensors for another node go there from this process (null: SIDECAR_DIRECT_SENDS=0).
+  std::unique_ptr<client::DirectSends> direct;
 
   // waitForWake()/wake(): `woken` is set by wake(); `wakeFulfiller` exists while the owner sleeps.
   mutable std::mutex wakeMutex;
@@ -223,9 +227,15 @@ namespace {
 
 // A send as a lane request when the lane takes it, else as a call. `fill` writes the payload
 // (it may run twice: a lane without room falls back to the call). ImplT is Sidecar::Impl.
+// `direct`: the tensor's contiguous bytes, when it may go to another node directly.
 template <typename ImplT, typename Fill>
 kj::Promise<void> sendPromise(ImplT& impl, const std::string& dataId, uint32_t chunkId,
-                              uint32_t numChunks, const Groups& destinations, Fill&& fill) {
+                              uint32_t numChunks, const Groups& destinations, Fill&& fill,
+                              const client::DirectSends::Tensor* direct = nullptr) {
+  std::optional<client::DirectSends::Sent> sent;
+  if (direct != nullptr && impl.direct) {
+    sent = impl.direct->trySend(destinations, dataId, chunkId, numChunks, *direct);
+  }
   if (impl.lane.get() != nullptr) {
     // Sized for the usual request (a tensor's descriptor, a few destinations: ~30 words); an
     // inline body or a long id takes a second segment. A larger first segment is zeroed for
@@ -237,6 +247,10 @@ kj::Promise<void> sendPromise(ImplT& impl, const std::string& dataId, uint32_t c
     auto send = request.initSend();
     setSendHeader(send, numChunks, destinations);
     fill(send.initPayload());
+    if (sent) {
+      send.setDirectLink(sent->link);
+      send.setDirectSeq(sent->seq);
+    }
     KJ_IF_MAYBE(answer, impl.lane->request(message, false)) {
       return answer->ignoreResult();
     }
@@ -246,6 +260,10 @@ kj::Promise<void> sendPromise(ImplT& impl, const std::string& dataId, uint32_t c
   request.setChunkId(chunkId);
   setSendHeader<proto::Session::SendParams::Builder>(request, numChunks, destinations);
   fill(request.initPayload());
+  if (sent) {
+    request.setDirectLink(sent->link);
+    request.setDirectSeq(sent->seq);
+  }
   return request.send().ignoreResult();
 }
 
@@ -484,6 +502,12 @@ Sidecar Sidecar::connect(const RankConfig& config) {
       impl->arena.emplace(std::move(view).value());
       impl->arenaBase = impl->arena->base();
       if (lanesWanted()) openLane(*impl);
+      if (client::directSendsWanted()) {
+        impl->direct = std::make_unique<client::DirectSends>(impl->session, config.rank, []() {
+          std::string why;
+          return client::DirectWire::create(why);
+        });
+      }
       impl->stream->setReadAhead(true);  // no more fds will come
     } else {
       throw Error(ErrorCode::kInternal, "the daemon did not pass the arena's file descriptor");
@@ -550,6 +574,8 @@ SendHandle Sidecar::sendInline(const std::string& dataId, const TensorRef& tenso
   impl_->throwDeferred();
   SendHandle handle;
   client::call("send", [&]() {
+    client::DirectSends::Tensor direct{toProto(tensor.dtype), tensor.shape, tensor.data, sizeBytes};
+    bool contiguous = isContiguous(tensor.shape, tensor.strides);
     auto promise = sendPromise(*impl_, dataId, chunkId, numChunks, destinations,
                                [&](proto::Payload::Builder payload) {
                                  auto t = payload.initInlineTensor();
@@ -557,7 +583,8 @@ SendHandle Sidecar::sendInline(const std::string& dataId, const TensorRef& tenso
                                  writeShape(t, tensor.shape);
                                  copyContiguous(t.initBytes(static_cast<unsigned>(sizeBytes)).begin(),
                                                 tensor, sizeBytes);
-                               });
+                               },
+                               contiguous ? &direct : nullptr);
     handle.state_ = std::make_unique<SendHandle::State>(SendHandle::State{impl_.get(), kj::mv(promise)});
   });
   return handle;
@@ -569,6 +596,8 @@ SendHandle Sidecar::send(const std::string& dataId, ArenaTensor&& tensor,
   impl_->throwDeferred();
   SendHandle handle;
   client::call("send", [&]() {
+    client::DirectSends::Tensor direct{toProto(tensor.dtype_), tensor.shape_, tensor.data_,
+                                       tensor.sizeBytes_};
     auto promise = sendPromise(*impl_, dataId, chunkId, numChunks, destinations,
                                [&](proto::Payload::Builder payload) {
                                  auto t = payload.initTensor();
@@ -576,7 +605,8 @@ SendHandle Sidecar::send(const std::string& dataId, ArenaTensor&& tensor,
                                  writeShape(t, tensor.shape_);
                                  t.setOffset(tensor.offset_);
                                  t.setSizeBytes(tensor.sizeBytes_);
-                               });
+                               },
+                               &direct);
     handle.state_ = std::make_unique<SendHandle::State>(SendHandle::State{impl_.get(), kj::mv(promise)});
   });
   tensor.data_ = nullptr;

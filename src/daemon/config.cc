@@ -130,7 +130,7 @@ enum Key : size_t {
   kArenaSize, kArenaPages, kArenaLock, kArenaPopulate,
   kSendTimeoutMs, kObjectBytesMax, kTtlMs, kWorldSize,
   kPeerRanks, kPeerDnsTemplate, kLocalRanks, kNodeRank, kAdvertise, kPeerTimeoutMs,
-  kPeerUcxMessages, kPeerAckDelayUs,
+  kPeerUcxMessages, kPeerAckDelayUs, kPeerDirectSends,
   kKeyCount
 };
 
@@ -328,6 +328,8 @@ void applyArenaPopulate(Config& c, std::string_view v) { c.arenaPopulate = parse
 
 void applyPeerUcxMessages(Config& c, std::string_view v) { c.peers.ucxMessages = parseBool(v); }
 
+void applyPeerDirectSends(Config& c, std::string_view v) { c.peers.directSends = parseBool(v); }
+
 constexpr const char* kAckDelayAccepted = "must be an integer from 0 to 10000 (microseconds)";
 void applyPeerAckDelayUs(Config& c, std::string_view v) {
   c.peers.ackDelayUs = parseU32(v, 0, 10'000, kAckDelayAccepted);
@@ -407,6 +409,11 @@ const std::array<Setting, kKeyCount> kSettings{{
      kAckDelayAccepted,
      "Acks of small deliveries wait this long, so they do not delay answers (0: at once)", "US",
      applyPeerAckDelayUs},
+    {"peers", "direct_sends", "SIDECAR_PEER_DIRECT_SENDS", "peer-direct-sends", Kind::kBool,
+     "must be true or false",
+     "Executors send small deliveries to peers over UCX themselves (--no-peer-direct-sends: "
+     "through this daemon)",
+     "BOOL", applyPeerDirectSends},
 }};
 
 constexpr std::array<std::string_view, 5> kTables{"listen", "reactor", "arena", "transfer", "peers"};
@@ -730,7 +737,7 @@ std::string describeConfig(const Config& c) {
       "config: file={} node_id={} socket={} tcp={} cores={} cpus={} spin_us={} ring_entries={} "
       "log_level={} log_format={} arena_size={} arena_pages={} arena_lock={} arena_populate={} peers={} "
       "dns_template={} local_ranks={} advertise={} peer_timeout_ms={} peer_ucx_messages={} "
-      "peer_ack_delay_us={}",
+      "peer_ack_delay_us={} peer_direct_sends={}",
       c.configPath.empty() ? "(none)" : c.configPath, c.nodeId, c.socketPath,
       c.tcpListen.empty() ? "off" : c.tcpListen, c.cores,
       c.cpuList.empty() ? "auto" : formatCpuList(c.cpuList), c.spinUs, c.ringEntries, c.logLevel,
@@ -741,7 +748,7 @@ std::string describeConfig(const Config& c) {
           ? std::string("(all)")
           : formatCpuList(std::vector<int>(c.peers.localRanks.begin(), c.peers.localRanks.end())),
       c.peers.advertise.empty() ? "(none)" : c.peers.advertise, c.peers.timeoutMs,
-      c.peers.ucxMessages, c.peers.ackDelayUs);
+      c.peers.ucxMessages, c.peers.ackDelayUs, c.peers.directSends);
 }
 
 LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
@@ -771,7 +778,7 @@ LoadResult loadConfig(int argc, const char* const* argv, const GetEnv& getenv,
       defaults.arenaPages, "false", std::to_string(defaults.sendTimeoutMs), "1MiB",
       std::to_string(defaults.transferTtlMs), std::to_string(defaults.worldSize), "(none)",
       "(none)", "(none)", "(none)", "(listen.tcp)", std::to_string(defaults.peers.timeoutMs),
-      "true", std::to_string(defaults.peers.ackDelayUs)};
+      "true", std::to_string(defaults.peers.ackDelayUs), "true"};
 
   std::array<std::string, kKeyCount> flagText;
   std::array<CLI::Option*, kKeyCount> flagOpt{};

@@ -334,6 +334,7 @@ void NodeTransfers::dropSession(rpc::SessionId id) {
                  s.bytesAllocated);
   }
   sessions_.erase(it);
+  if (links_) links_->forgetSession(id);
   auto r = ranks_.find(rank);
   if (r != ranks_.end() && r->second == id) {
     ranks_.erase(r);
@@ -462,7 +463,34 @@ kj::Promise<void> NodeTransfers::send(rpc::SessionId id, rpc::SendRequest reques
     // A replica another member of the group already delivered was dropped: already forwarded.
     if (!forwarded || table_.stats().duplicatesDropped != droppedBefore) return kj::READY_NOW;
     return forwardChunk(s.registration.group, s.registration.rank, request.dataId,
-                        request.chunkId, request.numChunks, placement, *forwarded);
+                        request.chunkId, request.numChunks, placement, *forwarded, nullptr,
+                        DirectSent{request.directLink, request.directSeq, id});
+  });
+}
+
+kj::Promise<rpc::DirectRoute> NodeTransfers::directRoute(rpc::SessionId id,
+                                                         std::vector<transfer::Group> destinations,
+                                                         bool renew) {
+  return onOwner([this, id, destinations = std::move(destinations), renew]() -> kj::Promise<rpc::DirectRoute> {
+    Session& s = session(id);
+    rpc::DirectRoute none;
+    none.retryMs = 60'000;
+    if (!options_.peers.directSends || !options_.peers.ucxMessages || bodies_ == nullptr || !links_) {
+      none.none = "this daemon sends every chunk itself ([peers] direct_sends, ucx_messages, UCX)";
+      return none;
+    }
+    if (s.registration.group.size() > 1) {
+      // A group's replicas are deduplicated on this node before one goes out.
+      none.none = "the sender is a group of " + std::to_string(s.registration.group.size());
+      return none;
+    }
+    Placement placement = place(destinations);
+    if (!placement.local.empty() || placement.remote.size() != 1) {
+      none.none = placement.remote.empty() ? "every destination lives on this node"
+                                           : "the destinations are not all on one other node";
+      return none;
+    }
+    return links_->directRoute(placement.remote.begin()->first, id, renew);
   });
 }
 
@@ -689,7 +717,7 @@ kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup
                                               uint32_t chunkId, uint32_t numChunks,
                                               const Placement& placement,
                                               const transfer::Payload& stored,
-                                              const rpc::Landing* landing) {
+                                              const rpc::Landing* landing, DirectSent direct) {
   // Releases the remote groups' holds when the forward ends, however it ends (answered, failed,
   // or dropped at shutdown).
   // Built in place on the heap (never copied: a copy's destructor would release the holds).
@@ -722,6 +750,11 @@ kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup
       chunk.body = arena_.base() + t->allocation.offset;
     } else {
       chunk.object = std::get<transfer::ObjectChunk>(stored);
+    }
+    if (direct.seq != 0 && placement.remote.size() == 1 && landing == nullptr) {
+      chunk.directLink = direct.link;
+      chunk.directSeq = direct.seq;
+      chunk.directSession = direct.session;
     }
     if (landing == nullptr) {
       auto holds = kj::heap<ProxyHolds>(*this, dataId, chunkId, groups);

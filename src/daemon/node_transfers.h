@@ -41,6 +41,13 @@ struct TransferOptions {
   uint64_t pieceBytes = 8 << 20;      // larger ones move over the body transport in such pieces
 };
 
+// A chunk its client sent to its node itself (SendRequest.directSeq; seq 0: none).
+struct DirectSent {
+  uint32_t link = 0;
+  uint32_t seq = 0;
+  rpc::SessionId session = 0;
+};
+
 // Cross-node transfers (see docs/PROTOCOL.md, "Between daemons"): a send whose destinations
 // include groups on other nodes is stored here like any other (the remote groups hold it as
 // proxies), forwarded once per remote node, and the proxies' holds are released when that node
@@ -85,6 +92,11 @@ class NodeTransfers final : public rpc::TransferBackend,
                              uint32_t timeoutMs, RecvAnswer answer) override;
   kj::Promise<void> markDone(rpc::SessionId session, std::string dataId,
                              uint32_t chunkId) override;
+  // Given when the session is a group of one and every destination lives on one other node
+  // whose link is up and takes UCX messages (docs/PROTOCOL.md, "Direct sends").
+  kj::Promise<rpc::DirectRoute> directRoute(rpc::SessionId session,
+                                            std::vector<transfer::Group> destinations,
+                                            bool renew) override;
   kj::Promise<rpc::TransferSummary> summary() override;
   kj::Promise<std::string> inspect(std::string dataId) override;
   int arenaFd() const override { return arena_.fd(); }
@@ -159,7 +171,7 @@ class NodeTransfers final : public rpc::TransferBackend,
   kj::Promise<void> forwardChunk(const transfer::Group& senderGroup, transfer::Rank sender,
                                  const std::string& dataId, uint32_t chunkId, uint32_t numChunks,
                                  const Placement& placement, const transfer::Payload& stored,
-                                 const rpc::Landing* landing = nullptr);
+                                 const rpc::Landing* landing = nullptr, DirectSent direct = {});
   void registerProxies(const Placement& placement);
   void releaseProxies(const std::string& dataId, uint32_t chunkId,
                       const std::vector<transfer::Group>& groups);

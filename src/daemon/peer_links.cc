@@ -54,6 +54,13 @@ struct PeerLinks::Link : public kj::Refcounted, private kj::TaskSet::ErrorHandle
   uint32_t nextSeq = 1;
   uint64_t chunks = 0;  // delivered (answered) over this link
   uint64_t bytes = 0;
+  // Direct sends: seq blocks by their first seq -> the session they were handed to; each
+  // session's current and previous block; acks that came before the send naming them.
+  std::map<uint32_t, uint64_t> directBlocks;
+  std::map<uint64_t, std::pair<uint32_t, uint32_t>> sessionBlocks;
+  uint32_t nextDirectBlock = kDirectSeqFirst;
+  std::map<uint32_t, std::string> earlyAcks;
+  uint64_t directChunks = 0;
 
  private:
   void taskFailed(kj::Exception&& e) override {
@@ -252,6 +259,17 @@ kj::Promise<void> PeerLinks::deliverOn(const std::string& address, kj::Own<Link>
       return deliver(address, kj::mv(chunk));
     });
   }
+  if (chunk.directSeq != 0) {
+    if (directOwned(*l, chunk)) {
+      return awaitAck(kj::mv(l), chunk.directSeq, chunk.isTensor ? chunk.sizeBytes : 0, true);
+    }
+    // The client's route was stale (this link is not the one it named: the peer restarted or
+    // the link was lost since) or the seq is not its own: what it sent, if anything, went to a
+    // link the peer no longer has, which drops it. This daemon sends the chunk itself.
+    spdlog::debug("direct send {} of '{}' chunk {} (link {}) not awaited on link {} to node {}: "
+                  "forwarding it", chunk.directSeq, chunk.dataId, chunk.chunkId, chunk.directLink,
+                  l->serial, l->nodeName());
+  }
   bool small = !chunk.isTensor || chunk.sizeBytes <= options_.inlineBytesMax;
   if (small && l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) {
     uint32_t seq = l->nextSeq;
@@ -323,8 +341,8 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
   auto bytes = message.asBytes();
   raw.outgoing.emplace(seq, kj::mv(message));
   hop::mark(hop::Point::kMessageSending);
-  auto acked = kj::newPromiseAndFulfiller<void>();
-  raw.awaitingAcks.emplace(seq, kj::mv(acked.fulfiller));
+  // Awaited before it is sent (a lost link fails it through the link's canceler).
+  auto acked = awaitAck(kj::addRef(raw), seq, chunk.isTensor ? chunk.sizeBytes : 0, false);
   // The send lives in the link (never dropped before UCX is done with the message); a failed
   // send fails the delivery at once instead of leaving it to the link's heartbeat.
   raw.sends.add(raw.endpoint->send(peerDeliverTag(raw.remote.linkId), bytes.begin(), bytes.size())
@@ -340,6 +358,30 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
   if (spdlog::should_log(spdlog::level::trace)) {  // (nodeName() builds a string)
     spdlog::trace("peer message {} of '{}' to node {} sent", seq, chunk.dataId, raw.nodeName());
   }
+  return acked.attach(kj::mv(l));
+}
+
+kj::Promise<void> PeerLinks::awaitAck(kj::Own<Link> l, uint32_t seq, uint64_t tensorBytes,
+                                      bool direct) {
+  Link& raw = *l;
+  auto counted = [&raw, tensorBytes, direct]() {
+    ++raw.chunks;
+    raw.bytes += tensorBytes;
+    if (direct) ++raw.directChunks;
+  };
+  auto early = raw.earlyAcks.find(seq);
+  if (early != raw.earlyAcks.end()) {
+    // A direct send's ack that came before the client's send named it.
+    std::string error = std::move(early->second);
+    raw.earlyAcks.erase(early);
+    if (error.empty()) {
+      counted();
+      return kj::READY_NOW;
+    }
+    return peerError(raw, KJ_EXCEPTION(FAILED, error.c_str()));
+  }
+  auto acked = kj::newPromiseAndFulfiller<void>();
+  raw.awaitingAcks.emplace(seq, kj::mv(acked.fulfiller));
   // However the delivery ends, its ack is no longer awaited.
   struct Awaiting {
     Awaiting(kj::Own<Link> link, uint32_t seq) : link(kj::mv(link)), seq(seq) {}
@@ -349,14 +391,87 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
     kj::Own<Link> link;
     uint32_t seq;
   };
-  uint64_t tensorBytes = chunk.isTensor ? chunk.sizeBytes : 0;
-  auto answered = acked.promise.then([&raw, tensorBytes]() {
-    ++raw.chunks;
-    raw.bytes += tensorBytes;
-  });
-  return raw.canceler.wrap(kj::mv(answered))
+  return raw.canceler.wrap(acked.promise.then(kj::mv(counted)))
       .catch_([this, &raw](kj::Exception&& e) -> kj::Promise<void> { return peerError(raw, kj::mv(e)); })
       .attach(kj::heap<Awaiting>(kj::mv(l), seq));
+}
+
+bool PeerLinks::directOwned(const Link& l, const OutgoingChunk& chunk) const {
+  if (chunk.directLink != l.serial || chunk.directSeq < kDirectSeqFirst || !l.up || l.dead) return false;
+  auto block = l.directBlocks.find(chunk.directSeq & ~(kDirectSeqBlock - 1));
+  if (block == l.directBlocks.end() || block->second != chunk.directSession) return false;
+  // A seq named twice (a client bug) is forwarded the second time rather than awaited twice.
+  return l.awaitingAcks.find(chunk.directSeq) == l.awaitingAcks.end();
+}
+
+kj::Promise<rpc::DirectRoute> PeerLinks::directRoute(const std::string& address, uint64_t session,
+                                                     bool renew) {
+  auto it = links_.find(address);
+  if (it != links_.end() && it->second->up && !it->second->dead) {
+    return directRouteOn(*it->second, session, renew);
+  }
+  return link(address).then(
+      [this, session, renew](kj::Own<Link> l) { return directRouteOn(*l, session, renew); },
+      [address](kj::Exception&& e) {
+        rpc::DirectRoute none;
+        none.none = "no link to node " + address + ": " + e.getDescription().cStr();
+        none.retryMs = 1'000;
+        return none;
+      });
+}
+
+rpc::DirectRoute PeerLinks::directRouteOn(Link& l, uint64_t session, bool renew) {
+  rpc::DirectRoute route;
+  if (l.dead) {
+    route.none = "the link to node " + l.nodeName() + " was lost";
+    route.retryMs = 1'000;
+    return route;
+  }
+  if (!l.endpoint || !takesAcks_ || l.remote.ucxMessageMaxBytes == 0) {
+    route.none = "node " + l.nodeName() + " takes no UCX messages from this daemon";
+    route.retryMs = 60'000;
+    return route;
+  }
+  auto blocks = l.sessionBlocks.find(session);
+  if (blocks == l.sessionBlocks.end() || renew) {
+    uint32_t base = l.nextDirectBlock;
+    // The seq space past kDirectSeqFirst wraps after 32768 blocks; a block handed out again is
+    // taken from whoever had it (they had 2^31 sends since).
+    l.nextDirectBlock = base + kDirectSeqBlock < kDirectSeqFirst ? kDirectSeqFirst : base + kDirectSeqBlock;
+    auto taken = l.directBlocks.find(base);
+    if (taken != l.directBlocks.end()) {
+      auto owner = l.sessionBlocks.find(taken->second);
+      if (owner != l.sessionBlocks.end() && owner->second.first == base) l.sessionBlocks.erase(owner);
+    }
+    uint32_t previous = 0;
+    if (blocks != l.sessionBlocks.end()) {
+      // The block before the previous one is no longer this session's.
+      if (blocks->second.second != 0) l.directBlocks.erase(blocks->second.second);
+      previous = blocks->second.first;
+    }
+    l.directBlocks[base] = session;
+    blocks = l.sessionBlocks.insert_or_assign(session, std::make_pair(base, previous)).first;
+  }
+  route.workerAddress = l.remote.ucxAddress;
+  route.deliverTag = peerDeliverTag(l.remote.linkId);
+  route.linkSerial = l.serial;
+  route.seqBase = blocks->second.first;
+  route.seqCount = kDirectSeqBlock;
+  route.messageMaxBytes = l.remote.ucxMessageMaxBytes;
+  // Asked again now and then: a route is only as good as its link, and a stale one costs a
+  // message the peer drops plus this daemon's own send (see deliverOn).
+  route.retryMs = 1'000;
+  return route;
+}
+
+void PeerLinks::forgetSession(uint64_t session) {
+  for (auto& [address, l] : links_) {
+    auto blocks = l->sessionBlocks.find(session);
+    if (blocks == l->sessionBlocks.end()) continue;
+    l->directBlocks.erase(blocks->second.first);
+    if (blocks->second.second != 0) l->directBlocks.erase(blocks->second.second);
+    l->sessionBlocks.erase(blocks);
+  }
 }
 
 kj::Promise<void> PeerLinks::ackLoop() {
@@ -401,6 +516,12 @@ void PeerLinks::takeAck(uint64_t tag, kj::ArrayPtr<const capnp::word> words) {
     return;
   }
   auto it = l->awaitingAcks.find(seq);
+  if (it == l->awaitingAcks.end() && seq >= kDirectSeqFirst) {
+    // A direct send's ack, ahead of the client's send that names it (or of a client that died).
+    if (l->earlyAcks.size() >= kEarlyAcksMax) l->earlyAcks.erase(l->earlyAcks.begin());
+    l->earlyAcks.insert_or_assign(seq, std::move(error));
+    return;
+  }
   if (it == l->awaitingAcks.end()) {
     spdlog::debug("peer link to node {}: an ack for delivery {}, not awaited: dropped",
                   l->nodeName(), seq);
@@ -420,7 +541,7 @@ std::vector<rpc::PeerLinkSummary> PeerLinks::summary() const {
     std::string bodies = l->endpoint ? bodies_->describe() : "inline";
     if (l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) bodies += kSmallAsMessages;
     out.push_back(rpc::PeerLinkSummary{true, l->remote.nodeId, address, l->remote.incarnation, l->up,
-                                       bodies, l->chunks, l->bytes});
+                                       bodies, l->chunks, l->bytes, l->directChunks});
   }
   return out;
 }

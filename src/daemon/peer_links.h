@@ -56,7 +56,20 @@ struct OutgoingChunk {
   // UCX piece goes out as soon as it has landed; an inline body waits for all of it. Null: the
   // body is complete.
   std::function<kj::Promise<void>(uint64_t n)> landed;
+  // Non-zero: the sending client put this chunk on the wire itself (a direct send), as deliver
+  // message directSeq on the link it was given as directLink; its session is directSession.
+  uint32_t directLink = 0;
+  uint32_t directSeq = 0;
+  uint64_t directSession = 0;
 };
+
+// Direct sends (docs/PROTOCOL.md, "Direct sends"): deliver seqs from kDirectSeqFirst up are
+// handed to sessions in blocks of kDirectSeqBlock; this daemon's own messages count from 1.
+inline constexpr uint32_t kDirectSeqFirst = 0x8000'0000u;
+inline constexpr uint32_t kDirectSeqBlock = 1u << 16;
+// Acks of direct sends that came before the client's send named them, kept per link (oldest
+// dropped beyond this: the client died between its message and its send).
+inline constexpr size_t kEarlyAcksMax = 4096;
 
 struct PeerLinkOptions {
   rpc::PeerIdentity self;             // what this daemon says in its hello
@@ -80,6 +93,13 @@ class PeerLinks {
                                 uint32_t numChunks, transfer::Rank senderRank,
                                 std::vector<transfer::Group> destinations);
 
+  // Session.directRoute for the node at `address`: once its link is up (opened now if need be),
+  // the route when it takes UCX messages, with the session's block of deliver seqs on it (a new
+  // one when `renew`; the one before stays valid). Otherwise none, saying why.
+  kj::Promise<rpc::DirectRoute> directRoute(const std::string& address, uint64_t session, bool renew);
+  // The session ended: its seq blocks are no longer its.
+  void forgetSession(uint64_t session);
+
   // Links that are up or connecting, for status.
   std::vector<rpc::PeerLinkSummary> summary() const;
 
@@ -94,6 +114,11 @@ class PeerLinks {
   // `message` is encodePeerDeliver(seq, chunk); seq is taken from the link's sequence already.
   kj::Promise<void> deliverMessage(kj::Own<Link> link, const OutgoingChunk& chunk, uint32_t seq,
                                    kj::Array<capnp::word> message);
+  // Resolves when delivery `seq` on the link is acked (at once if its ack came already).
+  kj::Promise<void> awaitAck(kj::Own<Link> link, uint32_t seq, uint64_t tensorBytes, bool direct);
+  // Whether `chunk`'s direct send may be awaited on `link`: its link, and a seq of its session.
+  bool directOwned(const Link& link, const OutgoingChunk& chunk) const;
+  rpc::DirectRoute directRouteOn(Link& link, uint64_t session, bool renew);
   kj::Promise<void> ackLoop();
   void takeAck(uint64_t tag, kj::ArrayPtr<const capnp::word> message);
   kj::Exception peerError(const Link& link, kj::Exception&& e) const;

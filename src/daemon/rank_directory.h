@@ -44,6 +44,10 @@ struct PeerSettings {
   // 2.2x slower end to end (4 KiB one-way 17-19 us at 0, 38-44 us at 20, docs/PERFORMANCE.md)
   // and bought nothing measurable in a ping-pong.
   uint32_t ackDelayUs = 0;
+  // Executors may send small deliveries to a peer themselves, over their own UCX worker, instead
+  // of through this daemon (Session.directRoute; docs/PROTOCOL.md, "Direct sends"): two process
+  // hops off the latency path. Needs ucxMessages.
+  bool directSends = true;
 };
 
 // "0-3=10.77.0.1:7650, 4-7=10.77.0.2:7650" (also ';' between entries; "5=host:port" for one

@@ -205,6 +205,8 @@ kj::Promise<void> LaneService::dispatch(proto::LaneRequest::Reader request,
       header.chunkId = chunkId;
       header.numChunks = send.getNumChunks();
       header.destinations = readDestinations(send.getDestinations());
+      header.directLink = send.getDirectLink();
+      header.directSeq = send.getDirectSeq();
       return sendPayload(backend_, session_, std::move(header), send.getPayload(), std::move(keep));
     }
     case proto::LaneRequest::RECV:

@@ -121,6 +121,8 @@ kj::Promise<void> SessionService::send(SendContext context) {
   request.chunkId = params.getChunkId();
   request.numChunks = params.getNumChunks();
   request.destinations = readDestinations(params.getDestinations());
+  request.directLink = params.getDirectLink();
+  request.directSeq = params.getDirectSeq();
   return sendPayload(backend_, session_, std::move(request), params.getPayload(),
                      std::make_shared<SendContext>(context));
 }
@@ -227,6 +229,27 @@ kj::Promise<void> SessionService::openLane(OpenLaneContext context) {
   results.setCompletionBell(kj::heap<FdHandleService>(kj::mv(fds.completionBell)));
   results.setObjectMaxBytes(kLaneObjectMaxBytes);
   return kj::READY_NOW;
+}
+
+kj::Promise<void> SessionService::directRoute(DirectRouteContext context) {
+  auto params = context.getParams();
+  return backend_.directRoute(session_, readDestinations(params.getDestinations()), params.getRenew())
+      .then([context](DirectRoute route) mutable {
+        auto out = context.getResults().initRoute();
+        out.setRetryMs(route.retryMs);
+        if (!route.none.empty()) {
+          out.setNone(route.none);
+          return;
+        }
+        auto ucx = out.initUcx();
+        ucx.setWorkerAddress(kj::arrayPtr(reinterpret_cast<const kj::byte*>(route.workerAddress.data()),
+                                          route.workerAddress.size()));
+        ucx.setDeliverTag(route.deliverTag);
+        ucx.setLinkSerial(route.linkSerial);
+        ucx.setSeqBase(route.seqBase);
+        ucx.setSeqCount(route.seqCount);
+        ucx.setMessageMaxBytes(route.messageMaxBytes);
+      });
 }
 
 kj::Promise<void> SessionService::markDone(MarkDoneContext context) {

@@ -42,6 +42,7 @@ class SessionService final : public proto::Session::Server {
   kj::Promise<void> markDone(MarkDoneContext context) override;
   kj::Promise<void> sendDevice(SendDeviceContext context) override;
   kj::Promise<void> openLane(OpenLaneContext context) override;
+  kj::Promise<void> directRoute(DirectRouteContext context) override;
 
  private:
   TransferBackend& backend_;

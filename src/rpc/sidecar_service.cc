@@ -126,6 +126,7 @@ kj::Promise<void> SidecarService::transfers(TransfersContext context) {
       peer.setBodies(p.bodies);
       peer.setChunks(p.chunks);
       peer.setBytes(p.bytes);
+      peer.setDirectChunks(p.directChunks);
     }
   });
 }

@@ -37,4 +37,11 @@ kj::Promise<void> TransferBackend::recvInto(SessionId session, std::string dataI
       .attach(kj::mv(owned));
 }
 
+kj::Promise<DirectRoute> TransferBackend::directRoute(SessionId, std::vector<transfer::Group>, bool) {
+  DirectRoute none;
+  none.none = "this daemon forwards every chunk itself";
+  none.retryMs = 60'000;
+  return none;
+}
+
 }  // namespace sidecar::rpc

@@ -40,6 +40,23 @@ struct SendRequest {
   uint32_t numChunks = 1;
   std::vector<transfer::Group> destinations;
   std::variant<TensorDescriptor, transfer::ObjectChunk> payload;
+  // Non-zero: the client already put this chunk on the wire to its node itself, as deliver
+  // message `directSeq` on link `directLink` (LaneRequest.send; docs/PROTOCOL.md, "Direct sends").
+  uint32_t directLink = 0;
+  uint32_t directSeq = 0;
+};
+
+// Session.directRoute's answer: where the session may send small deliveries for a set of
+// destinations itself. `none` empty: the route is given.
+struct DirectRoute {
+  std::string none;
+  std::string workerAddress;  // the remote daemon's UCX worker
+  uint64_t deliverTag = 0;
+  uint32_t linkSerial = 0;
+  uint32_t seqBase = 0;
+  uint32_t seqCount = 0;
+  uint64_t messageMaxBytes = 0;
+  uint32_t retryMs = 0;
 };
 
 using RecvReply = std::variant<TensorDescriptor, transfer::ObjectChunk, transfer::EndOfStream>;
@@ -60,6 +77,7 @@ struct PeerLinkSummary {
   std::string bodies;
   uint64_t chunks = 0;
   uint64_t bytes = 0;
+  uint64_t directChunks = 0;  // of `chunks`, those the sending clients sent themselves
 };
 
 struct TransferSummary {
@@ -108,6 +126,10 @@ class TransferBackend {
   using RecvAnswer = kj::Function<void(kj::Maybe<RecvReply&> reply, const kj::Exception* failure)>;
   virtual kj::Promise<void> recvInto(SessionId session, std::string dataId, uint32_t chunkId,
                                      uint32_t timeoutMs, RecvAnswer answer);
+
+  // Session.directRoute. By default none: this daemon forwards every chunk itself.
+  virtual kj::Promise<DirectRoute> directRoute(SessionId session,
+                                               std::vector<transfer::Group> destinations, bool renew);
 
   virtual kj::Promise<TransferSummary> summary() = 0;
   virtual kj::Promise<std::string> inspect(std::string dataId) = 0;

@@ -508,6 +508,17 @@ class TransferMatrixTest : public ::testing::Test {
     return *ranks_.back();
   }
 
+  // The node that serves `rank` (see socketFor).
+  int nodeOf(int32_t rank) const { return nodes_ == 1 ? 0 : (rank % (2 * nodes_)) / 2; }
+
+  // As forkRank, the process living on its rank's node: in that node's network namespace when
+  // there are namespaces, as an executor on that host would (it can then reach the other nodes'
+  // daemons over UCX itself: direct sends).
+  RankProcess& forkRankOnNode(int32_t rank, const std::string& name, std::function<void()> body) {
+    ranks_.push_back(RankProcess::fork(name, std::move(body), netnsOf(nodeOf(rank))));
+    return *ranks_.back();
+  }
+
   RankConfig rankConfig(int32_t rank, Group group, MemoryHint hint, bool concurrent = false) {
     RankConfig c;
     c.rank = rank;
@@ -574,8 +585,8 @@ class TransferMatrixTest : public ::testing::Test {
     }
     for (int32_t rank : plan.ranks()) {
       std::string socket = socketFor(rank);
-      forkRank(plan.name + " rank " + std::to_string(rank),
-               [&plan, rank, socket, signals] { runPlanRank(plan, rank, socket, signals); });
+      forkRankOnNode(rank, plan.name + " rank " + std::to_string(rank),
+                     [&plan, rank, socket, signals] { runPlanRank(plan, rank, socket, signals); });
     }
     expectRanksSucceed();
     expectDaemonEmpty();
@@ -1556,6 +1567,159 @@ TEST_F(TransferMatrixTest, PeerKilledMidStreamFailsWaitersAndRecovers) {
   });
   expectRanksSucceed(60s);
   expectDaemonEmpty(/*expectNoItems=*/false);
+}
+
+// The outgoing link of node `status` to another node, or null.
+const sidecar::PeerLinkStatus* outgoingLink(const sidecar::TransferStatus& status) {
+  for (const auto& p : status.peers) {
+    if (p.outgoing) return &p;
+  }
+  return nullptr;
+}
+
+// Direct sends (docs/PROTOCOL.md): a sender on node A, in its node's network, puts small tensors
+// on the wire to node B itself; its daemon stores them and awaits node B's acks. Every tensor
+// arrives intact and once; node A's link counts the direct ones; a process that says
+// SIDECAR_DIRECT_SENDS=0 sends through its daemon; both nodes hold nothing afterwards.
+TEST_F(TransferMatrixTest, DirectSendsCarrySmallTensorsAndCanBeRefused) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
+  MemoryHint hint{Dtype::kFloat32, {256}};
+  ChunkPlan c;
+  c.dtype = Dtype::kFloat32;
+  c.shape = {4, 256};  // 4 KiB: the latency case
+  constexpr int kDirect = 40, kRefused = 10;
+  std::vector<ItemPlan> items;
+  for (int i = 0; i < kDirect + kRefused; ++i) {
+    ItemPlan item{id("direct-" + std::to_string(i)), {c}};
+    item.chunks[0].seed = seedOf("direct", i, 0);
+    items.push_back(item);
+  }
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  Signal& directDone = newSignal();
+  Signal& refusedMayStart = newSignal();
+  forkRankOnNode(0, "sender on node A, direct", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    for (int i = 0; i < kDirect; ++i) sendChunk(sc, items[size_t(i)], 0, 1, {{2}}, buffer);
+    directDone.post();
+  });
+  forkRankOnNode(2, "receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    for (const auto& item : items) {
+      verifyChunk(sc.recv(item.id, 0, kRecvTimeoutMs), item, 0);
+      sc.markDone(item.id, 0);
+    }
+  });
+  ASSERT_TRUE(directDone.tryWait(60'000));
+  auto a = transfersAt(0);
+  const sidecar::PeerLinkStatus* link = outgoingLink(a);
+  ASSERT_NE(link, nullptr) << describe(a);
+  // The first sends go through the daemon while the route is asked for (and the link opened).
+  EXPECT_GT(link->directChunks, 0u) << "no tensor went directly: " << describe(a);
+  EXPECT_LE(link->directChunks, uint64_t(kDirect)) << describe(a);
+  EXPECT_GE(link->chunks, uint64_t(kDirect)) << describe(a);
+  uint64_t directBefore = link->directChunks;
+
+  forkRankOnNode(0, "sender on node A, SIDECAR_DIRECT_SENDS=0", [&] {
+    setenv("SIDECAR_DIRECT_SENDS", "0", 1);
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    for (int i = kDirect; i < kDirect + kRefused; ++i) sendChunk(sc, items[size_t(i)], 0, 1, {{2}}, buffer);
+  });
+  expectRanksSucceed(60s);
+  a = transfersAt(0);
+  link = outgoingLink(a);
+  ASSERT_NE(link, nullptr) << describe(a);
+  EXPECT_EQ(link->directChunks, directBefore) << describe(a);
+  EXPECT_GE(link->chunks, uint64_t(kDirect + kRefused)) << describe(a);
+  expectDaemonEmpty();
+}
+
+// Node B's daemon dies while node A's sender sends directly: the send in flight (or the next)
+// fails with [peer-lost] / [peer-unreachable] within the bound, node A holds nothing for it, and
+// once node B is back the same sender process sends again, directly over the new link.
+TEST_F(TransferMatrixTest, DirectSendsFailWithTheirPeerAndResume) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--peer-timeout-ms", "2000"}));
+  MemoryHint hint{Dtype::kFloat32, {256}};
+  ChunkPlan c;
+  c.dtype = Dtype::kFloat32;
+  c.shape = {4, 256};
+  RankConfig sender = rankConfig(0, {0}, hint);
+  std::string socketA = socketFor(0);
+  Signal& sendingDirectly = newSignal();
+  Signal& peerKilled = newSignal();
+  Signal& failed = newSignal();
+  Signal& peerBack = newSignal();
+  auto directCount = [&socketA]() {
+    auto status = sidecar::Client::connectUnix(socketA).transfers();
+    const sidecar::PeerLinkStatus* link = outgoingLink(status);
+    return link == nullptr ? uint64_t(0) : link->directChunks;
+  };
+  forkRankOnNode(0, "sender on node A", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    int n = 0;
+    auto next = [&](const std::string& what) {
+      ItemPlan item{what + "-" + std::to_string(n), {c}};
+      item.chunks[0].seed = seedOf(what, n++, 0);
+      return item;
+    };
+    // Until the daemon counts direct sends (bounded: the route comes within a second).
+    auto deadline = Clock::now() + 20s;
+    while (directCount() == 0) {
+      require(Clock::now() < deadline, "no send went directly within 20 s");
+      sendChunk(sc, next(id("before")), 0, 1, {{2}}, buffer);
+    }
+    sendingDirectly.post();
+    peerKilled.wait("node B killed", 1, 30'000);
+    // The next send has nobody to ack it: it fails within the bound (2 s peer timeout here).
+    auto started = Clock::now();
+    std::string message;
+    try {
+      sendChunk(sc, next(id("during")), 0, 1, {{2}}, buffer);
+    } catch (const sidecar::Error& e) {
+      require(e.code() == ErrorCode::kPeerLost || e.code() == ErrorCode::kPeerUnreachable,
+              std::string("send to a dead node: expected peer-lost or peer-unreachable, got ") +
+                  toString(e.code()) + ": " + e.what());
+      message = e.what();
+    }
+    require(!message.empty(), "a send to a dead node succeeded");
+    require(Clock::now() - started < 10s, "the send to a dead node took 10 s or more to fail");
+    failed.post();
+    peerBack.wait("node B back", 1, 30'000);
+    uint64_t directBefore = directCount();  // the new link's count (0)
+    deadline = Clock::now() + 30s;
+    while (true) {
+      require(Clock::now() < deadline, "sends did not go directly again within 30 s of the restart");
+      try {
+        sendChunk(sc, next(id("after")), 0, 1, {{2}}, buffer);
+      } catch (const sidecar::Error& e) {
+        // A send just after the restart may still meet the old link's end.
+        require(e.code() == ErrorCode::kPeerLost || e.code() == ErrorCode::kPeerUnreachable,
+                std::string("send after the restart: ") + toString(e.code()) + ": " + e.what());
+        std::this_thread::sleep_for(50ms);
+        continue;
+      }
+      if (directCount() > directBefore) break;
+    }
+  });
+  ASSERT_TRUE(sendingDirectly.tryWait(60'000));
+  node(1).signal(SIGKILL);
+  node(1).waitFor(10s);
+  peerKilled.post();
+  ASSERT_TRUE(failed.tryWait(30'000));
+  auto a = transfersAt(0);
+  EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
+  ASSERT_NO_FATAL_FAILURE(restartNode(1));
+  peerBack.post();
+  expectRanksSucceed(90s);
+  // Nobody received them: the chunks stored on node B died with it or await their time-to-live
+  // there; node A holds nothing.
+  a = transfersAt(0);
+  EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
+  EXPECT_EQ(a.waiters, 0u) << describe(a);
 }
 
 // A link remembers the ids it is delivering into, so that their waiters fail when it is lost;

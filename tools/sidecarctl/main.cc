@@ -124,7 +124,7 @@ nlohmann::json transfersJson_(const sidecar::TransferStatus& t) {
     j["peers"].push_back({{"direction", p.outgoing ? "out" : "in"}, {"nodeId", p.nodeId},
                           {"address", p.address}, {"incarnation", fmt::format("{:016x}", p.incarnation)},
                           {"up", p.up}, {"bodies", p.bodies}, {"chunks", p.chunks},
-                          {"bytes", p.bytes}});
+                          {"bytes", p.bytes}, {"directChunks", p.directChunks}});
   }
   return j;
 }
@@ -148,7 +148,9 @@ void printTransfers(const sidecar::TransferStatus& t) {
   for (const auto& p : t.peers) {
     fmt::print("{:<5}{:<20}{:<24}{:<18}{:<6}{:>9}{:>12}  {}\n", p.outgoing ? "out" : "in", p.nodeId,
                p.address.empty() ? "-" : p.address, fmt::format("{:016x}", p.incarnation),
-               p.up ? "yes" : "no", p.chunks, humanBytes(p.bytes), p.bodies);
+               p.up ? "yes" : "no", p.chunks, humanBytes(p.bytes),
+               p.directChunks == 0 ? p.bodies
+                                   : fmt::format("{}; {} sent direct", p.bodies, p.directChunks));
   }
   if (!t.dataIds.empty()) fmt::print("\nDATA IDS\n");
   for (const auto& id : t.dataIds) fmt::print("  {}\n", id);
