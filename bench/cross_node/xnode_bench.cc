@@ -31,8 +31,11 @@
 // Usage: xnode_bench --socket-a PATH --socket-b PATH [--sizes 4096,1048576,67108864]
 //                    [--iterations 30] [--warmup 5] [--rank-a 0] [--rank-b 2] [--pingpong 0]
 //                    [--stream-count 16] [--window 4] [--stream-warmup 1]
+//                    [--netns-a /var/run/netns/X] [--netns-b /var/run/netns/Y]
 
 #include <CLI/CLI.hpp>
+#include <fcntl.h>
+#include <sched.h>
 #include <sidecar/sidecar.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -100,7 +103,22 @@ struct Options {
   int rankB = 2;  // the receiver, served by node B
   int pingpong = 0;  // round trips per size under 1 MiB (0: none)
   std::string timesPath;  // per timed transfer: "size send_ns arrive_ns", for bench/cross_node/hops.py
+  // Network namespaces (/var/run/netns/...) the sender and the receiver live in, as executors on
+  // those hosts would: a rank can then reach the other node's daemon itself (direct sends).
+  std::string netnsA, netnsB;
 };
+
+// Joins the network namespace at `path` (nothing for ""); exits when it cannot.
+void joinNetns(const std::string& path) {
+  if (path.empty()) return;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) {
+    std::fprintf(stderr, "xnode_bench: cannot join the network namespace %s: %s\n", path.c_str(),
+                 strerror(errno));
+    std::exit(2);
+  }
+  close(fd);
+}
 
 Options parse(int argc, char** argv) {
   Options o;
@@ -127,6 +145,8 @@ Options parse(int argc, char** argv) {
   app.add_option("--times", o.timesPath,
                  "write each timed one-at-a-time transfer's send and arrival (CLOCK_MONOTONIC ns) "
                  "to this file, for bench/cross_node/hops.py");
+  app.add_option("--netns-a", o.netnsA, "the sender's network namespace (a /var/run/netns path)");
+  app.add_option("--netns-b", o.netnsB, "the receiver's network namespace");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -229,8 +249,10 @@ int main(int argc, char** argv) {
   if (child == 0) {
     close(ready[0]);
     close(stamps[0]);
+    joinNetns(o.netnsB);
     receiver(o, ready[1], stamps[1]);
   }
+  joinNetns(o.netnsA);
   close(ready[1]);
   close(stamps[1]);
   int rc = 0;
