@@ -848,8 +848,9 @@ kj::Promise<void> NodeTransfers::messageLoop() {
             hop::mark(hop::Point::kMessageReceived);
             spdlog::trace("peer message on link {} received", linkId);
             if (message.sizeBytes % sizeof(capnp::word) != 0) {
-              loseIncoming(linkId, "it sent a UCX message of " + std::to_string(message.sizeBytes) +
-                                       " bytes, which is no Cap'n Proto message");
+              // Dropped, not held against the link: see takeDeliverMessage.
+              spdlog::warn("peer link {}: a UCX message of {} bytes, which is no Cap'n Proto "
+                           "message (not a PeerMessage deliver, dropped)", linkId, message.sizeBytes);
               return kj::READY_NOW;
             }
             // Read in place: what the delivery keeps (its chunk) is copied out before the next
@@ -885,13 +886,14 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp
     KJ_REQUIRE(root.isDeliver(), "not a deliver");
     seq = root.getDeliver().getSeq();
     // A descriptor the receiver refuses is answered (the ack carries the error); a message that
-    // is not a PeerMessage ends the link, as garbage on its connection would.
+    // is not a PeerMessage is dropped: with direct sends any executor of the sending node may
+    // have sent it, so it proves nothing against the link and the other deliveries on it.
     // The inline body is read where it is: deliver() copies it before it waits for anything.
     refused = kj::runCatchingExceptions(
         [&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk(), /*viewInline=*/true); });
   })) {
-    loseIncoming(linkId, std::string("it sent a UCX message that is not a PeerMessage deliver (") +
-                             e->getDescription().cStr() + ")");
+    spdlog::warn("peer link {}: a UCX message that is not a PeerMessage deliver, dropped ({})", linkId,
+                 e->getDescription().cStr());
     return;
   }
   if (refused == nullptr) {
