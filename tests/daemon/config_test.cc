@@ -138,6 +138,8 @@ void expectDefaults(const Config& c) {
   EXPECT_EQ(c.peers.ucxMessages, d.peers.ucxMessages);
   EXPECT_TRUE(d.peers.ucxMessages);
   EXPECT_EQ(c.peers.ackDelayUs, d.peers.ackDelayUs);
+  EXPECT_EQ(c.peers.directSends, d.peers.directSends);
+  EXPECT_TRUE(d.peers.directSends);
 }
 
 constexpr const char* kFullFile = R"(node_id = "file-node"
@@ -279,6 +281,19 @@ TEST(ConfigLoad, ArenaPopulateFromEachLayer) {
                        {{"SIDECAR_ARENA_POPULATE", "1"}})).arenaPopulate);
   EXPECT_FALSE(ok(load({"--config", file.path()}, {{"SIDECAR_ARENA_POPULATE", "off"}})).arenaPopulate);
   EXPECT_TRUE(ok(load({"--arena-populate"}, {{"SIDECAR_ARENA_POPULATE", "0"}})).arenaPopulate);
+}
+
+// [peers] direct_sends in all three layers, a later layer winning; a wrong value says what to do.
+TEST(ConfigLoad, PeerDirectSendsSwitch) {
+  EXPECT_TRUE(ok(load({})).peers.directSends);
+  EXPECT_FALSE(ok(load({"--no-peer-direct-sends"})).peers.directSends);
+  EXPECT_FALSE(ok(load({}, {{"SIDECAR_PEER_DIRECT_SENDS", "off"}})).peers.directSends);
+  EXPECT_TRUE(ok(load({"--peer-direct-sends"}, {{"SIDECAR_PEER_DIRECT_SENDS", "0"}})).peers.directSends);
+  TempToml file("[peers]\ndirect_sends = false\n");
+  EXPECT_FALSE(ok(load({"--config", file.path()})).peers.directSends);
+  EXPECT_EQ(error(load({}, {{"SIDECAR_PEER_DIRECT_SENDS", "maybe"}})),
+            "sidecard: config error: SIDECAR_PEER_DIRECT_SENDS=\"maybe\": must be true or false "
+            "(also 1/0, yes/no, on/off)");
 }
 
 // [peers] ucx_messages in all three layers, a later layer winning; a wrong value says what to do.
@@ -703,7 +718,7 @@ TEST(ConfigExample, UncommentedKeysAreExactlyTheDefaults) {
     }
     content += line + "\n";
   }
-  EXPECT_EQ(keys, 24);  // every key of Config but configPath and [peers] rank (no default)
+  EXPECT_EQ(keys, 25);  // every key of Config but configPath and [peers] rank (no default)
   TempToml file(content);
   Config c = ok(load({"--config", file.path()}));
   expectDefaults(c);
