@@ -36,13 +36,16 @@ enum class Point : uint8_t {
   kAckSent,          // the delivery's ack sent back
   kSleeping,         // the reactor goes to sleep in io_uring
   kWoke,             // ... and is back
+  kDirectSending,    // a client's direct send encoded, its UCX send about to be called
+  kDirectSent,       // that UCX send call returned
   kCount,
 };
 
 inline const char* pointName(Point p) {
   static const char* const kNames[] = {"lane-taken", "message-sending", "message-sent",
                                        "message-received", "chunk-stored", "lane-completion",
-                                       "ack-sent", "sleeping", "woke"};
+                                       "ack-sent", "sleeping", "woke", "direct-sending",
+                                       "direct-sent"};
   return kNames[static_cast<int>(p)];
 }
 

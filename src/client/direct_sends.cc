@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "base/framed_builder.h"
+#include "base/hop_trace.h"
 
 namespace sidecar::client {
 namespace {
@@ -124,7 +125,10 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
   auto bytes = words.asBytes();
   if (bytes.size() > route.messageMaxBytes) return std::nullopt;
   std::string error;
-  switch (wire_->send(route.workerAddress, route.deliverTag, bytes.begin(), bytes.size(), error)) {
+  hop::mark(hop::Point::kDirectSending);
+  DirectWire::Sent result = wire_->send(route.workerAddress, route.deliverTag, bytes.begin(), bytes.size(), error);
+  hop::mark(hop::Point::kDirectSent);
+  switch (result) {
     case DirectWire::Sent::kYes:
       ++route.nextSeq;
       ++sent_;

@@ -11,6 +11,7 @@ namespace {
 // While an endpoint is not known to work, and otherwise at most this often, a send first lets
 // UCX progress (wire-up answers, errors): a system call, kept off the usual send.
 constexpr auto kProgressEvery = std::chrono::milliseconds(100);
+constexpr int kProgressCallsMax = 64;
 
 class UcxDirectWire final : public DirectWire {
  public:
@@ -30,7 +31,8 @@ class UcxDirectWire final : public DirectWire {
     auto now = std::chrono::steady_clock::now();
     if (!e->proven || now - lastProgress_ > kProgressEvery) {
       lastProgress_ = now;
-      while (ucp_worker_progress(worker_) != 0) {
+      // Bounded: a worker with a failing endpoint may report work on every call.
+      for (int i = 0; i < kProgressCallsMax && ucp_worker_progress(worker_) != 0; ++i) {
       }
     }
     if (e->failed) {

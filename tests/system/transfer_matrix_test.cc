@@ -1705,11 +1705,18 @@ TEST_F(TransferMatrixTest, DirectSendsFailWithTheirPeerAndResume) {
       if (directCount() > directBefore) break;
     }
   });
-  ASSERT_TRUE(sendingDirectly.tryWait(60'000));
+  // On a missed step the sender's own failure line says why.
+  auto step = [&](Signal& signal, const char* what) {
+    if (signal.tryWait(30'000)) return true;
+    ADD_FAILURE() << "the sender did not get to: " << what;
+    expectRanksSucceed(1s);
+    return false;
+  };
+  if (!step(sendingDirectly, "sending directly")) return;
   node(1).signal(SIGKILL);
   node(1).waitFor(10s);
   peerKilled.post();
-  ASSERT_TRUE(failed.tryWait(30'000));
+  if (!step(failed, "a failed send after node B died")) return;
   auto a = transfersAt(0);
   EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
   ASSERT_NO_FATAL_FAILURE(restartNode(1));
