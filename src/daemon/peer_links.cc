@@ -194,7 +194,10 @@ kj::Promise<void> PeerLinks::open(Link& l) {
       .catch_([this, &l](kj::Exception&& e) -> kj::Promise<void> {
         spdlog::warn("peer link to {} failed to open: {}", l.address, e.getDescription().cStr());
         kj::Exception mapped = peerError(l, kj::mv(e));
-        lose(l, mapped.getDescription().cStr());
+        // This chain is what the link's canceler wraps (link()): cancelling from inside it
+        // destroyed the running node (a daemon sending to a node whose daemon was down aborted
+        // with "pure virtual method called"). Its waiters get `mapped` through `ready`.
+        lose(l, mapped.getDescription().cStr(), /*cancelCalls=*/false);
         return kj::mv(mapped);
       });
 }
@@ -210,7 +213,7 @@ kj::Promise<void> PeerLinks::heartbeatLoop(Link& l) {
             [this, &l](kj::Exception&& e) { lose(l, e.getDescription().cStr()); });
 }
 
-void PeerLinks::lose(Link& l, const std::string& why) {
+void PeerLinks::lose(Link& l, const std::string& why, bool cancelCalls) {
   if (l.dead) return;
   l.dead = true;
   if (l.up) spdlog::warn("peer link to node {} lost: {}", l.nodeName(), why);
@@ -222,7 +225,7 @@ void PeerLinks::lose(Link& l, const std::string& why) {
   std::string message = l.up ? "[peer-lost] link to node " + l.nodeName() + " lost: " + why
                              : "[peer-unreachable] cannot open a link to node " + l.nodeName() +
                                    ": " + why;
-  l.canceler.cancel(KJ_EXCEPTION(FAILED, message.c_str()));
+  if (cancelCalls) l.canceler.cancel(KJ_EXCEPTION(FAILED, message.c_str()));
   // Destroy on a later turn: lose() may run inside the link's own callbacks.
   if (!burialPending_) {
     burialPending_ = true;

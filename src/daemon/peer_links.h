@@ -110,7 +110,10 @@ class PeerLinks {
   kj::Promise<void> deliverOn(const std::string& address, kj::Own<Link> link, OutgoingChunk chunk);
   kj::Promise<void> open(Link& link);
   kj::Promise<void> heartbeatLoop(Link& link);
-  void lose(Link& link, const std::string& why);
+  // `cancelCalls` false only from inside the link's own opening (open()'s failure), whose chain
+  // is the one call the canceler wraps then: cancelling it there would destroy the promise node
+  // that is running (it fails with that error anyway).
+  void lose(Link& link, const std::string& why, bool cancelCalls = true);
   // `message` is encodePeerDeliver(seq, chunk); seq is taken from the link's sequence already.
   kj::Promise<void> deliverMessage(kj::Own<Link> link, const OutgoingChunk& chunk, uint32_t seq,
                                    kj::Array<capnp::word> message);

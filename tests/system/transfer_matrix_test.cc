@@ -1598,7 +1598,7 @@ TEST_F(TransferMatrixTest, DirectSendsCarrySmallTensorsAndCanBeRefused) {
   RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
   Signal& directDone = newSignal();
   Signal& refusedMayStart = newSignal();
-  forkRankOnNode(0, "sender on node A, direct", [&] {
+  RankProcess& firstSender = forkRankOnNode(0, "sender on node A, direct", [&] {
     Sidecar sc = Sidecar::connect(sender);
     std::vector<unsigned char> buffer;
     for (int i = 0; i < kDirect; ++i) sendChunk(sc, items[size_t(i)], 0, 1, {{2}}, buffer);
@@ -1620,6 +1620,8 @@ TEST_F(TransferMatrixTest, DirectSendsCarrySmallTensorsAndCanBeRefused) {
   EXPECT_LE(link->directChunks, uint64_t(kDirect)) << describe(a);
   EXPECT_GE(link->chunks, uint64_t(kDirect)) << describe(a);
   uint64_t directBefore = link->directChunks;
+  // Rank 0 is free again once that process is gone (the daemon refuses a second live client).
+  ASSERT_TRUE(firstSender.waitUntil(Clock::now() + 30s)) << "the first sender did not exit";
 
   forkRankOnNode(0, "sender on node A, SIDECAR_DIRECT_SENDS=0", [&] {
     setenv("SIDECAR_DIRECT_SENDS", "0", 1);
@@ -1727,6 +1729,51 @@ TEST_F(TransferMatrixTest, DirectSendsFailWithTheirPeerAndResume) {
   a = transfersAt(0);
   EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
   EXPECT_EQ(a.waiters, 0u) << describe(a);
+}
+
+// Sends to a node whose daemon is down fail with [peer-unreachable], twice in a row, and the
+// sending daemon lives on (it aborted on the failed connect before: the link's canceler
+// destroyed the promise that was failing), holds nothing, and sends there once it is back.
+TEST_F(TransferMatrixTest, SendToANodeWhoseDaemonIsDownIsUnreachable) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
+  node(1).signal(SIGKILL);
+  node(1).waitFor(10s);
+  MemoryHint hint{Dtype::kFloat32, {256}};
+  ChunkPlan c;
+  c.dtype = Dtype::kFloat32;
+  c.shape = {4, 256};
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  forkRank("sender on node A, node B down", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    for (int i = 0; i < 2; ++i) {
+      ItemPlan item{id("unreachable-" + std::to_string(i)), {c}};
+      item.chunks[0].seed = seedOf("unreachable", i, 0);
+      expectError(ErrorCode::kPeerUnreachable, "send to a node whose daemon is down",
+                  [&] { sendChunk(sc, item, 0, 1, {{2}}, buffer); }, {"cannot open a link"});
+    }
+  });
+  expectRanksSucceed(30s);
+  ASSERT_TRUE(node(0).running()) << node(0).err();
+  auto a = transfersAt(0);
+  EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
+
+  ASSERT_NO_FATAL_FAILURE(restartNode(1));
+  ItemPlan again{id("reachable-again"), {c}};
+  again.chunks[0].seed = seedOf("reachable-again", 0, 0);
+  forkRank("sender on node A, node B back", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    std::vector<unsigned char> buffer;
+    sendChunk(sc, again, 0, 1, {{2}}, buffer);
+  });
+  forkRank("receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    verifyChunk(sc.recv(again.id, 0, kRecvTimeoutMs), again, 0);
+    sc.markDone(again.id, 0);
+  });
+  expectRanksSucceed(60s);
+  expectDaemonEmpty(/*expectNoItems=*/false);
 }
 
 // A link remembers the ids it is delivering into, so that their waiters fail when it is lost;
