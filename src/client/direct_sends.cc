@@ -135,6 +135,11 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
       return Sent{route.link, seq};
     case DirectWire::Sent::kBusy:
       return std::nullopt;
+    case DirectWire::Sent::kLost:
+      // It worked before: the next send makes a new endpoint (to the route's address, or to a
+      // new one once the route is asked again).
+      wire_->forget(route.workerAddress);
+      return std::nullopt;
     case DirectWire::Sent::kFailed:
       // E.g. this process cannot reach that node's network: the daemon sends for a while.
       wire_->forget(route.workerAddress);

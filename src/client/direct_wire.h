@@ -22,7 +22,9 @@ class DirectWire {
   enum class Sent {
     kYes,   // on the wire (handed to the transport)
     kBusy,  // not now (the endpoint is still connecting, or the transport is full)
-    kFailed // this endpoint will not work: forget it
+    kLost,  // an endpoint that worked failed (e.g. the peer's side closed it while this process
+            // was idle, or the peer restarted): forget it; a new one may work
+    kFailed // this endpoint never worked (e.g. the peer's network is not reachable): forget it
   };
   // Sends `bytes` with `tag` to the worker at `workerAddress` (an endpoint is made on first use
   // and kept). `error` says why for kFailed.

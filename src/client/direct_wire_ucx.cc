@@ -37,7 +37,7 @@ class UcxDirectWire final : public DirectWire {
     }
     if (e->failed) {
       error = e->why;
-      return Sent::kFailed;
+      return e->proven ? Sent::kLost : Sent::kFailed;
     }
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL;
@@ -50,7 +50,7 @@ class UcxDirectWire final : public DirectWire {
       ucs_status_t status = UCS_PTR_STATUS(request);
       if (status == UCS_ERR_NO_RESOURCE) return Sent::kBusy;
       error = ucs_status_string(status);
-      return Sent::kFailed;
+      return e->proven ? Sent::kLost : Sent::kFailed;
     }
     // Forced immediate completion never leaves a request; should one come, the message must
     // not be freed under UCX: finish it here (bounded), as a send that happened.

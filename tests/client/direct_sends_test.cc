@@ -171,6 +171,21 @@ TEST_F(DirectSendsTest, BusyWireTakesNoSeqAndFailedWireIsForgotten) {
   EXPECT_EQ(wire.sent.size(), 1u);
 }
 
+// An endpoint that worked and then failed (the peer's side closed it, the peer restarted) is
+// made anew at the next send, with no pause; one that never worked pauses direct sends.
+TEST_F(DirectSendsTest, LostEndpointIsMadeAgainAtOnce) {
+  send("a");
+  settle();
+  ASSERT_TRUE(send("b").has_value());
+  wire.next = DirectWire::Sent::kLost;
+  EXPECT_FALSE(send("c").has_value());
+  ASSERT_EQ(wire.forgotten.size(), 1u);
+  wire.next = DirectWire::Sent::kYes;
+  auto sent = send("d");
+  ASSERT_TRUE(sent.has_value()) << "a lost endpoint does not pause direct sends";
+  EXPECT_EQ(sent->seq, 0x80010001u);
+}
+
 TEST_F(DirectSendsTest, UsedUpBlockIsRenewed) {
   answers = {RouteAnswer{}, RouteAnswer{true, false, 7, 0x80020000u, 3}};
   send("a");
