@@ -2,6 +2,7 @@
 
 #include <kj/debug.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -14,6 +15,9 @@ namespace {
 // After a failed route request or a failed endpoint (e.g. this process cannot reach that node's
 // network), the daemon sends for this long before the route is tried again.
 constexpr auto kRetryAfterFailure = std::chrono::seconds(5);
+// An endpoint that keeps failing (this host cannot reach that node at all) is tried again after
+// twice as long each time, up to this: UCX logs each failed connect on the executor's stderr.
+constexpr auto kRetryAfterFailureMax = std::chrono::seconds(320);
 
 void writeGroups(capnp::List<proto::Destination>::Builder out, const DirectSends::Groups& groups) {
   for (size_t i = 0; i < groups.size(); ++i) {
@@ -130,6 +134,7 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
   hop::mark(hop::Point::kDirectSent);
   switch (result) {
     case DirectWire::Sent::kYes:
+      route.endpointFailures = 0;
       ++route.nextSeq;
       ++sent_;
       return Sent{route.link, seq};
@@ -144,7 +149,10 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
       // E.g. this process cannot reach that node's network: the daemon sends for a while.
       wire_->forget(route.workerAddress);
       route.ready = false;
-      route.askAfter = now + kRetryAfterFailure;
+      route.askAfter = now + std::min<std::chrono::steady_clock::duration>(
+                                 kRetryAfterFailure * (1 << std::min(route.endpointFailures, 6u)),
+                                 kRetryAfterFailureMax);
+      ++route.endpointFailures;
       return std::nullopt;
   }
   return std::nullopt;

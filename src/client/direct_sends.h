@@ -69,6 +69,7 @@ class DirectSends final : private kj::TaskSet::ErrorHandler {
     uint32_t nextSeq = 0;
     uint32_t seqEnd = 0;  // exclusive (as uint64 arithmetic: seqBase + seqCount)
     uint64_t messageMaxBytes = 0;
+    uint32_t endpointFailures = 0;  // in a row, of endpoints that never worked (the backoff)
   };
   void ask(const Groups& destinations, Route& route, bool renew);
   void taskFailed(kj::Exception&& e) override;
