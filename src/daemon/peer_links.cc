@@ -436,7 +436,12 @@ rpc::DirectRoute PeerLinks::directRouteOn(Link& l, uint64_t session, bool renew)
     return route;
   }
   auto blocks = l.sessionBlocks.find(session);
-  if (blocks == l.sessionBlocks.end() || renew) {
+  if (blocks == l.sessionBlocks.end() || blocks->second.first == 0 || renew) {
+    // Worked on values: the entries below may belong to this very session.
+    std::pair<uint32_t, uint32_t> mine{0, 0};  // (current, previous) block; 0: none
+    if (blocks != l.sessionBlocks.end()) mine = blocks->second;
+    // The block before the previous one is no longer this session's.
+    if (mine.second != 0) l.directBlocks.erase(mine.second);
     uint32_t base = l.nextDirectBlock;
     // The seq space past kDirectSeqFirst wraps after 32768 blocks; a block handed out again is
     // taken from whoever had it (they had 2^31 sends since).
@@ -444,16 +449,14 @@ rpc::DirectRoute PeerLinks::directRouteOn(Link& l, uint64_t session, bool renew)
     auto taken = l.directBlocks.find(base);
     if (taken != l.directBlocks.end()) {
       auto owner = l.sessionBlocks.find(taken->second);
-      if (owner != l.sessionBlocks.end() && owner->second.first == base) l.sessionBlocks.erase(owner);
+      if (owner != l.sessionBlocks.end()) {
+        if (owner->second.first == base) owner->second.first = 0;
+        if (owner->second.second == base) owner->second.second = 0;
+      }
     }
-    uint32_t previous = 0;
-    if (blocks != l.sessionBlocks.end()) {
-      // The block before the previous one is no longer this session's.
-      if (blocks->second.second != 0) l.directBlocks.erase(blocks->second.second);
-      previous = blocks->second.first;
-    }
+    if (mine.first == base) mine.first = 0;
     l.directBlocks[base] = session;
-    blocks = l.sessionBlocks.insert_or_assign(session, std::make_pair(base, previous)).first;
+    blocks = l.sessionBlocks.insert_or_assign(session, std::make_pair(base, mine.first)).first;
   }
   route.workerAddress = l.remote.ucxAddress;
   route.deliverTag = peerDeliverTag(l.remote.linkId);
@@ -471,7 +474,7 @@ void PeerLinks::forgetSession(uint64_t session) {
   for (auto& [address, l] : links_) {
     auto blocks = l->sessionBlocks.find(session);
     if (blocks == l->sessionBlocks.end()) continue;
-    l->directBlocks.erase(blocks->second.first);
+    if (blocks->second.first != 0) l->directBlocks.erase(blocks->second.first);
     if (blocks->second.second != 0) l->directBlocks.erase(blocks->second.second);
     l->sessionBlocks.erase(blocks);
   }

@@ -1638,6 +1638,45 @@ TEST_F(TransferMatrixTest, DirectSendsCarrySmallTensorsAndCanBeRefused) {
   expectDaemonEmpty();
 }
 
+// A session's block of direct-send seqs (65536) runs out: the executor asks for a new one and
+// goes on sending directly; every tensor arrives once, and more went direct than one block
+// holds. (One process, one rank pair, tiny tensors: ~70000 transfers.)
+TEST_F(TransferMatrixTest, DirectSendsRenewTheirSeqBlock) {
+  if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
+  ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
+  constexpr int kSends = 65536 + 4096;
+  MemoryHint hint{Dtype::kUint8, {8}};
+  RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
+  std::string prefix = id("renew");
+  forkRankOnNode(0, "sender on node A", [&] {
+    Sidecar sc = Sidecar::connect(sender);
+    for (int i = 0; i < kSends; ++i) {
+      uint64_t value = uint64_t(i);
+      TensorRef ref{Dtype::kUint8, {8}, {}, &value};
+      sc.send(prefix + "-" + std::to_string(i), ref, {{2}}).wait();
+    }
+  });
+  forkRankOnNode(2, "receiver on node B", [&] {
+    Sidecar sc = Sidecar::connect(receiver);
+    for (int i = 0; i < kSends; ++i) {
+      std::string id = prefix + "-" + std::to_string(i);
+      Received r = sc.recv(id, 0, kRecvTimeoutMs);
+      uint64_t value = 0;
+      require(r.kind == Received::Kind::kTensor && r.tensor.sizeBytes == 8, id + ": not an 8-byte tensor");
+      memcpy(&value, r.tensor.data, 8);
+      require(value == uint64_t(i), id + ": holds " + std::to_string(value));
+      sc.markDone(id, 0);
+    }
+  });
+  expectRanksSucceed(300s);
+  auto a = transfersAt(0);
+  const sidecar::PeerLinkStatus* link = outgoingLink(a);
+  ASSERT_NE(link, nullptr) << describe(a);
+  EXPECT_GT(link->directChunks, 65536u) << "no second block was used: " << describe(a);
+  EXPECT_GE(link->chunks, uint64_t(kSends)) << describe(a);
+  expectDaemonEmpty(/*expectNoItems=*/false);
+}
+
 // Node B's daemon dies while node A's sender sends directly: the send in flight (or the next)
 // fails with [peer-lost] / [peer-unreachable] within the bound, node A holds nothing for it, and
 // once node B is back the same sender process sends again, directly over the new link.
