@@ -53,17 +53,11 @@ class UcxDirectWire final : public DirectWire {
       return e->proven ? Sent::kLost : Sent::kFailed;
     }
     // Forced immediate completion never leaves a request; should one come, the message must
-    // not be freed under UCX: finish it here (bounded), as a send that happened.
-    auto deadline = now + std::chrono::seconds(1);
-    while (ucp_request_check_status(request) == UCS_INPROGRESS &&
-           std::chrono::steady_clock::now() < deadline) {
-      ucp_worker_progress(worker_);
-    }
-    ucs_status_t status = ucp_request_check_status(request);
+    // not be freed under UCX: finish it here (bounded, then cancelled), as a send that happened.
+    ucs_status_t status = progressWhileBusy(request, std::chrono::seconds(1));
     if (status == UCS_INPROGRESS) {
       ucp_request_cancel(worker_, request);
-      while (ucp_request_check_status(request) == UCS_INPROGRESS) ucp_worker_progress(worker_);
-      status = ucp_request_check_status(request);
+      status = progressWhileBusy(request, std::chrono::hours(1));  // a cancelled one ends
     }
     ucp_request_free(request);
     if (status == UCS_OK) return Sent::kYes;
@@ -119,12 +113,18 @@ class UcxDirectWire final : public DirectWire {
     param.flags = UCP_EP_CLOSE_FLAG_FORCE;
     ucs_status_ptr_t request = ucp_ep_close_nbx(e.ep, &param);
     if (request == nullptr || UCS_PTR_IS_ERR(request)) return;
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    (void)progressWhileBusy(request, std::chrono::seconds(1));
+    ucp_request_free(request);
+  }
+
+  // Progresses the worker while `request` is in progress, for at most `limit`; its status then.
+  ucs_status_t progressWhileBusy(void* request, std::chrono::steady_clock::duration limit) {
+    auto deadline = std::chrono::steady_clock::now() + limit;
     while (ucp_request_check_status(request) == UCS_INPROGRESS &&
            std::chrono::steady_clock::now() < deadline) {
       ucp_worker_progress(worker_);
     }
-    ucp_request_free(request);
+    return ucp_request_check_status(request);
   }
 
   ucp_context_h context_;

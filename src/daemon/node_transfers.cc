@@ -751,7 +751,7 @@ kj::Promise<void> NodeTransfers::forwardChunk(const transfer::Group& senderGroup
     } else {
       chunk.object = std::get<transfer::ObjectChunk>(stored);
     }
-    if (direct.seq != 0 && placement.remote.size() == 1 && landing == nullptr) {
+    if (direct.seq != 0 && placement.remote.size() == 1) {
       chunk.directLink = direct.link;
       chunk.directSeq = direct.seq;
       chunk.directSession = direct.session;

@@ -138,7 +138,18 @@ kj::Promise<kj::Own<PeerLinks::Link>> PeerLinks::link(const std::string& address
     auto fresh = kj::refcounted<Link>(address, serial);
     Link& l = *fresh;
     it = links_.emplace(address, kj::mv(fresh)).first;
-    l.ready = l.canceler.wrap(open(l)).fork();
+    // A link that fails to open ends. That handler stays outside what the link's canceler wraps:
+    // lose() cancels it, and cancelling the chain that is running destroyed it (a daemon that
+    // sent to a node whose daemon was down aborted with "pure virtual method called").
+    l.ready = l.canceler.wrap(open(l))
+                  .catch_([this, &l](kj::Exception&& e) -> kj::Promise<void> {
+                    spdlog::warn("peer link to {} failed to open: {}", l.address,
+                                 e.getDescription().cStr());
+                    kj::Exception mapped = peerError(l, kj::mv(e));
+                    lose(l, mapped.getDescription().cStr());
+                    return kj::mv(mapped);
+                  })
+                  .fork();
   }
   Link& l = *it->second;
   auto ref = kj::addRef(l);
@@ -155,8 +166,7 @@ kj::Promise<kj::Own<PeerLinks::Link>> PeerLinks::link(const std::string& address
 kj::Promise<void> PeerLinks::open(Link& l) {
   reactor::HostPort hostPort;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { hostPort = reactor::parseHostPort(l.address); })) {
-    lose(l, e->getDescription().cStr());
-    return kj::mv(*e);
+    return kj::mv(*e);  // link() ends the link
   }
   auto connected = reactor::connectTcpAsync(reactor_, hostPort)
                        .exclusiveJoin(deadline(timer_, options_.timeoutMs, "connecting")
@@ -190,15 +200,6 @@ kj::Promise<void> PeerLinks::open(Link& l) {
                       .then([this, &l]() { lose(l, "the connection closed"); },
                             [this, &l](kj::Exception&& e) { lose(l, e.getDescription().cStr()); })
                       .eagerlyEvaluate(nullptr);
-      })
-      .catch_([this, &l](kj::Exception&& e) -> kj::Promise<void> {
-        spdlog::warn("peer link to {} failed to open: {}", l.address, e.getDescription().cStr());
-        kj::Exception mapped = peerError(l, kj::mv(e));
-        // This chain is what the link's canceler wraps (link()): cancelling from inside it
-        // destroyed the running node (a daemon sending to a node whose daemon was down aborted
-        // with "pure virtual method called"). Its waiters get `mapped` through `ready`.
-        lose(l, mapped.getDescription().cStr(), /*cancelCalls=*/false);
-        return kj::mv(mapped);
       });
 }
 
@@ -213,7 +214,7 @@ kj::Promise<void> PeerLinks::heartbeatLoop(Link& l) {
             [this, &l](kj::Exception&& e) { lose(l, e.getDescription().cStr()); });
 }
 
-void PeerLinks::lose(Link& l, const std::string& why, bool cancelCalls) {
+void PeerLinks::lose(Link& l, const std::string& why) {
   if (l.dead) return;
   l.dead = true;
   if (l.up) spdlog::warn("peer link to node {} lost: {}", l.nodeName(), why);
@@ -225,7 +226,7 @@ void PeerLinks::lose(Link& l, const std::string& why, bool cancelCalls) {
   std::string message = l.up ? "[peer-lost] link to node " + l.nodeName() + " lost: " + why
                              : "[peer-unreachable] cannot open a link to node " + l.nodeName() +
                                    ": " + why;
-  if (cancelCalls) l.canceler.cancel(KJ_EXCEPTION(FAILED, message.c_str()));
+  l.canceler.cancel(KJ_EXCEPTION(FAILED, message.c_str()));
   // Destroy on a later turn: lose() may run inside the link's own callbacks.
   if (!burialPending_) {
     burialPending_ = true;
@@ -274,7 +275,7 @@ kj::Promise<void> PeerLinks::deliverOn(const std::string& address, kj::Own<Link>
                   l->serial, l->nodeName());
   }
   bool small = !chunk.isTensor || chunk.sizeBytes <= options_.inlineBytesMax;
-  if (small && l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) {
+  if (small && takesMessages(*l)) {
     uint32_t seq = l->nextSeq;
     auto message = encodePeerDeliver(seq, chunk);
     if (message.size() * sizeof(capnp::word) <= l->remote.ucxMessageMaxBytes) {
@@ -399,6 +400,10 @@ kj::Promise<void> PeerLinks::awaitAck(kj::Own<Link> l, uint32_t seq, uint64_t te
       .attach(kj::heap<Awaiting>(kj::mv(l), seq));
 }
 
+bool PeerLinks::takesMessages(const Link& l) const {
+  return l.endpoint && takesAcks_ && l.remote.ucxMessageMaxBytes > 0;
+}
+
 bool PeerLinks::directOwned(const Link& l, const OutgoingChunk& chunk) const {
   if (chunk.directLink != l.serial || chunk.directSeq < kDirectSeqFirst || !l.up || l.dead) return false;
   auto block = l.directBlocks.find(chunk.directSeq & ~(kDirectSeqBlock - 1));
@@ -430,7 +435,7 @@ rpc::DirectRoute PeerLinks::directRouteOn(Link& l, uint64_t session, bool renew)
     route.retryMs = 1'000;
     return route;
   }
-  if (!l.endpoint || !takesAcks_ || l.remote.ucxMessageMaxBytes == 0) {
+  if (!takesMessages(l)) {
     route.none = "node " + l.nodeName() + " takes no UCX messages from this daemon";
     route.retryMs = 60'000;
     return route;
@@ -545,7 +550,7 @@ std::vector<rpc::PeerLinkSummary> PeerLinks::summary() const {
   std::vector<rpc::PeerLinkSummary> out;
   for (auto& [address, l] : links_) {
     std::string bodies = l->endpoint ? bodies_->describe() : "inline";
-    if (l->endpoint && takesAcks_ && l->remote.ucxMessageMaxBytes > 0) bodies += kSmallAsMessages;
+    if (takesMessages(*l)) bodies += kSmallAsMessages;
     out.push_back(rpc::PeerLinkSummary{true, l->remote.nodeId, address, l->remote.incarnation, l->up,
                                        bodies, l->chunks, l->bytes, l->directChunks});
   }

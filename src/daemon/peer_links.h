@@ -110,10 +110,8 @@ class PeerLinks {
   kj::Promise<void> deliverOn(const std::string& address, kj::Own<Link> link, OutgoingChunk chunk);
   kj::Promise<void> open(Link& link);
   kj::Promise<void> heartbeatLoop(Link& link);
-  // `cancelCalls` false only from inside the link's own opening (open()'s failure), whose chain
-  // is the one call the canceler wraps then: cancelling it there would destroy the promise node
-  // that is running (it fails with that error anyway).
-  void lose(Link& link, const std::string& why, bool cancelCalls = true);
+  // Never from inside a chain the link's canceler wraps (it cancels them: see link()).
+  void lose(Link& link, const std::string& why);
   // `message` is encodePeerDeliver(seq, chunk); seq is taken from the link's sequence already.
   kj::Promise<void> deliverMessage(kj::Own<Link> link, const OutgoingChunk& chunk, uint32_t seq,
                                    kj::Array<capnp::word> message);
@@ -121,6 +119,8 @@ class PeerLinks {
   kj::Promise<void> awaitAck(kj::Own<Link> link, uint32_t seq, uint64_t tensorBytes, bool direct);
   // Whether `chunk`'s direct send may be awaited on `link`: its link, and a seq of its session.
   bool directOwned(const Link& link, const OutgoingChunk& chunk) const;
+  // Small deliveries on `link` go as UCX messages (both ends take them).
+  bool takesMessages(const Link& link) const;
   rpc::DirectRoute directRouteOn(Link& link, uint64_t session, bool renew);
   kj::Promise<void> ackLoop();
   void takeAck(uint64_t tag, kj::ArrayPtr<const capnp::word> message);
