@@ -151,6 +151,14 @@ void sendChunk(Sidecar& sc, const ItemPlan& item, uint32_t chunkId, uint32_t num
   sc.send(item.id, ref, to, chunkId, numChunks).wait();
 }
 
+// A 4 KiB float32 tensor chunk, the latency case of the cross-node tests (seed left to set).
+ChunkPlan tensor4KiB() {
+  ChunkPlan c;
+  c.dtype = Dtype::kFloat32;
+  c.shape = {4, 256};
+  return c;
+}
+
 // Checks a received chunk against its plan; throws RankFailure naming what differs.
 void verifyChunk(const Received& r, const ItemPlan& item, uint32_t chunkId) {
   const ChunkPlan& c = item.chunks[chunkId];
@@ -422,6 +430,13 @@ class TransferMatrixTest : public ::testing::Test {
   sidecar::TransferStatus transfersAt(int i) {
     return withClientAt<sidecar::TransferStatus>(sockets_[static_cast<size_t>(i)],
                                                  [](sidecar::Client& c) { return c.transfers(); });
+  }
+
+  // Inter setup: node i holds no data and has no waiting recv.
+  void expectNodeHoldsNothing(int i) {
+    sidecar::TransferStatus t = transfersAt(i);
+    EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
+    EXPECT_EQ(t.waiters, 0u) << describe(t);
   }
 
 
@@ -1515,9 +1530,7 @@ TEST_F(TransferMatrixTest, PeerKilledMidStreamFailsWaitersAndRecovers) {
   if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
   ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--peer-timeout-ms", "2000"}));
   MemoryHint hint{Dtype::kFloat32, {256}};
-  ChunkPlan c;
-  c.dtype = Dtype::kFloat32;
-  c.shape = {4, 256};
+  ChunkPlan c = tensor4KiB();
   c.seed = seedOf("peer-killed", 0, 0);
   ItemPlan item{id("peer-killed"), {c, c}};
   item.chunks[1].seed = seedOf("peer-killed", 0, 1);
@@ -1548,9 +1561,7 @@ TEST_F(TransferMatrixTest, PeerKilledMidStreamFailsWaitersAndRecovers) {
   node(0).signal(SIGKILL);
   node(0).waitFor(10s);
   expectRanksSucceed(30s);
-  t = transfersAt(1);
-  EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
-  EXPECT_EQ(t.waiters, 0u) << describe(t);
+  expectNodeHoldsNothing(1);
 
   // Node A comes back: traffic resumes without restarting node B or its clients.
   ASSERT_NO_FATAL_FAILURE(restartNode(0));
@@ -1585,9 +1596,7 @@ TEST_F(TransferMatrixTest, DirectSendsCarrySmallTensorsAndCanBeRefused) {
   if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
   ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB"));
   MemoryHint hint{Dtype::kFloat32, {256}};
-  ChunkPlan c;
-  c.dtype = Dtype::kFloat32;
-  c.shape = {4, 256};  // 4 KiB: the latency case
+  ChunkPlan c = tensor4KiB();
   constexpr int kDirect = 40, kRefused = 10;
   std::vector<ItemPlan> items;
   for (int i = 0; i < kDirect + kRefused; ++i) {
@@ -1597,7 +1606,6 @@ TEST_F(TransferMatrixTest, DirectSendsCarrySmallTensorsAndCanBeRefused) {
   }
   RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
   Signal& directDone = newSignal();
-  Signal& refusedMayStart = newSignal();
   RankProcess& firstSender = forkRankOnNode(0, "sender on node A, direct", [&] {
     Sidecar sc = Sidecar::connect(sender);
     std::vector<unsigned char> buffer;
@@ -1684,9 +1692,7 @@ TEST_F(TransferMatrixTest, DirectSendsFailWithTheirPeerAndResume) {
   if (nodes_ < 2) GTEST_SKIP() << "inter setup only (SIDECAR_TEST_NODES=2)";
   ASSERT_NO_FATAL_FAILURE(startDaemon("64MiB", {"--peer-timeout-ms", "2000"}));
   MemoryHint hint{Dtype::kFloat32, {256}};
-  ChunkPlan c;
-  c.dtype = Dtype::kFloat32;
-  c.shape = {4, 256};
+  ChunkPlan c = tensor4KiB();
   RankConfig sender = rankConfig(0, {0}, hint);
   std::string socketA = socketFor(0);
   Signal& sendingDirectly = newSignal();
@@ -1758,16 +1764,13 @@ TEST_F(TransferMatrixTest, DirectSendsFailWithTheirPeerAndResume) {
   node(1).waitFor(10s);
   peerKilled.post();
   if (!step(failed, "a failed send after node B died")) return;
-  auto a = transfersAt(0);
-  EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
+  expectNodeHoldsNothing(0);
   ASSERT_NO_FATAL_FAILURE(restartNode(1));
   peerBack.post();
   expectRanksSucceed(90s);
   // Nobody received them: the chunks stored on node B died with it or await their time-to-live
   // there; node A holds nothing.
-  a = transfersAt(0);
-  EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
-  EXPECT_EQ(a.waiters, 0u) << describe(a);
+  expectNodeHoldsNothing(0);
 }
 
 // Sends to a node whose daemon is down fail with [peer-unreachable], twice in a row, and the
@@ -1779,9 +1782,7 @@ TEST_F(TransferMatrixTest, SendToANodeWhoseDaemonIsDownIsUnreachable) {
   node(1).signal(SIGKILL);
   node(1).waitFor(10s);
   MemoryHint hint{Dtype::kFloat32, {256}};
-  ChunkPlan c;
-  c.dtype = Dtype::kFloat32;
-  c.shape = {4, 256};
+  ChunkPlan c = tensor4KiB();
   RankConfig sender = rankConfig(0, {0}, hint), receiver = rankConfig(2, {2}, hint);
   forkRank("sender on node A, node B down", [&] {
     Sidecar sc = Sidecar::connect(sender);
@@ -1795,8 +1796,7 @@ TEST_F(TransferMatrixTest, SendToANodeWhoseDaemonIsDownIsUnreachable) {
   });
   expectRanksSucceed(30s);
   ASSERT_TRUE(node(0).running()) << node(0).err();
-  auto a = transfersAt(0);
-  EXPECT_EQ(a.bytesHeld, 0u) << describe(a);
+  expectNodeHoldsNothing(0);
 
   ASSERT_NO_FATAL_FAILURE(restartNode(1));
   ItemPlan again{id("reachable-again"), {c}};
@@ -2130,9 +2130,7 @@ TEST_F(TransferMatrixTest, CutLinkFailsBothSidesThenRecovers) {
   ASSERT_TRUE(cluster_->setLinkUp(1, true));
   restored.post();
   expectRanksSucceed(60s);
-  t = transfersAt(1);
-  EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
-  EXPECT_EQ(t.waiters, 0u) << describe(t);
+  expectNodeHoldsNothing(1);
 }
 
 // Node A dies while node B's daemon holds A's delivery waiting for arena space (B's arena is
