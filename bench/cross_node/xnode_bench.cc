@@ -9,7 +9,10 @@
 // receiver posts its recv, says "ready" over a pipe, the sender allocates a tensor in A's arena
 // (zero copy: only its first and last 8 bytes are written, the iteration number, which the
 // receiver checks), stamps the time and sends; the receiver stamps on arrival, marks it done and
-// reports the stamp. Prints one JSON line per size:
+// reports the stamp. The two processes pass "ready" and the stamp over pipes (they sleep between
+// transfers), or with --handshake spin through one shared page that both poll, so that neither
+// sleeps, as ucx_perftest's two processes never do (then keep them off the daemons' CPUs).
+// Prints one JSON line per size:
 //   {"name":"xfer_64MiB","bytes":67108864,"median_us":..,"p99_us":..,"gbps":..}
 // gbps = bytes / median one-way time (decimal GB/s, as ucx_perftest's MB/s are decimal).
 // Then, per size of at least 1 MiB, a stream like ucx_perftest's tag_bw: `streamCount` transfers
@@ -37,11 +40,13 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <sidecar/sidecar.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <deque>
 #include <stdexcept>
 #include <cstdint>
@@ -106,6 +111,75 @@ struct Options {
   // Network namespaces (/var/run/netns/...) the sender and the receiver live in, as executors on
   // those hosts would: a rank can then reach the other node's daemon itself (direct sends).
   std::string netnsA, netnsB;
+  bool spinHandshake = false;  // --handshake spin: the one-at-a-time loop's handshake polls shared memory
+};
+
+// The one-at-a-time loop's handshake (receiver -> sender): "ready for transfer n" and "transfer n
+// arrived at t", through pipes or, polled, through one shared page. Counts are n + 1, so 0 means
+// nothing yet.
+class Handshake {
+ public:
+  Handshake(bool spin) : spin_(spin) {
+    if (pipe(ready_) != 0 || pipe(stamps_) != 0) throw std::runtime_error("pipe failed");
+    void* page = mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (page == MAP_FAILED) throw std::runtime_error("mmap of the handshake page failed");
+    shared_ = new (page) Shared{};
+  }
+  // After fork: each process keeps its ends of the pipes.
+  void beReceiver() { close(ready_[0]); close(stamps_[0]); }
+  void beSender() { close(ready_[1]); close(stamps_[1]); }
+
+  // Receiver.
+  void ready(uint64_t n) {
+    if (spin_) { shared_->ready.store(n + 1, std::memory_order_release); return; }
+    char one = 1;
+    writeAll(ready_[1], &one, 1);
+  }
+  void arrived(uint64_t n, uint64_t ns) {
+    if (spin_) {
+      shared_->arrivedNs.store(ns, std::memory_order_relaxed);
+      shared_->arrived.store(n + 1, std::memory_order_release);
+      return;
+    }
+    writeAll(stamps_[1], &ns, sizeof ns);
+  }
+  // Sender.
+  void awaitReady(uint64_t n) {
+    if (!spin_) { char one = 0; readAll(ready_[0], &one, 1); return; }
+    poll(shared_->ready, n + 1);
+  }
+  uint64_t awaitArrival(uint64_t n) {
+    if (!spin_) { uint64_t ns = 0; readAll(stamps_[0], &ns, sizeof ns); return ns; }
+    poll(shared_->arrived, n + 1);
+    return shared_->arrivedNs.load(std::memory_order_relaxed);
+  }
+  // The streams' handshake always uses the pipes (not latency).
+  int readyReadFd() const { return ready_[0]; }
+  int readyWriteFd() const { return ready_[1]; }
+  int stampsReadFd() const { return stamps_[0]; }
+  int stampsWriteFd() const { return stamps_[1]; }
+
+ private:
+  struct Shared {
+    alignas(64) std::atomic<uint64_t> ready{0};
+    alignas(64) std::atomic<uint64_t> arrived{0};
+    std::atomic<uint64_t> arrivedNs{0};
+  };
+  // Polls until `counter` reaches `want`; gives up after 60 s (the other process died).
+  static void poll(const std::atomic<uint64_t>& counter, uint64_t want) {
+    uint64_t deadline = nowNs() + 60'000'000'000ull;
+    for (uint32_t i = 0; counter.load(std::memory_order_acquire) < want; ++i) {
+      __builtin_ia32_pause();
+      if ((i & 0xffff) == 0 && nowNs() > deadline) {
+        std::fprintf(stderr, "xnode_bench: the other process is gone (no handshake in 60 s)\n");
+        std::exit(2);
+      }
+    }
+  }
+  bool spin_;
+  int ready_[2]{-1, -1};
+  int stamps_[2]{-1, -1};
+  Shared* shared_ = nullptr;
 };
 
 // Joins the network namespace at `path` (nothing for ""); exits when it cannot.
@@ -147,11 +221,18 @@ Options parse(int argc, char** argv) {
                  "to this file, for bench/cross_node/hops.py");
   app.add_option("--netns-a", o.netnsA, "the sender's network namespace (a /var/run/netns path)");
   app.add_option("--netns-b", o.netnsB, "the receiver's network namespace");
+  std::string handshake = "pipe";
+  app.add_option("--handshake", handshake,
+                 "how the one-at-a-time loop's receiver says ready / arrived: pipe (both sleep "
+                 "between transfers) or spin (both poll one shared page, as ucx_perftest's "
+                 "processes poll; keep them off the daemons' CPUs)")
+      ->check(CLI::IsMember({"pipe", "spin"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     std::exit(app.exit(e));
   }
+  o.spinHandshake = handshake == "spin";
   return o;
 }
 
@@ -190,19 +271,20 @@ void checkStamp(const sidecar::Received& r, uint64_t size, uint64_t number, cons
 }
 
 // Rank 2 on node B: recv each transfer, check its stamps, report the arrival time.
-[[noreturn]] void receiver(const Options& o, int readyFd, int stampFd) {
+[[noreturn]] void receiver(const Options& o, Handshake& handshake) {
+  int readyFd = handshake.readyWriteFd();
+  int stampFd = handshake.stampsWriteFd();
   try {
     auto sc = connectRank(o.rankB, o.socketB);
     for (uint64_t size : o.sizes) {
       for (int i = 0; i < o.warmup + o.iterations; ++i) {
         auto pending = sc.recvAsync(idOf(size, i), 0, 60'000);
-        char ready = 1;
-        writeAll(readyFd, &ready, 1);
+        handshake.ready(uint64_t(i));
         sidecar::Received r = pending.wait();
         uint64_t arrived = nowNs();
         checkStamp(r, size, uint64_t(i), idOf(size, i));
         sc.markDone(idOf(size, i), 0);
-        writeAll(stampFd, &arrived, sizeof arrived);
+        handshake.arrived(uint64_t(i), arrived);
       }
     }
     for (uint64_t size : o.sizes) {
@@ -236,25 +318,24 @@ void checkStamp(const sidecar::Received& r, uint64_t size, uint64_t number, cons
     std::fprintf(stderr, "xnode_bench receiver: %s\n", e.what());
     _exit(1);
   }
-  _exit(0);
+  // exit, not _exit: the atexit handlers write this process's hop trace (SIDECAR_HOP_TRACE).
+  // Nothing of the parent's is buffered here (it flushes stdout after every line).
+  std::exit(0);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   Options o = parse(argc, argv);
-  int ready[2], stamps[2];
-  if (pipe(ready) != 0 || pipe(stamps) != 0) return 2;
+  Handshake handshake(o.spinHandshake);
   pid_t child = fork();
   if (child == 0) {
-    close(ready[0]);
-    close(stamps[0]);
+    handshake.beReceiver();
     joinNetns(o.netnsB);
-    receiver(o, ready[1], stamps[1]);
+    receiver(o, handshake);
   }
   joinNetns(o.netnsA);
-  close(ready[1]);
-  close(stamps[1]);
+  handshake.beSender();
   int rc = 0;
   try {
     auto sc = connectRank(o.rankA, o.socketA);
@@ -265,12 +346,10 @@ int main(int argc, char** argv) {
       for (int i = 0; i < o.warmup + o.iterations; ++i) {
         auto tensor = sc.allocateTensor(sidecar::Dtype::kUint8, {int64_t(size)});
         stamp(tensor, size, uint64_t(i));
-        char r = 0;
-        readAll(ready[0], &r, 1);
+        handshake.awaitReady(uint64_t(i));
         uint64_t sent = nowNs();
         sc.send(idOf(size, i), std::move(tensor), {{o.rankB}}).wait();
-        uint64_t arrived = 0;
-        readAll(stamps[0], &arrived, sizeof arrived);
+        uint64_t arrived = handshake.awaitArrival(uint64_t(i));
         if (i >= o.warmup) us.push_back(double(arrived - sent) / 1000.0);
         if (i >= o.warmup && times != nullptr) {
           std::fprintf(times, "%llu %llu %llu\n", (unsigned long long)size, (unsigned long long)sent,
@@ -291,7 +370,7 @@ int main(int argc, char** argv) {
       uint64_t started = 0, arrived = 0;
       for (int pass = o.streamWarmup; pass >= 0; --pass) {
         char r = 0;
-        readAll(ready[0], &r, 1);
+        readAll(handshake.readyReadFd(), &r, 1);
         std::deque<sidecar::SendHandle> inFlight;
         started = nowNs();
         for (int k = 0; k < o.streamCount; ++k) {
@@ -307,7 +386,7 @@ int main(int argc, char** argv) {
           inFlight.front().wait();
           inFlight.pop_front();
         }
-        readAll(stamps[0], &arrived, sizeof arrived);
+        readAll(handshake.stampsReadFd(), &arrived, sizeof arrived);
       }
       double seconds = double(arrived - started) / 1e9;
       std::printf("{\"name\":\"stream_%s\",\"bytes\":%llu,\"count\":%d,\"window\":%d,\"gbps\":%.3f}\n",

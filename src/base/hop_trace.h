@@ -38,6 +38,11 @@ enum class Point : uint8_t {
   kWoke,             // ... and is back
   kDirectSending,    // a client's direct send encoded, its UCX send about to be called
   kDirectSent,       // that UCX send call returned
+  kUcxDone,          // a UCX tag operation completed (its callback, before the KJ turn that uses it)
+  kDeliverParsed,    // a delivery message read (header and chunk), before it is stored
+  kRecvAnswering,    // a waiting recv is given its chunk (before its answer is encoded)
+  kLanePushed,       // a completion pushed to a client's lane ring (and its doorbell rung if asleep)
+  kLaneAnswerSeen,   // the client took a completion off its lane ring
   kCount,
 };
 
@@ -45,7 +50,9 @@ inline const char* pointName(Point p) {
   static const char* const kNames[] = {"lane-taken", "message-sending", "message-sent",
                                        "message-received", "chunk-stored", "lane-completion",
                                        "ack-sent", "sleeping", "woke", "direct-sending",
-                                       "direct-sent"};
+                                       "direct-sent", "ucx-done", "deliver-parsed",
+                                       "recv-answering", "lane-pushed", "lane-answer-seen"};
+  static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Point::kCount));
   return kNames[static_cast<int>(p)];
 }
 

@@ -2,6 +2,8 @@
 
 #include <kj/debug.h>
 
+#include "base/hop_trace.h"
+
 namespace sidecar::client {
 
 LaneAnswer::LaneAnswer(std::vector<uint64_t> words, uint64_t size)
@@ -55,6 +57,7 @@ void LaneClient::cancel(uint64_t recvSeq) {
 }
 
 void LaneClient::onCompletion(const std::vector<uint64_t>& words, uint64_t size) {
+  hop::mark(hop::Point::kLaneAnswerSeen);
   kj::Own<LaneAnswer> answer;
   uint64_t seq = 0;
   kj::Maybe<kj::Exception> failure;

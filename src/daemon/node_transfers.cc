@@ -93,6 +93,7 @@ class NodeTransfers::RecvOnce {
   void give(kj::Maybe<rpc::RecvReply&> reply, const kj::Exception* failure) {
     if (given_) return;
     given_ = true;
+    hop::mark(hop::Point::kRecvAnswering);
     // It runs inside the table's store: an exception must not cross it.
     KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { answer_(reply, failure); })) {
       spdlog::error("answering a recv failed (a bug): {}", e->getDescription().cStr());
@@ -907,6 +908,7 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp
     ack(linkId, seq, e->getDescription().cStr());
     return;
   }
+  hop::mark(hop::Point::kDeliverParsed);
   // The ack waits until this turn's other work ran (evalLast): storing the chunk answered the
   // local recv waiting for it, and that answer, the latency path, goes out before the ack's send.
   messageDeliveries_->add(deliver(linkId, std::move(chunk))

@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "base/hop_trace.h"
 #include "net/ucx_error.h"
 #include "net/ucx_worker.h"
 
@@ -108,6 +109,7 @@ void UcxOperation::finish(ucs_status_t status, size_t lengthBytes, uint64_t send
   finished_ = true;
   if (dropping_) return;
   if (status == UCS_OK) {
+    hop::mark(hop::Point::kUcxDone);
     fulfiller_.fulfill(TagCompletion{lengthBytes, senderTag});
     return;
   }

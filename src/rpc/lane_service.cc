@@ -251,7 +251,9 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
   }
   spdlog::trace("lane: completion {} pushed", seq);
   hop::mark(hop::Point::kLaneCompletion);
-  if (!endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word)) && !endpoint_.broken()) {
+  bool pushed = endpoint_.push(flat.begin(), flat.size() * sizeof(capnp::word));
+  hop::mark(hop::Point::kLanePushed);
+  if (!pushed && !endpoint_.broken()) {
     close("its completion ring is full (the client reserves room for every request it makes: a "
           "client bug)");
   }
