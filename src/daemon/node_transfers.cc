@@ -195,6 +195,9 @@ void NodeTransfers::attachOwner(kj::Timer& timer, reactor::Reactor& reactor) {
   linkOptions.timeoutMs = options_.peers.timeoutMs;
   linkOptions.inlineBytesMax = options_.inlineBytesMax;
   linkOptions.pieceBytes = options_.pieceBytes;
+  // The peer waits up to its send timeout for space (ours, as a stand-in: peers share a config),
+  // then acks; two heartbeat silences on top cover the rest.
+  linkOptions.directAckTimeoutMs = options_.sendTimeoutMs + 2 * options_.peers.timeoutMs;
   links_ = kj::heap<PeerLinks>(reactor, timer, kj::mv(linkOptions), bodies_);
   expiry_ = expireLoop().eagerlyEvaluate([](kj::Exception&& e) {
     spdlog::error("transfer expiry stopped: {}", e.getDescription().cStr());

@@ -395,7 +395,20 @@ kj::Promise<void> PeerLinks::awaitAck(kj::Own<Link> l, uint32_t seq, uint64_t te
     kj::Own<Link> link;
     uint32_t seq;
   };
-  return raw.canceler.wrap(acked.promise.then(kj::mv(counted)))
+  kj::Promise<void> waited = acked.promise.then(kj::mv(counted));
+  if (direct) {
+    uint32_t limitMs = options_.directAckTimeoutMs;
+    waited = waited.exclusiveJoin(timer_.afterDelay(limitMs * kj::MILLISECONDS).then([&raw, seq, limitMs]() {
+      spdlog::warn("direct send {} to node {}: no ack in {} ms; failing it (its executor's message "
+                   "never arrived there)", seq, raw.nodeName(), limitMs);
+      kj::throwFatalException(transferError(
+          "timeout", "node " + raw.nodeName() + " acknowledged no direct send " + std::to_string(seq) +
+                         " within " + std::to_string(limitMs) +
+                         " ms: the executor's message never arrived there (a lost message, or a "
+                         "client naming a seq it did not send); send it again"));
+    }));
+  }
+  return raw.canceler.wrap(kj::mv(waited))
       .catch_([this, &raw](kj::Exception&& e) -> kj::Promise<void> { return peerError(raw, kj::mv(e)); })
       .attach(kj::heap<Awaiting>(kj::mv(l), seq));
 }

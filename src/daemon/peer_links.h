@@ -76,6 +76,11 @@ struct PeerLinkOptions {
   uint32_t timeoutMs = 5'000;         // connect, handshake, and heartbeat silence
   uint64_t inlineBytesMax = 64 << 10; // larger tensors go over the body transport
   uint64_t pieceBytes = 8 << 20;      // UCX piece size (at most 255 pieces per chunk)
+  // How long a direct send's ack may take before the send fails [timeout]: longer than the peer
+  // can legitimately take (its wait for arena space, then its ack), so an ack that has not come
+  // by then means the executor's message never reached the peer: a client that names a seq it
+  // did not send, or a message lost on the way. The chunk is then freed, not held forever.
+  uint32_t directAckTimeoutMs = 40'000;
 };
 
 class PeerLinks {

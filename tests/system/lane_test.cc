@@ -47,9 +47,7 @@
 #include "../common/watchdog.h"
 #include "kj_errors.h"
 #include "local_daemon.h"
-#include "reactor/kj_event_port.h"
-#include "reactor/socket.h"
-#include "reactor/uring_stream.h"
+#include "raw_session.h"
 #include "shm/lane_ring.h"
 #include "sidecar.capnp.h"
 
@@ -69,29 +67,10 @@ using sidecar::shm::LaneRing;
 
 constexpr uint32_t kRecvTimeoutMs = 20'000;
 
-// A client that speaks Cap'n Proto itself and drives its lane by hand.
-class RawLaneClient {
+// A raw client (raw_session.h) that drives its lane by hand.
+class RawLaneClient : public RawSession {
  public:
-  RawLaneClient(const std::string& socket, int32_t rank)
-      : stream_(kj::heap<sidecar::reactor::UringStream>(loop_.reactor(), sidecar::reactor::connectUnix(socket))),
-        rpc_(static_cast<kj::AsyncCapabilityStream&>(*stream_), 4),
-        main_(rpc_.bootstrap().castAs<proto::Sidecar>()) {
-    stream_->setReadAhead(false);  // fds follow
-    auto reg = main_.registerRequest();
-    auto r = reg.initRegistration();
-    r.setRank(rank);
-    r.initGroup(1).set(0, rank);
-    r.initSendHint().setDtype(proto::Dtype::UINT8);
-    r.getSendHint().initRowShape(1).set(0, 64);
-    r.initRecvHint().setDtype(proto::Dtype::UINT8);
-    r.getRecvHint().initRowShape(1).set(0, 64);
-    auto registered = reg.send().wait(ws());
-    session_ = registered.getSession();
-  }
-
-  kj::WaitScope& ws() { return loop_.waitScope(); }
-  proto::Session::Client& session() { return session_; }
-  proto::Sidecar::Client& main() { return main_; }
+  RawLaneClient(const std::string& socket, int32_t rank) : RawSession(socket, rank) {}
 
   // Opens the lane; returns objectMaxBytes.
   uint32_t openLane() {
@@ -169,11 +148,6 @@ class RawLaneClient {
     return kj::AutoCloseFd();
   }
 
-  sidecar::reactor::ReactorLoop loop_;
-  kj::Own<sidecar::reactor::UringStream> stream_;
-  capnp::TwoPartyClient rpc_;
-  proto::Sidecar::Client main_;
-  proto::Session::Client session_ = nullptr;
   kj::AutoCloseFd memoryFd_, requestBell_, completionBell_;
   std::optional<LaneMemory> memory_;
   std::byte* mapping_ = nullptr;
