@@ -2,7 +2,9 @@
 
 #include <kj/debug.h>
 
+#include "base/clock.h"
 #include "base/hop_trace.h"
+#include "base/spin_pacer.h"
 
 namespace sidecar::client {
 
@@ -83,10 +85,37 @@ void LaneClient::onCompletion(const std::vector<uint64_t>& words, uint64_t size)
   Pending pending = kj::mv(it->second);
   pending_.erase(it);
   credits_.give(pending.reservedBytes);
+  if (seq == claimedSeq_) {
+    // awaitAnswer takes it (a failure too). The promise, which its caller drops unread, gets a
+    // null answer: a fulfiller destroyed unfulfilled would reject it with an exception, and KJ
+    // records a stack trace for each (microseconds, on the latency path).
+    claimedAnswer_ = kj::mv(answer);
+    pending.fulfiller->fulfill(kj::Own<LaneAnswer>());
+    return;
+  }
   KJ_IF_MAYBE(f, failure) {
     pending.fulfiller->reject(kj::mv(*f));
   } else {
     pending.fulfiller->fulfill(kj::mv(answer));
+  }
+}
+
+kj::Maybe<kj::Own<LaneAnswer>> LaneClient::awaitAnswer(uint64_t seq, uint32_t spinUs) {
+  if (closed_ || pending_.find(seq) == pending_.end()) return nullptr;
+  claimedSeq_ = seq;
+  KJ_DEFER(claimedSeq_ = 0);
+  uint64_t endNs = monotonicNs() + uint64_t{spinUs} * 1000;
+  SpinPacer pacer;
+  for (;;) {
+    if (endpoint_.recordsWaiting()) {
+      endpoint_.poll();  // every record waiting, each as the reactor would take it
+      if (claimedAnswer_.get() != nullptr) return kj::mv(claimedAnswer_);
+      if (closed_) return nullptr;  // failAll rejected the promise
+      continue;
+    }
+    uint64_t t = monotonicNs();
+    if (t >= endNs) return nullptr;
+    pacer.pause(t, monotonicNs);
   }
 }
 

@@ -53,6 +53,15 @@ class LaneClient {
   // nothing when the lane has no room for the request.
   void cancel(uint64_t recvSeq);
 
+  // A blocking wait for the answer of request `seq` that bypasses KJ (the latency path of a
+  // blocking recv): spins on the completion ring for up to `spinUs`, taking every record as the
+  // reactor would, and returns the answer once it is there, failed or not, with its credits
+  // returned and its promise left unfulfilled (the caller drops it). Null when the request is not
+  // pending any more (its promise has the answer), after `spinUs`, or when the lane failed: the
+  // promise then carries the outcome as usual. When an answer is returned, the promise resolves
+  // to a null answer: drop it. Other events (calls, timers) wait until this returns.
+  kj::Maybe<kj::Own<LaneAnswer>> awaitAnswer(uint64_t seq, uint32_t spinUs);
+
   // Rejects every pending request (the connection broke) and takes no more.
   void failAll(const kj::Exception& exception);
 
@@ -74,6 +83,8 @@ class LaneClient {
   uint32_t objectMaxBytes_;
   uint64_t nextSeq_ = 1;
   bool closed_ = false;
+  uint64_t claimedSeq_ = 0;          // awaitAnswer's request: its answer is parked, not fulfilled
+  kj::Own<LaneAnswer> claimedAnswer_;
   std::unordered_map<uint64_t, Pending> pending_;
   lane::LaneEndpoint endpoint_;
   lane::LaneCredits credits_;

@@ -175,16 +175,21 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   kj::WaitScope& ws() { return loop.waitScope(); }
 
   // Every wait for an answer from the daemon (see client/spin_wait.h).
-  // No spin on a CPU a daemon reactor is pinned to: there the answer comes from a thread that
-  // needs this very CPU, and polling only delays it (measured: docs/PERFORMANCE.md).
   template <typename T>
   T wait(kj::Promise<T>&& promise) {
-    int cpu = sched_getcpu();
-    bool shared = cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &daemonCpus);
     // Writes the loop buffered in the turns before the answer (e.g. a Finish) leave now, not at
     // the next call (UringStream coalesces writes until the reactor polls or sleeps).
     KJ_DEFER(loop.reactor().flush());
-    return client::spinThenWait(kj::mv(promise), ws(), shared ? 0 : waitSpinUs);
+    return client::spinThenWait(kj::mv(promise), ws(), spinUsHere());
+  }
+
+  // How long a wait polls before it sleeps on this CPU: waitSpinUs, or 0 on a CPU a daemon
+  // reactor is pinned to (there the answer comes from a thread that needs this very CPU, and
+  // polling only delays it: docs/PERFORMANCE.md).
+  uint32_t spinUsHere() const {
+    int cpu = sched_getcpu();
+    bool shared = cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &daemonCpus);
+    return shared ? 0 : waitSpinUs;
   }
 
   client::ThreadLoop threadLoop;  // first: destroyed last
@@ -310,10 +315,26 @@ kj::Promise<Received> recvCall(ImplT& impl, const std::string& dataId, uint32_t 
   });
 }
 
+// What a lane recv's answer means: the data, a failure (thrown as the daemon's "[kind] message",
+// as a rejected lane promise would), or nothing: "ask by call" (the answer did not fit the lane).
+template <typename ImplT>
+std::optional<Received> fromLaneAnswer(ImplT& impl, client::LaneAnswer& answer) {
+  auto completion = answer.get();
+  if (completion.isReceived()) return toReceived(impl, completion.getReceived());
+  if (completion.isUseCall()) return std::nullopt;
+  if (completion.isFailed()) {
+    auto text = completion.getFailed();
+    kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                                          kj::heapString(text.begin(), text.size())));
+  }
+  throw Error(ErrorCode::kProtocolMismatch, "the daemon answered a lane recv with neither data nor an error");
+}
+
 // recv on the lane when it takes it (again as a call when the answer does not fit the lane).
+// `laneSeq` gets the lane request's seq (0: it went as a call).
 template <typename ImplT>
 kj::Promise<Received> recvPromise(ImplT& impl, const std::string& dataId, uint32_t chunkId,
-                                  uint32_t timeoutMs) {
+                                  uint32_t timeoutMs, uint64_t* laneSeq = nullptr) {
   if (impl.lane.get() != nullptr) {
     capnp::MallocMessageBuilder message(128);
     auto request = message.initRoot<proto::LaneRequest>();
@@ -322,14 +343,15 @@ kj::Promise<Received> recvPromise(ImplT& impl, const std::string& dataId, uint32
     request.initRecv().setTimeoutMs(timeoutMs);
     uint64_t seq = 0;
     KJ_IF_MAYBE(answer, impl.lane->request(message, true, &seq)) {
+      if (laneSeq != nullptr) *laneSeq = seq;
       // Dropped before its answer came (its handle went unwaited), the recv is withdrawn from
       // the daemon instead of holding its waiter and lane credits until its timeout.
       auto lane = impl.lane->self();
       return answer->then([&impl, dataId, chunkId, timeoutMs](kj::Own<client::LaneAnswer> a) -> kj::Promise<Received> {
-        auto completion = a->get();
-        if (completion.isReceived()) return toReceived(impl, completion.getReceived());
-        if (completion.isUseCall()) return recvCall(impl, dataId, chunkId, timeoutMs);
-        throw Error(ErrorCode::kProtocolMismatch, "the daemon answered a lane recv with neither data nor an error");
+        // (Null only when RecvHandle::wait took the answer past KJ; it then drops this unread.)
+        KJ_REQUIRE(a.get() != nullptr, "a lane recv's answer was taken twice (a bug)");
+        if (auto received = fromLaneAnswer(impl, *a)) return kj::mv(*received);
+        return recvCall(impl, dataId, chunkId, timeoutMs);
       }).attach(kj::defer([lane, seq]() {
         if (*lane != nullptr) (*lane)->cancel(seq);
       }));
@@ -371,6 +393,11 @@ void SendHandle::wait() {
 struct RecvHandle::State {
   Sidecar::Impl* impl;
   kj::Promise<Received> promise;
+  // A recv on the lane: its seq (0: a call), and what a "use a call" answer asks again.
+  uint64_t laneSeq = 0;
+  std::string dataId;
+  uint32_t chunkId = 0;
+  uint32_t timeoutMs = 0;
 };
 
 RecvHandle::RecvHandle() = default;
@@ -382,7 +409,25 @@ Received RecvHandle::wait() {
   if (!state_) throw invalid("recv: this handle was already waited on");
   auto state = std::move(state_);
   Received out;
-  client::call("recv", [&]() { out = state->impl->wait(kj::mv(state->promise)); });
+  client::call("recv", [&]() {
+    Sidecar::Impl& impl = *state->impl;
+    // The latency path: a lane recv's answer taken straight off the completion ring while this
+    // thread spins, past KJ's turns (~1.5 us on the hosts we measure: docs/PERFORMANCE.md).
+    uint32_t spinUs = state->laneSeq != 0 && impl.lane.get() != nullptr ? impl.spinUsHere() : 0;
+    if (spinUs > 0) {
+      impl.loop.reactor().flush();  // calls buffered before this one leave now
+      KJ_IF_MAYBE(answer, impl.lane->awaitAnswer(state->laneSeq, spinUs)) {
+        { auto taken = kj::mv(state->promise); }  // its answer was taken here: nothing to wait for
+        if (auto received = fromLaneAnswer(impl, **answer)) {
+          out = kj::mv(*received);
+        } else {
+          out = impl.wait(recvCall(impl, state->dataId, state->chunkId, state->timeoutMs));
+        }
+        return;
+      }
+    }
+    out = impl.wait(kj::mv(state->promise));
+  });
   return out;
 }
 
@@ -723,7 +768,8 @@ RecvHandle Sidecar::recvAsync(const std::string& dataId, uint32_t chunkId, uint3
   RecvHandle handle;
   client::call("recv", [&]() {
     handle.state_ = std::make_unique<RecvHandle::State>(
-        RecvHandle::State{impl_.get(), recvPromise(*impl_, dataId, chunkId, timeoutMs)});
+        RecvHandle::State{impl_.get(), nullptr, 0, dataId, chunkId, timeoutMs});
+    handle.state_->promise = recvPromise(*impl_, dataId, chunkId, timeoutMs, &handle.state_->laneSeq);
   });
   return handle;
 }

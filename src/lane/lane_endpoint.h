@@ -37,6 +37,9 @@ class LaneEndpoint final : public reactor::EventSource {
   // room now, the record is over the ring's maximum, or the lane is broken.
   bool push(const void* bytes, uint64_t size);
   bool broken() const { return broken_; }
+  // Records wait in the inbox (two loads of shared positions; what they hold is checked when
+  // they are taken).
+  bool recordsWaiting() const { return !broken_ && !inbox_.empty(); }
   // Stops reading and writing (the owner found the peer misbehaving).
   void shutDown() { broken_ = true; }
   const shm::LaneRing& outbox() const { return outbox_; }
