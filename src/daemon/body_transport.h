@@ -13,6 +13,7 @@
 #include <kj/memory.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace sidecar::daemon {
@@ -38,9 +39,12 @@ class BodyTransport {
   virtual kj::Own<BodyEndpoint> connect(const std::string& remoteAddress) = 0;
   virtual kj::Promise<void> receive(uint64_t tag, void* buffer, uint64_t sizeBytes) = 0;
   // Receives the next message whose tag matches `tag` in the bits of `tagMask`, of at most
-  // `maxBytes` (a larger one rejects). Same cancellation rule as receive().
+  // `maxBytes` (a larger one rejects). Same cancellation rule as receive(). `onArrival`, if any,
+  // runs the moment the message is in, before the promise's continuation (a turn later): it must
+  // neither throw nor use the transport.
   virtual kj::Promise<BodyMessage> receiveAny(uint64_t tag, uint64_t tagMask, void* buffer,
-                                              uint64_t maxBytes) = 0;
+                                              uint64_t maxBytes,
+                                              std::function<void(const BodyMessage&)> onArrival = nullptr) = 0;
   // A short name for logs and info ("ucx tcp", "fake").
   virtual std::string describe() const = 0;
 };

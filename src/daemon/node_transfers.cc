@@ -844,25 +844,32 @@ void NodeTransfers::loseIncoming(uint32_t linkId, const std::string& why) {
 }
 
 kj::Promise<void> NodeTransfers::messageLoop() {
+  // Each message is taken the moment UCX has it, inside the worker's progress: the recv waiting
+  // for it is answered then, not a KJ turn later (~0.5 us on the hosts we measure). Nothing in
+  // that path calls into UCX (acks go out a turn later), nor throws out of it.
+  auto onArrival = [this](const BodyMessage& message) {
+    uint32_t linkId = peerMessageLinkId(message.tag);
+    hop::mark(hop::Point::kMessageReceived);
+    spdlog::trace("peer message on link {} received", linkId);
+    if (message.sizeBytes % sizeof(capnp::word) != 0) {
+      // Dropped, not held against the link: see takeDeliverMessage.
+      spdlog::warn("peer link {}: a UCX message of {} bytes, which is no Cap'n Proto "
+                   "message (not a PeerMessage deliver, dropped)", linkId, message.sizeBytes);
+      return;
+    }
+    // Read in place: what the delivery keeps (its chunk) is copied out before the next
+    // receive reuses the buffer, which is posted only after this returns.
+    size_t words = message.sizeBytes / sizeof(capnp::word);
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      takeDeliverMessage(linkId, messageBuffer_.asPtr().slice(0, words));
+    })) {
+      spdlog::error("peer link {}: taking a delivery failed (a bug): {}", linkId, e->getDescription().cStr());
+    }
+  };
   return bodies_->receiveAny(kPeerDeliverKind, kPeerMessageKindMask, messageBuffer_.begin(),
-                             messageBuffer_.size() * sizeof(capnp::word))
+                             messageBuffer_.size() * sizeof(capnp::word), kj::mv(onArrival))
       .then(
-          [this](BodyMessage message) -> kj::Promise<void> {
-            uint32_t linkId = peerMessageLinkId(message.tag);
-            hop::mark(hop::Point::kMessageReceived);
-            spdlog::trace("peer message on link {} received", linkId);
-            if (message.sizeBytes % sizeof(capnp::word) != 0) {
-              // Dropped, not held against the link: see takeDeliverMessage.
-              spdlog::warn("peer link {}: a UCX message of {} bytes, which is no Cap'n Proto "
-                           "message (not a PeerMessage deliver, dropped)", linkId, message.sizeBytes);
-              return kj::READY_NOW;
-            }
-            // Read in place: what the delivery keeps (its chunk) is copied out before the next
-            // receive reuses the buffer, which is posted only after this returns.
-            size_t words = message.sizeBytes / sizeof(capnp::word);
-            takeDeliverMessage(linkId, messageBuffer_.asPtr().slice(0, words));
-            return kj::READY_NOW;
-          },
+          [](BodyMessage) -> kj::Promise<void> { return kj::READY_NOW; },
           [this](kj::Exception&& e) -> kj::Promise<void> {
             // E.g. a message over kPeerMessageMaxBytes: UCX dropped it. Its sender's delivery
             // fails with its link (no ack comes); keep taking the others, after a pause, so that
@@ -908,7 +915,10 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp
     }
   }
   KJ_IF_MAYBE(e, refused) {
-    ack(linkId, seq, e->getDescription().cStr());
+    // A turn later: this may run inside UCX's progress, which must not send.
+    messageDeliveries_->add(kj::evalLater([this, linkId, seq, error = std::string(e->getDescription().cStr())]() {
+      ack(linkId, seq, error);
+    }));
     return;
   }
   hop::mark(hop::Point::kDeliverParsed);

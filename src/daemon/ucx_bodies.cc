@@ -48,8 +48,15 @@ kj::Promise<void> UcxBodies::receive(uint64_t tag, void* buffer, uint64_t sizeBy
 }
 
 kj::Promise<BodyMessage> UcxBodies::receiveAny(uint64_t tag, uint64_t tagMask, void* buffer,
-                                               uint64_t maxBytes) {
-  return worker_.tagRecvMasked(tag, tagMask, buffer, maxBytes).then([](net::TagCompletion done) {
+                                               uint64_t maxBytes,
+                                               std::function<void(const BodyMessage&)> onArrival) {
+  net::TagArrival arrival;
+  if (onArrival) {
+    arrival = [onArrival = std::move(onArrival)](const net::TagCompletion& done) {
+      onArrival(BodyMessage{done.sizeBytes, done.senderTag});
+    };
+  }
+  return worker_.tagRecvMasked(tag, tagMask, buffer, maxBytes, kj::mv(arrival)).then([](net::TagCompletion done) {
     return BodyMessage{done.sizeBytes, done.senderTag};
   });
 }

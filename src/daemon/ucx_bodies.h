@@ -27,7 +27,8 @@ class UcxBodies final : public BodyTransport {
   kj::Own<BodyEndpoint> connect(const std::string& remoteAddress) override;
   kj::Promise<void> receive(uint64_t tag, void* buffer, uint64_t sizeBytes) override;
   kj::Promise<BodyMessage> receiveAny(uint64_t tag, uint64_t tagMask, void* buffer,
-                                      uint64_t maxBytes) override;
+                                      uint64_t maxBytes,
+                                      std::function<void(const BodyMessage&)> onArrival = nullptr) override;
   std::string describe() const override;
 
  private:

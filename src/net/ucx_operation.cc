@@ -22,8 +22,8 @@ kj::Exception toKjException(ucs_status_t status, const std::string& what) {
 
 UcxOperation::UcxOperation(kj::PromiseFulfiller<TagCompletion>& fulfiller, UcxWorker& worker,
                            Kind kind, ucp_ep_h endpoint, uint64_t tag, uint64_t tagMask,
-                           void* buffer, size_t sizeBytes)
-    : fulfiller_(fulfiller), worker_(worker), kind_(kind), tag_(tag), sizeBytes_(sizeBytes) {
+                           void* buffer, size_t sizeBytes, TagArrival onArrival)
+    : fulfiller_(fulfiller), onArrival_(std::move(onArrival)), worker_(worker), kind_(kind), tag_(tag), sizeBytes_(sizeBytes) {
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   param.user_data = &worker_;  // stable for the request's life, unlike this record
@@ -110,7 +110,9 @@ void UcxOperation::finish(ucs_status_t status, size_t lengthBytes, uint64_t send
   if (dropping_) return;
   if (status == UCS_OK) {
     hop::mark(hop::Point::kUcxDone);
-    fulfiller_.fulfill(TagCompletion{lengthBytes, senderTag});
+    TagCompletion done{lengthBytes, senderTag};
+    if (onArrival_) onArrival_(done);
+    fulfiller_.fulfill(kj::mv(done));
     return;
   }
   std::string what = kind_ == Kind::kSend ? "UCX tag send" : "UCX tag receive";

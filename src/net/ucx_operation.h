@@ -4,6 +4,7 @@
 // back at this record while the promise exists, and is cleared when the promise goes away first,
 // so a late UCX callback never touches freed memory.
 
+#include <functional>
 #include <kj/async.h>
 #include <ucp/api/ucp.h>
 
@@ -21,6 +22,11 @@ struct TagCompletion {
   uint64_t senderTag = 0;
 };
 
+// Called the moment a receive completes, inside the worker's progress (or inside the post, for a
+// message already there), before the promise's continuation runs a KJ turn later: the latency
+// path of small messages. It must neither throw nor call into UCX.
+using TagArrival = std::function<void(const TagCompletion&)>;
+
 class UcxOperation {
  public:
   enum class Kind { kSend, kRecv };
@@ -29,7 +35,8 @@ class UcxOperation {
   // matching the tag bits set in `tagMask`). When UCX completes it at once (eager data already
   // there) the promise is fulfilled here.
   UcxOperation(kj::PromiseFulfiller<TagCompletion>& fulfiller, UcxWorker& worker, Kind kind,
-               ucp_ep_h endpoint, uint64_t tag, uint64_t tagMask, void* buffer, size_t sizeBytes);
+               ucp_ep_h endpoint, uint64_t tag, uint64_t tagMask, void* buffer, size_t sizeBytes,
+               TagArrival onArrival = nullptr);
   // Receive: cancels, then waits until UCX is done with the buffer. Send: detaches (see
   // UcxEndpoint::tagSend for why it cannot wait).
   ~UcxOperation();
@@ -48,6 +55,7 @@ class UcxOperation {
   void finish(ucs_status_t status, size_t lengthBytes, uint64_t senderTag);
 
   kj::PromiseFulfiller<TagCompletion>& fulfiller_;
+  TagArrival onArrival_;
   UcxWorker& worker_;
   Kind kind_;
   uint64_t tag_;

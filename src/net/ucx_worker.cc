@@ -73,9 +73,10 @@ kj::Promise<size_t> UcxWorker::tagRecv(uint64_t tag, void* buffer, size_t sizeBy
 }
 
 kj::Promise<TagCompletion> UcxWorker::tagRecvMasked(uint64_t tag, uint64_t tagMask, void* buffer,
-                                                    size_t sizeBytes) {
+                                                    size_t sizeBytes, TagArrival onArrival) {
   return kj::newAdaptedPromise<TagCompletion, UcxOperation>(*this, UcxOperation::Kind::kRecv,
-                                                            nullptr, tag, tagMask, buffer, sizeBytes);
+                                                            nullptr, tag, tagMask, buffer, sizeBytes,
+                                                            kj::mv(onArrival));
 }
 
 bool UcxWorker::poll() { return ucp_worker_progress(worker_) != 0; }

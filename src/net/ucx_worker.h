@@ -71,8 +71,9 @@ class UcxWorker final : public reactor::EventSource, private reactor::Completion
   // The same for the first message whose tag equals `tag` in the bits set in `tagMask` (messages
   // of one kind from any sender, told apart by the rest of the tag): resolves to its size and the
   // sender's full tag. Same cancellation and truncation rules as tagRecv.
+  // `onArrival`, if any, runs the moment the message is in (see TagArrival).
   kj::Promise<TagCompletion> tagRecvMasked(uint64_t tag, uint64_t tagMask, void* buffer,
-                                           size_t sizeBytes);
+                                           size_t sizeBytes, TagArrival onArrival = nullptr);
 
   // Operations posted on this worker and not yet completed by UCX (including detached sends).
   size_t inFlight() const { return inFlight_; }
