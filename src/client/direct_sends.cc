@@ -108,8 +108,15 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
     return std::nullopt;
   }
   uint32_t seq = route.nextSeq;
-  // The message its daemon would have sent (daemon/peer_messages.cc, encodePeerDeliver).
-  base::FramedBuilder message((tensor.sizeBytes + 1024) / sizeof(capnp::word));
+  // The message its daemon would have sent (daemon/peer_messages.cc, encodePeerDeliver), built
+  // in the buffer kept across sends: zeroed again only where the last message wrote.
+  if (buffer_.size() == 0) {
+    buffer_ = kj::heapArray<capnp::word>(kBufferWords);
+    dirtyBytes_ = buffer_.asBytes().size();
+  }
+  std::memset(buffer_.begin(), 0, dirtyBytes_);
+  dirtyBytes_ = buffer_.asBytes().size();  // until we know better
+  base::FramedBuilder message(buffer_.asPtr());
   auto deliver = message.initRoot<proto::PeerMessage>().initDeliver();
   deliver.setSeq(seq);
   auto c = deliver.initChunk();
@@ -125,12 +132,20 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
   for (size_t i = 0; i < tensor.shape.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape[i]);
   t.setSizeBytes(tensor.sizeBytes);
   t.initBody().setInline(kj::arrayPtr(static_cast<const kj::byte*>(tensor.bytes), tensor.sizeBytes));
-  auto words = message.finish();
-  auto bytes = words.asBytes();
-  if (bytes.size() > route.messageMaxBytes) return std::nullopt;
+  // Sent from where it was built; a message that outgrew the buffer (a very long id or many
+  // destinations) is flattened first.
+  kj::Array<capnp::word> flat;
+  auto framed = message.framedInPlace().asBytes();
+  if (framed.size() > 0) {
+    dirtyBytes_ = framed.size();
+  } else {
+    flat = message.finish();
+    framed = flat.asBytes();
+  }
+  if (framed.size() > route.messageMaxBytes) return std::nullopt;
   std::string error;
   hop::mark(hop::Point::kDirectSending);
-  DirectWire::Sent result = wire_->send(route.workerAddress, route.deliverTag, bytes.begin(), bytes.size(), error);
+  DirectWire::Sent result = wire_->send(route.workerAddress, route.deliverTag, framed.begin(), framed.size(), error);
   hop::mark(hop::Point::kDirectSent);
   switch (result) {
     case DirectWire::Sent::kYes:

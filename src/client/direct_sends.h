@@ -82,6 +82,11 @@ class DirectSends final : private kj::TaskSet::ErrorHandler {
   bool unsupported_ = false;  // the daemon answered `unimplemented`
   std::map<Groups, Route> routes_;
   uint64_t sent_ = 0;
+  // The deliver message's buffer, kept across sends: room for the largest tensor plus a header;
+  // `dirtyBytes_` of it were written by the last message (the rest is zero).
+  static constexpr size_t kBufferWords = (kTensorMaxBytes + 4096) / sizeof(capnp::word) + 1;
+  kj::Array<capnp::word> buffer_;
+  size_t dirtyBytes_ = 0;
   kj::TaskSet asks_;  // last: cancelled first
 };
 
