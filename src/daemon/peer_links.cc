@@ -23,9 +23,26 @@ using rpc::transferError;
 
 struct PeerLinks::Link : public kj::Refcounted, private kj::TaskSet::ErrorHandler {
   Link(std::string address, uint32_t serial)
-      : address(std::move(address)), serial(serial), sends(*this) {}
+      : address(std::move(address)), serial(serial), sends(kj::heap<kj::TaskSet>(static_cast<kj::TaskSet::ErrorHandler&>(*this))) {}
   ~Link() noexcept(false) {
     canceler.cancel("peer link closed");
+  }
+
+  // The daemon is stopping, and what this link uses goes before the link may: a delivery in
+  // flight holds its link until its session ends, after UCX's worker and the PeerLinks. Every
+  // UCX send and the endpoint go now, in the order UCX needs (sends, endpoint, then the messages
+  // they read), and so do the link's loops and its Cap'n Proto connection.
+  void dropTransport() {
+    canceler.cancel("the daemon is stopping");
+    sends = nullptr;
+    endpoint = nullptr;
+    outgoing.clear();
+    heartbeat = nullptr;
+    watch = nullptr;
+    ready = nullptr;
+    peer = nullptr;
+    client = nullptr;
+    stream = nullptr;
   }
 
   std::string address;
@@ -42,7 +59,7 @@ struct PeerLinks::Link : public kj::Refcounted, private kj::TaskSet::ErrorHandle
   // sends themselves, and the fulfillers their acks complete. Declared before `endpoint`, whose
   // destruction (first) force-closes it, so UCX never reads a message after it is freed.
   std::map<uint32_t, kj::Array<capnp::word>> outgoing;
-  kj::TaskSet sends;
+  kj::Own<kj::TaskSet> sends;  // null once dropTransport() ran
   std::map<uint32_t, kj::Own<kj::PromiseFulfiller<void>>> awaitingAcks;
   kj::Own<BodyEndpoint> endpoint;
   kj::Canceler canceler;  // every call on the link is wrapped: lose() fails them all
@@ -107,7 +124,8 @@ PeerLinks::PeerLinks(reactor::Reactor& reactor, kj::Timer& timer, PeerLinkOption
 
 PeerLinks::~PeerLinks() {
   acks_ = nullptr;  // cancels the posted receive before the worker goes
-  for (auto& [address, link] : links_) link->canceler.cancel("the daemon is stopping");
+  for (auto& [address, link] : links_) link->dropTransport();
+  for (auto& link : graveyard_) link->dropTransport();
   links_.clear();
   graveyard_.clear();
 }
@@ -349,7 +367,7 @@ kj::Promise<void> PeerLinks::deliverMessage(kj::Own<Link> l, const OutgoingChunk
   auto acked = awaitAck(kj::addRef(raw), seq, chunk.isTensor ? chunk.sizeBytes : 0, false);
   // The send lives in the link (never dropped before UCX is done with the message); a failed
   // send fails the delivery at once instead of leaving it to the link's heartbeat.
-  raw.sends.add(raw.endpoint->send(peerDeliverTag(raw.remote.linkId), bytes.begin(), bytes.size())
+  raw.sends->add(raw.endpoint->send(peerDeliverTag(raw.remote.linkId), bytes.begin(), bytes.size())
                     .then([&raw, seq]() { raw.outgoing.erase(seq); },
                           [this, &raw, seq](kj::Exception&& e) {
                             raw.outgoing.erase(seq);

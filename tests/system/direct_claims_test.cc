@@ -6,7 +6,9 @@
 // on the wire. The first kind is forwarded by node A itself, so every such tensor reaches rank 2
 // on node B once and intact; the unsent one fails [timeout] within the daemon's bound
 // (send_timeout_ms + 2 x peers.timeout_ms) and its chunk is freed. The link survives for
-// everyone, and node A holds nothing afterwards.
+// everyone, and node A holds nothing afterwards. And a daemon stopped while such an ack is awaited
+// (its link held by the send in flight) stops cleanly: the link lets go of UCX before the worker
+// goes.
 
 #include <gtest/gtest.h>
 #include <sidecar/client.h>
@@ -218,6 +220,33 @@ TEST_F(DirectClaimsTest, ForgedDirectSeqsAreForwardedAndUnsentOnesTimeOut) {
     EXPECT_EQ(a.transfers().bytesHeld, 0u);
   });
   for (auto& d : daemons_) ASSERT_TRUE(d->running()) << d->err();
+}
+
+TEST_F(DirectClaimsTest, StoppingWhileAnAckIsAwaitedIsClean) {
+  RawSession raw(sockets_[0], 0);
+  Route mine = directRouteTo2(raw.session(), raw.ws());
+  ASSERT_NE(mine.link, 0u);
+  auto request = raw.session().sendRequest();
+  request.setDataId("claims-in-flight");
+  request.setNumChunks(1);
+  request.initDestinations(1)[0].initRanks(1).set(0, 2);
+  auto t = request.initPayload().initInlineTensor();
+  t.setDtype(proto::Dtype::UINT8);
+  t.initShape(1).set(0, 64);
+  t.initBytes(64);
+  request.setDirectLink(mine.link);
+  request.setDirectSeq(mine.seqBase);  // never sent: node A awaits its ack
+  auto inFlight = request.send();
+  // Until node A has taken the send (its answer cannot come before the bound).
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_FALSE(inFlight.poll(raw.ws()));
+    std::this_thread::sleep_for(10ms);
+  }
+  daemons_[0]->signal(SIGTERM);
+  auto status = daemons_[0]->waitFor(10s);
+  ASSERT_TRUE(status.has_value()) << "node A did not stop";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0)
+      << "node A did not stop cleanly (status " << *status << "):\n" << daemons_[0]->err();
 }
 
 }  // namespace
