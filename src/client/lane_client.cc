@@ -85,7 +85,7 @@ void LaneClient::onCompletion(const std::vector<uint64_t>& words, uint64_t size)
   Pending pending = kj::mv(it->second);
   pending_.erase(it);
   credits_.give(pending.reservedBytes);
-  if (seq == claimedSeq_) {
+  if (seq == claimedSeq_ && !answer->get().isUseCall()) {
     // awaitAnswer takes it (a failure too). The promise, which its caller drops unread, gets a
     // null answer: a fulfiller destroyed unfulfilled would reject it with an exception, and KJ
     // records a stack trace for each (microseconds, on the latency path).
@@ -110,7 +110,8 @@ kj::Maybe<kj::Own<LaneAnswer>> LaneClient::awaitAnswer(uint64_t seq, uint32_t sp
     if (endpoint_.recordsWaiting()) {
       endpoint_.poll();  // every record waiting, each as the reactor would take it
       if (claimedAnswer_.get() != nullptr) return kj::mv(claimedAnswer_);
-      if (closed_) return nullptr;  // failAll rejected the promise
+      // failAll rejected the promise, or a "use a call" answer went to it (it makes the call).
+      if (closed_ || pending_.find(seq) == pending_.end()) return nullptr;
       continue;
     }
     uint64_t t = monotonicNs();

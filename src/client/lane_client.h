@@ -57,8 +57,9 @@ class LaneClient {
   // blocking recv): spins on the completion ring for up to `spinUs`, taking every record as the
   // reactor would, and returns the answer once it is there, failed or not, with its credits
   // returned and its promise left unfulfilled (the caller drops it). Null when the request is not
-  // pending any more (its promise has the answer), after `spinUs`, or when the lane failed: the
-  // promise then carries the outcome as usual. When an answer is returned, the promise resolves
+  // pending any more (its promise has the answer), when the answer is "use a call" (the promise
+  // makes the call), after `spinUs`, or when the lane failed: the promise then carries the
+  // outcome as usual. When an answer is returned, the promise resolves
   // to a null answer: drop it. Other events (calls, timers) wait until this returns.
   kj::Maybe<kj::Own<LaneAnswer>> awaitAnswer(uint64_t seq, uint32_t spinUs);
 

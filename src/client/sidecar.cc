@@ -393,11 +393,7 @@ void SendHandle::wait() {
 struct RecvHandle::State {
   Sidecar::Impl* impl;
   kj::Promise<Received> promise;
-  // A recv on the lane: its seq (0: a call), and what a "use a call" answer asks again.
-  uint64_t laneSeq = 0;
-  std::string dataId;
-  uint32_t chunkId = 0;
-  uint32_t timeoutMs = 0;
+  uint64_t laneSeq = 0;  // a recv on the lane: its request's seq (0: a call)
 };
 
 RecvHandle::RecvHandle() = default;
@@ -418,11 +414,9 @@ Received RecvHandle::wait() {
       impl.loop.reactor().flush();  // calls buffered before this one leave now
       KJ_IF_MAYBE(answer, impl.lane->awaitAnswer(state->laneSeq, spinUs)) {
         { auto taken = kj::mv(state->promise); }  // its answer was taken here: nothing to wait for
-        if (auto received = fromLaneAnswer(impl, **answer)) {
-          out = kj::mv(*received);
-        } else {
-          out = impl.wait(recvCall(impl, state->dataId, state->chunkId, state->timeoutMs));
-        }
+        auto received = fromLaneAnswer(impl, **answer);
+        KJ_REQUIRE(received.has_value(), "awaitAnswer took a 'use a call' answer (a bug)");
+        out = kj::mv(*received);
         return;
       }
     }
@@ -768,7 +762,7 @@ RecvHandle Sidecar::recvAsync(const std::string& dataId, uint32_t chunkId, uint3
   RecvHandle handle;
   client::call("recv", [&]() {
     handle.state_ = std::make_unique<RecvHandle::State>(
-        RecvHandle::State{impl_.get(), nullptr, 0, dataId, chunkId, timeoutMs});
+        RecvHandle::State{impl_.get(), nullptr, 0});
     handle.state_->promise = recvPromise(*impl_, dataId, chunkId, timeoutMs, &handle.state_->laneSeq);
   });
   return handle;

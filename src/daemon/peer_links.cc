@@ -23,7 +23,9 @@ using rpc::transferError;
 
 struct PeerLinks::Link : public kj::Refcounted, private kj::TaskSet::ErrorHandler {
   Link(std::string address, uint32_t serial)
-      : address(std::move(address)), serial(serial), sends(kj::heap<kj::TaskSet>(static_cast<kj::TaskSet::ErrorHandler&>(*this))) {}
+      : address(std::move(address)),
+        serial(serial),
+        sends(kj::heap<kj::TaskSet>(static_cast<kj::TaskSet::ErrorHandler&>(*this))) {}
   ~Link() noexcept(false) {
     canceler.cancel("peer link closed");
   }

@@ -2,8 +2,9 @@
 // owns the other side of the lane's memory, pops the client's requests and pushes completions.
 // The awaited answer is returned (a failed one too) with its credits back and its promise left
 // unfulfilled; answers of other requests that come first still fulfil their promises; an answer
-// already taken by the reactor, or one that does not come within the spin, leaves the promise to
-// carry it; a lane that turns out corrupt ends the wait and rejects the promise.
+// already taken by the reactor, a "use a call" answer, or one that does not come within the spin,
+// leaves the promise to carry it; a lane that turns out corrupt ends the wait and rejects the
+// promise.
 
 #include <gtest/gtest.h>
 #include <kj/async.h>
@@ -47,12 +48,14 @@ class LaneClientTest : public ::testing::Test {
     return KJ_EXCEPTION(FAILED, "refused");
   }
 
-  // The daemon answers request `seq`: done, or failed with `failure`.
-  void answer(uint64_t seq, const std::string& failure = "") {
+  // The daemon answers request `seq`: done, failed with `failure`, or "use a call".
+  void answer(uint64_t seq, const std::string& failure = "", bool useCall = false) {
     capnp::MallocMessageBuilder message;
     auto c = message.initRoot<proto::LaneCompletion>();
     c.setSeq(seq);
-    if (failure.empty()) {
+    if (useCall) {
+      c.setUseCall();
+    } else if (failure.empty()) {
       c.setDone();
     } else {
       c.setFailed(failure);
@@ -137,6 +140,15 @@ TEST_F(LaneClientTest, AnswerTakenByTheReactorOrLateIsLeftToThePromise) {
   ASSERT_TRUE(promise.poll(loop_.waitScope()));
   EXPECT_EQ(client_->awaitAnswer(seq, 10'000'000), nullptr);
   EXPECT_EQ(promise.wait(loop_.waitScope())->get().getSeq(), seq);
+}
+
+TEST_F(LaneClientTest, UseCallAnswerIsLeftToThePromise) {
+  uint64_t seq = 0;
+  auto promise = recv(seq);
+  answer(seq, "", /*useCall=*/true);
+  EXPECT_EQ(client_->awaitAnswer(seq, 10'000'000), nullptr) << "the promise makes the call";
+  ASSERT_TRUE(promise.poll(loop_.waitScope()));
+  EXPECT_TRUE(promise.wait(loop_.waitScope())->get().isUseCall());
 }
 
 TEST_F(LaneClientTest, CorruptRingEndsTheWaitAndRejects) {
