@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -222,5 +223,21 @@ struct RunResult {
            out + "--- stderr:\n" + err;
   }
 };
+
+// Waits up to `limit` for `process` (a sidecard) to create its unix socket at `path`: "" once it
+// is there, otherwise why not (it exited, or the time ran out), with its stderr.
+inline std::string awaitSocket(Process& process, const std::string& path,
+                               std::chrono::milliseconds limit = std::chrono::seconds(15)) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  struct stat st {};
+  while (lstat(path.c_str(), &st) != 0) {
+    if (!process.running()) return "sidecard exited before its socket appeared:\n" + process.err();
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return "no socket at " + path + " after " + std::to_string(limit.count()) + " ms:\n" + process.err();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return "";
+}
 
 }  // namespace sidecar::systest

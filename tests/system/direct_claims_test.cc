@@ -65,15 +65,7 @@ class DirectClaimsTest : public ::testing::Test {
           {"UCX_TLS=tcp"}, dir_ + "/" + node + ".out", dir_ + "/" + node + ".err");
       ASSERT_NE(daemons_[i], nullptr);
     }
-    for (int i = 0; i < 2; ++i) {
-      auto deadline = Clock::now() + 15s;
-      struct stat st {};
-      while (lstat(sockets_[i].c_str(), &st) != 0) {
-        ASSERT_TRUE(daemons_[i]->running()) << daemons_[i]->err();
-        ASSERT_LT(Clock::now(), deadline) << "no socket after 15 s\n" << daemons_[i]->err();
-        std::this_thread::sleep_for(20ms);
-      }
-    }
+    for (int i = 0; i < 2; ++i) ASSERT_EQ(awaitSocket(*daemons_[i], sockets_[i]), "");
   }
 
   void TearDown() override {
@@ -128,9 +120,10 @@ std::vector<uint8_t> bytesFor(const std::string& id) {
 }
 
 // A Session.send of a 64-byte inline tensor for rank 2, naming `link` and `seq` as its direct
-// message; errorOf's "(no error)" when it succeeded, else its error.
-std::string sendClaiming(proto::Session::Client& session, kj::WaitScope& ws, const std::string& id,
-                         uint32_t link, uint32_t seq) {
+// message, sent; the caller waits for its answer.
+kj::Promise<capnp::Response<proto::Session::SendResults>> claim(proto::Session::Client& session,
+                                                               const std::string& id, uint32_t link,
+                                                               uint32_t seq) {
   auto request = session.sendRequest();
   request.setDataId(id);
   request.setChunkId(0);
@@ -143,7 +136,13 @@ std::string sendClaiming(proto::Session::Client& session, kj::WaitScope& ws, con
   t.setBytes(kj::arrayPtr(bytes.data(), bytes.size()));
   request.setDirectLink(link);
   request.setDirectSeq(seq);
-  return errorOf([&] { request.send().wait(ws); });
+  return request.send();
+}
+
+// claim(), waited for: errorOf's "(no error)" when it succeeded, else its error.
+std::string sendClaiming(proto::Session::Client& session, kj::WaitScope& ws, const std::string& id,
+                         uint32_t link, uint32_t seq) {
+  return errorOf([&] { claim(session, id, link, seq).wait(ws); });
 }
 
 TEST_F(DirectClaimsTest, ForgedDirectSeqsAreForwardedAndUnsentOnesTimeOut) {
@@ -226,17 +225,8 @@ TEST_F(DirectClaimsTest, StoppingWhileAnAckIsAwaitedIsClean) {
   RawSession raw(sockets_[0], 0);
   Route mine = directRouteTo2(raw.session(), raw.ws());
   ASSERT_NE(mine.link, 0u);
-  auto request = raw.session().sendRequest();
-  request.setDataId("claims-in-flight");
-  request.setNumChunks(1);
-  request.initDestinations(1)[0].initRanks(1).set(0, 2);
-  auto t = request.initPayload().initInlineTensor();
-  t.setDtype(proto::Dtype::UINT8);
-  t.initShape(1).set(0, 64);
-  t.initBytes(64);
-  request.setDirectLink(mine.link);
-  request.setDirectSeq(mine.seqBase);  // never sent: node A awaits its ack
-  auto inFlight = request.send();
+  // A seq of its own it never sent: node A awaits its ack.
+  auto inFlight = claim(raw.session(), "claims-in-flight", mine.link, mine.seqBase);
   // Until node A has taken the send (its answer cannot come before the bound).
   for (int i = 0; i < 20; ++i) {
     EXPECT_FALSE(inFlight.poll(raw.ws()));

@@ -50,13 +50,7 @@ class LocalDaemon {
     args.insert(args.end(), extraArgs.begin(), extraArgs.end());
     process_ = Process::start(args, {}, dir_ + "/sidecard.out", dir_ + "/sidecard.err");
     ASSERT_NE(process_, nullptr);
-    auto deadline = Clock::now() + 15s;
-    struct stat st {};
-    while (lstat(socket_.c_str(), &st) != 0) {
-      ASSERT_TRUE(process_->running()) << process_->err();
-      ASSERT_LT(Clock::now(), deadline) << "no socket after 15 s\n" << process_->err();
-      std::this_thread::sleep_for(20ms);
-    }
+    ASSERT_EQ(awaitSocket(*process_, socket_), "");
   }
 
   const std::string& socket() const { return socket_; }

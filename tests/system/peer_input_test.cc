@@ -53,14 +53,7 @@ class PeerInputTest : public ::testing::Test {
                               "--node-id", "peer-input"},
                              {"UCX_TLS=tcp"}, dir_ + "/out", dir_ + "/err");
     ASSERT_NE(daemon_, nullptr);
-    auto deadline = std::chrono::steady_clock::now() + 15s;
-    while (std::chrono::steady_clock::now() < deadline) {
-      ASSERT_TRUE(daemon_->running()) << daemon_->err();
-      struct stat st {};
-      if (lstat(socket_.c_str(), &st) == 0) return;
-      std::this_thread::sleep_for(20ms);
-    }
-    FAIL() << "sidecard did not start: " << daemon_->err();
+    ASSERT_EQ(awaitSocket(*daemon_, socket_), "");
   }
   void TearDown() override {
     if (daemon_ && daemon_->running()) {

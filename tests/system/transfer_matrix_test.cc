@@ -433,6 +433,24 @@ class TransferMatrixTest : public ::testing::Test {
   }
 
   // Inter setup: node i holds no data and has no waiting recv.
+  // A fresh item `name` of one chunk `c` goes from `sender` to `receiver` (on another node) and
+  // arrives intact: traffic crosses again, e.g. after a node restarted.
+  void expectOneChunkCrosses(const std::string& name, const ChunkPlan& c, const RankConfig& sender,
+                             const RankConfig& receiver) {
+    ItemPlan item{id(name), {c}};
+    forkRank("sender of " + name, [&] {
+      Sidecar sc = Sidecar::connect(sender);
+      std::vector<unsigned char> buffer;
+      sendChunk(sc, item, 0, 1, {{receiver.rank}}, buffer);
+    });
+    forkRank("receiver of " + name, [&] {
+      Sidecar sc = Sidecar::connect(receiver);
+      verifyChunk(sc.recv(item.id, 0, kRecvTimeoutMs), item, 0);
+      sc.markDone(item.id, 0);
+    });
+    expectRanksSucceed(60s);
+  }
+
   void expectNodeHoldsNothing(int i) {
     sidecar::TransferStatus t = transfersAt(i);
     EXPECT_EQ(t.bytesHeld, 0u) << describe(t);
@@ -1565,18 +1583,7 @@ TEST_F(TransferMatrixTest, PeerKilledMidStreamFailsWaitersAndRecovers) {
 
   // Node A comes back: traffic resumes without restarting node B or its clients.
   ASSERT_NO_FATAL_FAILURE(restartNode(0));
-  ItemPlan again{id("after-restart"), {c}};
-  forkRank("sender on the restarted node A", [&] {
-    Sidecar sc = Sidecar::connect(sender);
-    std::vector<unsigned char> buffer;
-    sendChunk(sc, again, 0, 1, {{2}}, buffer);
-  });
-  forkRank("receiver on node B, again", [&] {
-    Sidecar sc = Sidecar::connect(receiver);
-    verifyChunk(sc.recv(again.id, 0, kRecvTimeoutMs), again, 0);
-    sc.markDone(again.id, 0);
-  });
-  expectRanksSucceed(60s);
+  expectOneChunkCrosses("after-restart", c, sender, receiver);
   expectDaemonEmpty(/*expectNoItems=*/false);
 }
 
@@ -1799,19 +1806,8 @@ TEST_F(TransferMatrixTest, SendToANodeWhoseDaemonIsDownIsUnreachable) {
   expectNodeHoldsNothing(0);
 
   ASSERT_NO_FATAL_FAILURE(restartNode(1));
-  ItemPlan again{id("reachable-again"), {c}};
-  again.chunks[0].seed = seedOf("reachable-again", 0, 0);
-  forkRank("sender on node A, node B back", [&] {
-    Sidecar sc = Sidecar::connect(sender);
-    std::vector<unsigned char> buffer;
-    sendChunk(sc, again, 0, 1, {{2}}, buffer);
-  });
-  forkRank("receiver on node B", [&] {
-    Sidecar sc = Sidecar::connect(receiver);
-    verifyChunk(sc.recv(again.id, 0, kRecvTimeoutMs), again, 0);
-    sc.markDone(again.id, 0);
-  });
-  expectRanksSucceed(60s);
+  c.seed = seedOf("reachable-again", 0, 0);
+  expectOneChunkCrosses("reachable-again", c, sender, receiver);
   expectDaemonEmpty(/*expectNoItems=*/false);
 }
 
