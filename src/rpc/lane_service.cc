@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "base/clock.h"
+#include "base/framed_builder.h"
 #include "base/hop_trace.h"
 #include "base/utf8.h"
 #include "rpc/session_service.h"
@@ -223,7 +224,8 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
   if (endpoint_.broken()) return;
   const RecvReply* reply = nullptr;
   KJ_IF_MAYBE(r, maybeReply) { reply = r; }
-  capnp::MallocMessageBuilder message(64);  // a tensor's answer; an object takes a second segment
+  std::memset(completionBuffer_.begin(), 0, completionBuffer_.asBytes().size());
+  base::FramedBuilder message(completionBuffer_.asPtr());
   auto completion = message.initRoot<proto::LaneCompletion>();
   completion.setSeq(seq);
   if (failure != nullptr) {
@@ -239,7 +241,12 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
   } else {
     writeRecvResult(completion.initReceived(), *reply);
   }
-  auto flat = capnp::messageToFlatArray(message);
+  kj::Array<capnp::word> spilled;  // when the answer took more than the first segment
+  kj::ArrayPtr<const capnp::word> flat = message.framedInPlace();
+  if (flat.size() == 0) {
+    spilled = message.finish();
+    flat = spilled;
+  }
   if (reply != nullptr &&
       flat.size() * sizeof(capnp::word) > kLaneObjectMaxBytes + proto::LANE_COMPLETION_BYTES) {
     // Over what the client reserved (e.g. a tensor of thousands of dimensions): it asks again by call.
@@ -247,7 +254,8 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
     auto useCall = small.initRoot<proto::LaneCompletion>();
     useCall.setSeq(seq);
     useCall.setUseCall();
-    flat = capnp::messageToFlatArray(small);
+    spilled = capnp::messageToFlatArray(small);
+    flat = spilled;
   }
   spdlog::trace("lane: completion {} pushed", seq);
   hop::mark(hop::Point::kLaneCompletion);
