@@ -11,7 +11,7 @@
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("sidecar::proto");
 
-const protocolVersion :UInt32 = 1;
+const protocolVersion :UInt32 = 2;  # 2: packed delivers from executors (docs/PROTOCOL.md)
 
 struct CoreInfo {
   index @0 :UInt32;          # reactor index, 0-based

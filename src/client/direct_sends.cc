@@ -6,8 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "base/framed_builder.h"
 #include "base/hop_trace.h"
+#include "base/packed_deliver.h"
 
 namespace sidecar::client {
 namespace {
@@ -108,44 +108,26 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
     return std::nullopt;
   }
   uint32_t seq = route.nextSeq;
-  // The message its daemon would have sent (daemon/peer_messages.cc, encodePeerDeliver), built
-  // in the buffer kept across sends: zeroed again only where the last message wrote.
-  if (buffer_.size() == 0) {
-    buffer_ = kj::heapArray<capnp::word>(kBufferWords);
-    dirtyBytes_ = buffer_.asBytes().size();
-  }
-  std::memset(buffer_.begin(), 0, dirtyBytes_);
-  dirtyBytes_ = buffer_.asBytes().size();  // until we know better
-  base::FramedBuilder message(buffer_.asPtr());
-  auto deliver = message.initRoot<proto::PeerMessage>().initDeliver();
-  deliver.setSeq(seq);
-  auto c = deliver.initChunk();
-  c.setDataId(dataId);
-  c.setChunkId(chunkId);
-  c.setNumChunks(numChunks);
-  c.setSenderRank(rank_);
-  c.initSenderGroup(1).set(0, rank_);
-  writeGroups(c.initDestinations(static_cast<unsigned>(destinations.size())), destinations);
-  auto t = c.initPayload().initTensor();
-  t.setDtype(tensor.dtype);
-  auto shape = t.initShape(static_cast<unsigned>(tensor.shape.size()));
-  for (size_t i = 0; i < tensor.shape.size(); ++i) shape.set(static_cast<unsigned>(i), tensor.shape[i]);
-  t.setSizeBytes(tensor.sizeBytes);
-  t.initBody().setInline(kj::arrayPtr(static_cast<const kj::byte*>(tensor.bytes), tensor.sizeBytes));
-  // Sent from where it was built; a message that outgrew the buffer (a very long id or many
-  // destinations) is flattened first.
-  kj::Array<capnp::word> flat;
-  auto framed = message.framedInPlace().asBytes();
-  if (framed.size() > 0) {
-    dirtyBytes_ = framed.size();
-  } else {
-    flat = message.finish();
-    framed = flat.asBytes();
-  }
-  if (framed.size() > route.messageMaxBytes) return std::nullopt;
+  // A packed deliver (base/packed_deliver.h), written in the buffer kept across sends.
+  base::PackedDeliverFields fields;
+  fields.seq = seq;
+  fields.chunkId = chunkId;
+  fields.numChunks = numChunks;
+  fields.senderRank = rank_;
+  fields.dataId = dataId;
+  fields.dtype = static_cast<uint16_t>(tensor.dtype);
+  fields.shape = tensor.shape;
+  fields.senderGroup = std::span<const int32_t>(&rank_, 1);
+  fields.destinations = &destinations;
+  fields.sizeBytes = tensor.sizeBytes;
+  size_t bytes = base::packedDeliverBytes(fields);
+  if (bytes == 0 || bytes > route.messageMaxBytes) return std::nullopt;
+  if (buffer_.asBytes().size() < bytes) buffer_ = kj::heapArray<capnp::word>(bytes / sizeof(capnp::word));
+  auto* message = reinterpret_cast<std::byte*>(buffer_.begin());
+  base::writePackedDeliver(message, fields, tensor.bytes);
   std::string error;
   hop::mark(hop::Point::kDirectSending);
-  DirectWire::Sent result = wire_->send(route.workerAddress, route.deliverTag, framed.begin(), framed.size(), error);
+  DirectWire::Sent result = wire_->send(route.workerAddress, route.deliverTag, message, bytes, error);
   hop::mark(hop::Point::kDirectSent);
   switch (result) {
     case DirectWire::Sent::kYes:

@@ -1,7 +1,7 @@
 #pragma once
 // Direct sends (docs/PROTOCOL.md, "Direct sends"): a small tensor for ranks that all live on one
 // other node goes from this process straight to that node's daemon, as the PeerMessage.deliver
-// its own daemon would have sent, over this process's UCX worker (DirectWire). The send request
+// its own daemon would have sent (packed: base/packed_deliver.h), over this process's UCX worker (DirectWire). The send request
 // that follows (lane or call) names the message, and the daemon stores the chunk as usual and
 // awaits the peer's ack instead of forwarding it: the client -> daemon -> wire hops leave the
 // latency path, while the send's completion, failures and the sender's copy stay the daemon's.
@@ -82,11 +82,9 @@ class DirectSends final : private kj::TaskSet::ErrorHandler {
   bool unsupported_ = false;  // the daemon answered `unimplemented`
   std::map<Groups, Route> routes_;
   uint64_t sent_ = 0;
-  // The deliver message's buffer, kept across sends: room for the largest tensor plus a header;
-  // `dirtyBytes_` of it were written by the last message (the rest is zero).
-  static constexpr size_t kBufferWords = (kTensorMaxBytes + 4096) / sizeof(capnp::word) + 1;
+  // The deliver message's buffer, kept across sends (8-byte aligned): as large as the largest
+  // message sent, at most the peer's limit (messageMaxBytes, 128 KiB).
   kj::Array<capnp::word> buffer_;
-  size_t dirtyBytes_ = 0;
   kj::TaskSet asks_;  // last: cancelled first
 };
 

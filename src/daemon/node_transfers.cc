@@ -853,8 +853,9 @@ kj::Promise<void> NodeTransfers::messageLoop() {
     spdlog::trace("peer message on link {} received", linkId);
     if (message.sizeBytes % sizeof(capnp::word) != 0) {
       // Dropped, not held against the link: see takeDeliverMessage.
-      spdlog::warn("peer link {}: a UCX message of {} bytes, which is no Cap'n Proto "
-                   "message (not a PeerMessage deliver, dropped)", linkId, message.sizeBytes);
+      spdlog::warn("peer link {}: a UCX message of {} bytes, which is neither a Cap'n Proto "
+                   "message nor a packed deliver (not a PeerMessage deliver, dropped)", linkId,
+                   message.sizeBytes);
       return;
     }
     // Read in place: what the delivery keeps (its chunk) is copied out before the next
@@ -891,21 +892,39 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp
   uint32_t seq = 0;
   rpc::PeerChunk chunk;
   kj::Maybe<kj::Exception> refused;
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
-    capnp::FlatArrayMessageReader reader(words);
-    auto root = reader.getRoot<proto::PeerMessage>();
-    KJ_REQUIRE(root.isDeliver(), "not a deliver");
-    seq = root.getDeliver().getSeq();
-    // A descriptor the receiver refuses is answered (the ack carries the error); a message that
-    // is not a PeerMessage is dropped: with direct sends any executor of the sending node may
-    // have sent it, so it proves nothing against the link and the other deliveries on it.
-    // The inline body is read where it is: deliver() copies it before it waits for anything.
-    refused = kj::runCatchingExceptions(
-        [&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk(), /*viewInline=*/true); });
-  })) {
-    spdlog::warn("peer link {}: a UCX message that is not a PeerMessage deliver, dropped ({})", linkId,
-                 e->getDescription().cStr());
-    return;
+  // A packed deliver (an executor's direct send) or a Cap'n Proto PeerMessage (a daemon's).
+  base::PackedDeliver packed;
+  std::string malformed;
+  switch (base::readPackedDeliver(std::as_bytes(std::span(words.begin(), words.size())), packed,
+                                  malformed)) {
+    case base::PackedRead::kOk:
+      seq = packed.seq;
+      // The body is read where it is: deliver() copies it before it waits for anything.
+      refused = kj::runCatchingExceptions([&]() { chunk = readPackedChunk(std::move(packed)); });
+      break;
+    case base::PackedRead::kMalformed:
+      // (Its seq was readable: a packed message is a multiple of 8 bytes, and has at least 8.)
+      seq = packed.seq;
+      refused = transferError("invalid-argument", malformed);
+      break;
+    case base::PackedRead::kNotPacked:
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+        capnp::FlatArrayMessageReader reader(words);
+        auto root = reader.getRoot<proto::PeerMessage>();
+        KJ_REQUIRE(root.isDeliver(), "not a deliver");
+        seq = root.getDeliver().getSeq();
+        // A descriptor the receiver refuses is answered (the ack carries the error); a message
+        // that is not a PeerMessage is dropped: with direct sends any executor of the sending
+        // node may have sent it, so it proves nothing against the link and the other
+        // deliveries on it. The inline body is read where it is, as above.
+        refused = kj::runCatchingExceptions(
+            [&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk(), /*viewInline=*/true); });
+      })) {
+        spdlog::warn("peer link {}: a UCX message that is not a PeerMessage deliver, dropped ({})",
+                     linkId, e->getDescription().cStr());
+        return;
+      }
+      break;
   }
   if (refused == nullptr) {
     auto* tensor = std::get_if<rpc::PeerTensor>(&chunk.payload);

@@ -53,6 +53,23 @@ kj::Array<capnp::word> encodePeerDeliver(uint32_t seq, const OutgoingChunk& chun
   return message.finish();
 }
 
+rpc::PeerChunk readPackedChunk(base::PackedDeliver&& packed) {
+  rpc::PeerChunk chunk;
+  chunk.dataId = std::move(packed.dataId);
+  chunk.chunkId = packed.chunkId;
+  chunk.numChunks = packed.numChunks;
+  chunk.senderRank = packed.senderRank;
+  chunk.senderGroup = std::move(packed.senderGroup);
+  chunk.destinations = std::move(packed.destinations);
+  rpc::PeerTensor tensor;
+  tensor.dtype = rpc::fromProto(static_cast<proto::Dtype>(packed.dtype));
+  tensor.shape = std::move(packed.shape);
+  tensor.sizeBytes = packed.sizeBytes;
+  tensor.inlineView = kj::arrayPtr(reinterpret_cast<const kj::byte*>(packed.body.data()), packed.body.size());
+  chunk.payload = std::move(tensor);
+  return chunk;
+}
+
 kj::Array<capnp::word> encodePeerAck(uint32_t seq, std::string_view error) {
   capnp::MallocMessageBuilder message(64 + kPeerAckErrorMaxBytes / sizeof(capnp::word));
   auto ack = message.initRoot<proto::PeerMessage>().initAck();

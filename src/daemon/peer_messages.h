@@ -1,7 +1,7 @@
 #pragma once
 // Small deliveries between daemons as single UCX tagged messages (schema: PeerMessage; see
-// docs/PROTOCOL.md, "Small deliveries over UCX"): the tag layout, and encoding a deliver or an
-// ack as a flat Cap'n Proto message.
+// docs/PROTOCOL.md, "Small deliveries over UCX"): the tag layout, encoding a deliver or an ack
+// as a flat Cap'n Proto message, and reading an executor's packed deliver.
 //
 // Why: a Peer.deliver call costs a Cap'n Proto dispatch on each daemon and a TCP hop through the
 // reactors' io_uring; a tagged message is taken by the UCX worker the reactor already progresses
@@ -15,7 +15,9 @@
 #include <cstdint>
 #include <string_view>
 
+#include "base/packed_deliver.h"
 #include "daemon/peer_links.h"
+#include "rpc/peer_backend.h"
 #include "sidecar.capnp.h"
 
 namespace sidecar::daemon {
@@ -46,6 +48,10 @@ void writeChunkHeader(const OutgoingChunk& chunk, proto::PeerChunk::Builder out)
 
 // A deliver message with the body inline (the chunk is an object, or a tensor of all its bytes).
 kj::Array<capnp::word> encodePeerDeliver(uint32_t seq, const OutgoingChunk& chunk);
+// A packed deliver (an executor's direct send, base/packed_deliver.h) as the chunk a
+// PeerMessage.deliver would have carried; its body stays a view into the message. Throws
+// [invalid-argument] for a dtype this daemon does not know.
+rpc::PeerChunk readPackedChunk(base::PackedDeliver&& packed);
 // An ack: `error` empty when stored, else "[kind] message" (cut to kPeerAckErrorMaxBytes).
 kj::Array<capnp::word> encodePeerAck(uint32_t seq, std::string_view error);
 

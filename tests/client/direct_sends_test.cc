@@ -1,17 +1,19 @@
 // DirectSends alone: a fake Session answers directRoute and a fake DirectWire records what would
 // go on the wire. Checks that a send never waits for a route, that what goes out is the deliver
-// message the daemon would have sent (seq from the session's block, the route's tag), that a
+// the daemon would have sent, packed (base/packed_deliver.h; seq from the session's block, the route's tag), that a
 // busy or failing wire and a used-up block all mean "send it the usual way", and that a daemon
 // without the method is not asked again.
 #include "client/direct_sends.h"
 
-#include <capnp/serialize.h>
 #include <gtest/gtest.h>
 #include <kj/async.h>
 
 #include <deque>
+#include <span>
 #include <string>
 #include <vector>
+
+#include "base/packed_deliver.h"
 
 namespace sidecar::client {
 namespace {
@@ -93,6 +95,10 @@ class FakeWire final : public DirectWire {
   WireLog& log_;
 };
 
+base::PackedRead read(const WireLog::Message& message, base::PackedDeliver& out, std::string& why) {
+  return base::readPackedDeliver(std::as_bytes(std::span(message.words)), out, why);
+}
+
 class DirectSendsTest : public ::testing::Test {
  protected:
   DirectSendsTest()
@@ -136,29 +142,25 @@ TEST_F(DirectSendsTest, FirstSendAsksAndGoesTheUsualWayThenSendsDirect) {
   ASSERT_EQ(wire.sent.size(), 1u);
   EXPECT_EQ(wire.sent[0].address, "worker-of-node-b");
   EXPECT_EQ(wire.sent[0].tag, 0x100000007ull);
-  // The deliver message the daemon would have sent.
-  capnp::FlatArrayMessageReader reader(kj::arrayPtr(wire.sent[0].words.data(), wire.sent[0].words.size()));
-  auto root = reader.getRoot<proto::PeerMessage>();
-  ASSERT_TRUE(root.isDeliver());
-  EXPECT_EQ(root.getDeliver().getSeq(), 0x80010000u);
-  auto c = root.getDeliver().getChunk();
-  EXPECT_EQ(std::string(c.getDataId().cStr()), "b");
-  EXPECT_EQ(c.getSenderRank(), 4);
-  ASSERT_EQ(c.getSenderGroup().size(), 1u);
-  EXPECT_EQ(c.getSenderGroup()[0], 4);
-  ASSERT_EQ(c.getDestinations().size(), 1u);
-  EXPECT_EQ(c.getDestinations()[0].getRanks()[0], 2);
-  auto t = c.getPayload().getTensor();
-  EXPECT_EQ(t.getSizeBytes(), 4096u);
-  ASSERT_TRUE(t.getBody().isInline());
-  ASSERT_EQ(t.getBody().getInline().size(), 4096u);
-  EXPECT_EQ(t.getBody().getInline()[4095], 0x5a);
+  // The deliver message the daemon would have sent, packed.
+  base::PackedDeliver m;
+  std::string why;
+  ASSERT_EQ(read(wire.sent[0], m, why), base::PackedRead::kOk) << why;
+  EXPECT_EQ(m.seq, 0x80010000u);
+  EXPECT_EQ(m.dataId, "b");
+  EXPECT_EQ(m.senderRank, 4);
+  EXPECT_EQ(m.senderGroup, std::vector<int32_t>{4});
+  EXPECT_EQ(m.destinations, (std::vector<std::vector<int32_t>>{{2}}));
+  EXPECT_EQ(m.dtype, static_cast<uint16_t>(proto::Dtype::UINT8));
+  EXPECT_EQ(m.sizeBytes, 4096u);
+  ASSERT_EQ(m.body.size(), 4096u);
+  EXPECT_EQ(m.body[4095], std::byte{0x5a});
   EXPECT_EQ(send("c")->seq, 0x80010001u) << "seqs count up within the block";
 }
 
 // The message buffer is kept across sends: a shorter message after a longer one, an odd size, an
-// empty tensor, a header far longer than usual, and a message that outgrows the buffer (flattened
-// first) all read back exactly.
+// empty tensor, a header far longer than usual, and a message that outgrows the buffer (which
+// then grows) all read back exactly.
 TEST_F(DirectSendsTest, MessagesReadBackExactlyWhateverCameBefore) {
   answers.front().seqCount = 100;
   send("warm");
@@ -175,18 +177,15 @@ TEST_F(DirectSendsTest, MessagesReadBackExactlyWhateverCameBefore) {
     auto sent = send(c.id, c.bytes);
     ASSERT_TRUE(sent.has_value()) << c.id.size() << " / " << c.bytes;
     ASSERT_EQ(wire.sent.size(), before + 1);
-    const auto& m = wire.sent.back();
-    capnp::FlatArrayMessageReader reader(kj::arrayPtr(m.words.data(), m.words.size()));
-    auto chunk = reader.getRoot<proto::PeerMessage>().getDeliver().getChunk();
-    EXPECT_EQ(std::string(chunk.getDataId().cStr()), c.id);
-    auto t = chunk.getPayload().getTensor();
-    EXPECT_EQ(t.getSizeBytes(), c.bytes);
-    ASSERT_EQ(t.getShape().size(), 1u);
-    EXPECT_EQ(t.getShape()[0], int64_t(c.bytes));
-    auto inlineBytes = t.getBody().getInline();
-    ASSERT_EQ(inlineBytes.size(), c.bytes);
-    for (size_t i = 0; i < inlineBytes.size(); ++i) {
-      ASSERT_EQ(inlineBytes[i], 0x5a) << "byte " << i << " of " << c.bytes;
+    base::PackedDeliver m;
+    std::string why;
+    ASSERT_EQ(read(wire.sent.back(), m, why), base::PackedRead::kOk) << why;
+    EXPECT_EQ(m.dataId, c.id);
+    EXPECT_EQ(m.sizeBytes, c.bytes);
+    EXPECT_EQ(m.shape, std::vector<int64_t>{int64_t(c.bytes)});
+    ASSERT_EQ(m.body.size(), c.bytes);
+    for (size_t i = 0; i < m.body.size(); ++i) {
+      ASSERT_EQ(m.body[i], std::byte{0x5a}) << "byte " << i << " of " << c.bytes;
     }
   }
 }

@@ -14,11 +14,14 @@
 #include <sys/stat.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "base/packed_deliver.h"
 #include "daemon_process.h"
 #include "kj_errors.h"
 #include "sidecar.capnp.h"
@@ -331,9 +334,29 @@ kj::Array<capnp::word> deliverMessage(uint32_t seq, const std::function<void(pro
   return capnp::messageToFlatArray(message);
 }
 
+// A packed deliver (base/packed_deliver.h), as an executor's direct send puts on the wire.
+std::vector<uint64_t> packedMessage(uint32_t seq, const std::string& id,
+                                    const std::vector<std::vector<int32_t>>& destinations,
+                                    uint16_t dtype, const std::vector<uint8_t>& body) {
+  std::vector<int64_t> shape = {int64_t(body.size())};
+  int32_t sender = 0;
+  sidecar::base::PackedDeliverFields f;
+  f.seq = seq;
+  f.dataId = id;
+  f.dtype = dtype;
+  f.shape = shape;
+  f.senderGroup = std::span<const int32_t>(&sender, 1);
+  f.destinations = &destinations;
+  f.sizeBytes = body.size();
+  std::vector<uint64_t> words(sidecar::base::packedDeliverBytes(f) / 8);
+  sidecar::base::writePackedDeliver(reinterpret_cast<std::byte*>(words.data()), f, body.data());
+  return words;
+}
+
 // The small-delivery path between daemons (PeerMessage over UCX, docs/PROTOCOL.md), driven by a
 // fake peer: a good delivery is acked and stored; a refused one is acked with the typed error; a
-// message for a link that is not open is dropped; a message that is no Cap'n Proto ends the link.
+// message for a link that is not open is dropped, as is one that is no Cap'n Proto; packed
+// delivers are checked as strictly.
 // The daemon stays up and serves what it stored.
 TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
   setenv("UCX_TLS", "tcp", 1);
@@ -438,6 +461,29 @@ TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
   peer.heartbeatRequest().send().wait(waitScope);  // the link is still open
   EXPECT_NE(daemon_->err().find("not a PeerMessage deliver, dropped"), std::string::npos) << daemon_->err();
 
+  // Packed delivers (what executors' direct sends put on the wire): a good one is stored; one
+  // whose length and counts disagree, one of an unknown dtype and one for a rank that does not
+  // live here are each acked with the typed error.
+  const std::vector<uint8_t> sixteen = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const auto uint8Dtype = static_cast<uint16_t>(proto::Dtype::UINT8);
+  auto sendWords = [&](const std::vector<uint64_t>& words) { ucx.send(deliverTag, words.data(), words.size() * 8); };
+  sendWords(packedMessage(12, "ucx-packed", {{0}}, uint8Dtype, sixteen));
+  EXPECT_EQ(ackOf(12), "");
+  auto lying = packedMessage(13, "ucx-packed-lying", {{0}}, uint8Dtype, sixteen);
+  lying.push_back(0);  // eight bytes more than its counts add up to
+  sendWords(lying);
+  e = ackOf(13);
+  EXPECT_NE(e.find("[invalid-argument]"), std::string::npos) << e;
+  EXPECT_NE(e.find("does not hold its 16-byte body exactly"), std::string::npos) << e;
+  sendWords(packedMessage(14, "ucx-packed-dtype", {{0}}, 999, sixteen));
+  e = ackOf(14);
+  EXPECT_NE(e.find("[invalid-argument]"), std::string::npos) << e;
+  EXPECT_NE(e.find("dtype"), std::string::npos) << e;
+  sendWords(packedMessage(15, "ucx-packed-not-here", {{3}}, uint8Dtype, sixteen));
+  e = ackOf(15);
+  EXPECT_NE(e.find("do not live on this node"), std::string::npos) << e;
+  peer.heartbeatRequest().send().wait(waitScope);  // the link is still open
+
   // What was stored is served; nothing else is held.
   std::thread([&] {
     sidecar::RankConfig config;
@@ -453,6 +499,11 @@ TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
     sc.markDone("ucx-after-huge", 0);
     EXPECT_EQ(sc.recv("ucx-after-garbage", 0, 10'000).object.bytes.size(), 5u);
     sc.markDone("ucx-after-garbage", 0);
+    sidecar::Received packed = sc.recv("ucx-packed", 0, 10'000);
+    ASSERT_EQ(packed.kind, sidecar::Received::Kind::kTensor);
+    ASSERT_EQ(packed.tensor.sizeBytes, 16u);
+    EXPECT_EQ(std::memcmp(packed.tensor.data, sixteen.data(), 16), 0);
+    sc.markDone("ucx-packed", 0);
     auto status = sidecar::Client::connectUnix(socket_).transfers();
     EXPECT_EQ(status.bytesHeld, 0u);
     EXPECT_EQ(status.items, 0u);
