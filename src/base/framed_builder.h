@@ -1,8 +1,8 @@
 #pragma once
 // A Cap'n Proto message built in one zeroed array with a word free in front for the frame header,
 // so that the framed message is sent from where it was built (messageToFlatArray would allocate
-// and copy it, body included, once more). Used for PeerMessage.deliver by the daemon and by
-// clients' direct sends.
+// and copy it, body included, once more). Used for the daemon's PeerMessage.deliver and for
+// lane answers (in a buffer the lane keeps).
 
 #include <capnp/message.h>
 #include <capnp/serialize.h>
