@@ -1,7 +1,8 @@
 #pragma once
 // Direct sends (docs/PROTOCOL.md, "Direct sends"): a small tensor for ranks that all live on one
-// other node goes from this process straight to that node's daemon, as the PeerMessage.deliver
-// its own daemon would have sent (packed: base/packed_deliver.h), over this process's UCX worker (DirectWire). The send request
+// other node goes from this process straight to that node's daemon, as the delivery its own
+// daemon would have sent (in the packed layout, base/packed_deliver.h), over this process's UCX
+// worker (DirectWire). The send request
 // that follows (lane or call) names the message, and the daemon stores the chunk as usual and
 // awaits the peer's ack instead of forwarding it: the client -> daemon -> wire hops leave the
 // latency path, while the send's completion, failures and the sender's copy stay the daemon's.
