@@ -1,14 +1,15 @@
 #pragma once
 // The packed deliver message: a small tensor's delivery to another node's daemon as one UCX
 // tagged message in a fixed little-endian layout, instead of a Cap'n Proto PeerMessage.deliver
-// (docs/PROTOCOL.md, "Packed deliveries"). Written by executors' direct sends, read by the
+// (docs/PROTOCOL.md, "Packed delivers"). Written by executors' direct sends, read by the
 // receiving daemon, which tells the two apart by the first word (a Cap'n Proto message starts
 // with its segment count, never this magic).
 //
 // Why: it is the 4 KiB latency path, and building and reading the Cap'n Proto message (pointer
 // checks on every list, a message reader, a conversion) was ~40 % of the instructions the
 // receiving daemon spent on it, and a good part of the sender's (callgrind, docs/PERFORMANCE.md).
-// Objects, and tensors that outgrow the layout's counts, still go as PeerMessage.deliver.
+// Objects, and tensors that outgrow the layout's counts, go through the sender's daemon, which
+// sends a PeerMessage.deliver.
 //
 // Layout (offsets in bytes; the message is 8-byte aligned and its length a multiple of 8):
 //    0 u32 magic (kPackedDeliverMagic)     4 u32 seq
@@ -49,7 +50,7 @@ struct PackedDeliverFields {
   uint16_t dtype = 0;
   std::span<const int64_t> shape;
   std::span<const int32_t> senderGroup;
-  const std::vector<std::vector<int32_t>>* destinations = nullptr;
+  std::span<const std::vector<int32_t>> destinations;
   uint64_t sizeBytes = 0;
 };
 
@@ -95,7 +96,7 @@ T get(const std::byte* at) {
 // dimensions, sender group members or destination groups; an id or a group over 4 GiB).
 inline size_t packedDeliverBytes(const PackedDeliverFields& f) {
   using packed_detail::roundUp8;
-  const auto& groups = *f.destinations;
+  const auto& groups = f.destinations;
   if (f.shape.size() > UINT16_MAX || f.senderGroup.size() > UINT16_MAX || groups.size() > UINT16_MAX ||
       f.dataId.size() > UINT32_MAX) {
     return 0;
@@ -115,7 +116,7 @@ inline size_t packedDeliverBytes(const PackedDeliverFields& f) {
 inline void writePackedDeliver(std::byte* out, const PackedDeliverFields& f, const void* body) {
   using packed_detail::put;
   using packed_detail::roundUp8;
-  const auto& groups = *f.destinations;
+  const auto& groups = f.destinations;
   put<uint32_t>(out + 0, kPackedDeliverMagic);
   put<uint32_t>(out + 4, f.seq);
   put<uint32_t>(out + 8, f.chunkId);

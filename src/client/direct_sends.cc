@@ -118,7 +118,7 @@ std::optional<DirectSends::Sent> DirectSends::trySend(const Groups& destinations
   fields.dtype = static_cast<uint16_t>(tensor.dtype);
   fields.shape = tensor.shape;
   fields.senderGroup = std::span<const int32_t>(&rank_, 1);
-  fields.destinations = &destinations;
+  fields.destinations = destinations;
   fields.sizeBytes = tensor.sizeBytes;
   size_t bytes = base::packedDeliverBytes(fields);
   if (bytes == 0 || bytes > route.messageMaxBytes) return std::nullopt;

@@ -34,7 +34,7 @@ PackedDeliverFields fieldsOf(const Chunk& c, uint32_t seq = 77) {
   f.dtype = 8;
   f.shape = c.shape;
   f.senderGroup = c.senderGroup;
-  f.destinations = &c.destinations;
+  f.destinations = c.destinations;
   f.sizeBytes = c.body.size();
   return f;
 }

@@ -346,7 +346,7 @@ std::vector<uint64_t> packedMessage(uint32_t seq, const std::string& id,
   f.dtype = dtype;
   f.shape = shape;
   f.senderGroup = std::span<const int32_t>(&sender, 1);
-  f.destinations = &destinations;
+  f.destinations = destinations;
   f.sizeBytes = body.size();
   std::vector<uint64_t> words(sidecar::base::packedDeliverBytes(f) / 8);
   sidecar::base::writePackedDeliver(reinterpret_cast<std::byte*>(words.data()), f, body.data());
