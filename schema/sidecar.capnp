@@ -59,6 +59,9 @@ struct NodeInfo {
   arena @10 :ArenaInfo;      # unset until the arena exists
   cudaAvailable @11 :Bool;   # this daemon can copy from GPUs
   ucxAvailable @12 :Bool;    # this daemon can reach other nodes over UCX
+  ucxWorkerAddress @13 :Data;
+  # The UCX worker address peers send to (PeerHello.ucxAddress); empty without UCX. For tools
+  # that test the wire to this daemon with UCX alone (bench/cross_node/wire-check).
 }
 
 # ---- Transfers -------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ struct NodeStatus {
   std::optional<ArenaStatus> arena;  // absent until the daemon has an arena
   bool cudaAvailable = false;
   bool ucxAvailable = false;
+  std::string ucxWorkerAddress;  // bytes, as UCX packs them; empty without UCX
 };
 
 struct RankStatus {

@@ -135,6 +135,8 @@ NodeStatus Client::status() {
     }
     out.cudaAvailable = info.getCudaAvailable();
     out.ucxAvailable = info.getUcxAvailable();
+    auto address = info.getUcxWorkerAddress();
+    out.ucxWorkerAddress.assign(reinterpret_cast<const char*>(address.begin()), address.size());
   })) {
     throw client::translate(*e, "status");
   }

@@ -186,6 +186,10 @@ kj::Promise<void> Daemon::fillInfo(proto::NodeInfo::Builder info) {
   }
   info.setCudaAvailable(deviceSends_ != nullptr && deviceSends_->available());
   info.setUcxAvailable(bodies_ != nullptr);
+  if (bodies_ != nullptr) {
+    std::string address = bodies_->address();
+    info.setUcxWorkerAddress(kj::arrayPtr(reinterpret_cast<const kj::byte*>(address.data()), address.size()));
+  }
   if (allocator_ == nullptr || cores_.empty()) return kj::READY_NOW;
 
   // The allocator belongs to core 0: take its statistics there and fill them in here.

@@ -190,6 +190,8 @@ TEST_F(SystemTest, StartsAndAnswers) {
   ASSERT_TRUE(s.arena.has_value());
   EXPECT_EQ(s.arena->sizeBytes, kArenaBytes);
   EXPECT_FALSE(s.arena->pageKind.empty());
+  // With UCX the daemon names the worker its peers send to; without, nothing.
+  EXPECT_EQ(s.ucxAvailable, !s.ucxWorkerAddress.empty()) << s.ucxWorkerAddress.size();
   EXPECT_EQ(client.ping("over unix"), "over unix");
 
   ASSERT_TRUE(s.tcpAddress.rfind("127.0.0.1:", 0) == 0) << s.tcpAddress;
@@ -250,6 +252,11 @@ TEST_F(SystemTest, Sidecarctl) {
   ASSERT_TRUE(j.contains("arena") && j["arena"].is_object()) << json.out;
   EXPECT_EQ(j["arena"].value("sizeBytes", uint64_t{0}), kArenaBytes);
   EXPECT_FALSE(j["arena"].value("pageKind", "").empty());
+  // The worker address in hex: two digits a byte, none without UCX.
+  std::string address = j.value("ucxWorkerAddress", "?");
+  EXPECT_EQ(address.find_first_not_of("0123456789abcdef"), std::string::npos) << address;
+  EXPECT_EQ(address.size() % 2, 0u) << address;
+  EXPECT_EQ(address.empty(), !j.value("ucxAvailable", false)) << json.out;
 
   RunResult overTcp = run({ctl, "--connect", ready->tcpAddress, "status"});
   ASSERT_TRUE(overTcp.exitedWith(0)) << overTcp.describe();

@@ -44,6 +44,9 @@ nlohmann::json toJson(const sidecar::NodeStatus& s) {
   j["tcpAddress"] = s.tcpAddress;
   j["cudaAvailable"] = s.cudaAvailable;
   j["ucxAvailable"] = s.ucxAvailable;
+  std::string address;
+  for (unsigned char c : s.ucxWorkerAddress) address += fmt::format("{:02x}", c);
+  j["ucxWorkerAddress"] = address;  // hex
   j["cores"] = nlohmann::json::array();
   for (const auto& c : s.cores) {
     j["cores"].push_back({{"index", c.index}, {"cpu", c.cpu}, {"connections", c.connections},
