@@ -170,13 +170,15 @@ interface Session {
   # `send`. Fails with [gpu-unavailable] on a daemon without CUDA or a GPU. See DeviceTensor.
 
   openLane @7 () -> (memory :FdHandle, requestBell :FdHandle, completionBell :FdHandle,
-                     objectMaxBytes :UInt32);
+                     objectMaxBytes :UInt32, allocates :Bool);
   # This session's lane (docs/LANES.md): a shared-memory memfd with a request ring (client ->
   # daemon) and a completion ring, and two eventfds, the daemon's doorbell (the client writes it
   # when the daemon armed itself to sleep) and the client's. send, recv and markDone may then
   # travel as LaneRequest records instead of calls; everything else stays a call. A recv whose
   # object is over objectMaxBytes is answered `useCall` (recv it again with a call). Once per
   # session; a second call fails with [invalid-argument]. Older daemons answer `unimplemented`.
+  # `allocates`: the lane also takes `allocate` requests (older daemons leave it false: the
+  # client then allocates by call).
 
   directRoute @8 (destinations :List(Destination), renew :Bool) -> (route :DirectRoute);
   # Whether this session may send small deliveries for these destinations to their node itself,
@@ -234,6 +236,12 @@ struct LaneRequest {
     # Withdraws the recv whose request had this seq (its handle was dropped unanswered): that recv
     # is answered `failed` "[cancelled] ..." if it was still waiting, and this request `done`
     # either way. A daemon without it answers this request `failed` (the recv then waits on).
+    allocate :group {
+      # As Session.allocate (dataId and chunkId unused); answered `allocated`. Only to daemons
+      # whose openLane said `allocates`.
+      sizeBytes @11 :UInt64;
+      timeoutMs @12 :UInt32;
+    }
   }
 }
 
@@ -249,6 +257,10 @@ struct LaneCompletion {
     received @2 :RecvResult;   # a recv's answer
     failed @3 :Text;           # "[kind] message", as a call's exception (at most 512 bytes)
     useCall @4 :Void;          # the answer does not fit the lane: make the same request as a call
+    allocated :group {         # an allocate's answer, as Session.allocate's results
+      offset @5 :UInt64;
+      sizeBytes @6 :UInt64;
+    }
   }
 }
 

@@ -212,6 +212,7 @@ struct Sidecar::Impl final : private kj::TaskSet::ErrorHandler {
   // The session's lane (null: the daemon has none, or SIDECAR_LANE=0), and what fails its
   // pending requests when the connection breaks.
   kj::Own<client::LaneClient> lane;
+  bool laneAllocates = false;  // the lane takes allocate requests too (openLane said so)
   kj::Promise<void> watchDisconnect = nullptr;
   // Small tensors for another node go there from this process (null: SIDECAR_DIRECT_SENDS=0).
   std::unique_ptr<client::DirectSends> direct;
@@ -500,6 +501,7 @@ void openLane(ImplT& impl) {
     impl.lane = kj::heap<client::LaneClient>(impl.loop.reactor(), std::move(memory).value(),
                                              kj::mv(requestBell), kj::mv(completionBell),
                                              response->getObjectMaxBytes());
+    impl.laneAllocates = response->getAllocates();
     auto* lane = impl.lane.get();
     impl.watchDisconnect = impl.rpc->onDisconnect().then([lane]() {
       lane->failAll(KJ_EXCEPTION(DISCONNECTED, "the daemon closed the connection"));
@@ -570,14 +572,37 @@ ArenaTensor Sidecar::allocateTensor(Dtype dtype, const std::vector<int64_t>& sha
   out.shape_ = shape;
   out.sizeBytes_ = tensorBytes(dtype, shape);
   client::call("allocate", [&]() {
-    auto request = impl_->session.allocateRequest();
-    request.setSizeBytes(std::max<uint64_t>(out.sizeBytes_, 1));
-    request.setTimeoutMs(timeoutMs);
-    auto response = impl_->wait(request.send());
-    out.offset_ = response.getOffset();
-    if (out.offset_ + response.getSizeBytes() > impl_->arenaBytes) {
+    uint64_t offset = 0, sizeBytes = 0;
+    bool allocated = false;
+    // Through the lane where the daemon takes it there: no system call when the daemon polls.
+    if (impl_->lane.get() != nullptr && impl_->laneAllocates) {
+      capnp::MallocMessageBuilder message(32);
+      auto allocate = message.initRoot<proto::LaneRequest>().initAllocate();
+      allocate.setSizeBytes(std::max<uint64_t>(out.sizeBytes_, 1));
+      allocate.setTimeoutMs(timeoutMs);
+      KJ_IF_MAYBE(answer, impl_->lane->request(message, false)) {
+        kj::Own<client::LaneAnswer> completion = impl_->wait(kj::mv(*answer));
+        auto result = completion->get();
+        if (!result.isAllocated()) {
+          throw Error(ErrorCode::kInternal, "the daemon answered a lane allocate with something else");
+        }
+        offset = result.getAllocated().getOffset();
+        sizeBytes = result.getAllocated().getSizeBytes();
+        allocated = true;
+      }
+    }
+    if (!allocated) {
+      auto request = impl_->session.allocateRequest();
+      request.setSizeBytes(std::max<uint64_t>(out.sizeBytes_, 1));
+      request.setTimeoutMs(timeoutMs);
+      auto response = impl_->wait(request.send());
+      offset = response.getOffset();
+      sizeBytes = response.getSizeBytes();
+    }
+    if (offset + sizeBytes > impl_->arenaBytes || offset + sizeBytes < offset) {
       throw Error(ErrorCode::kInternal, "the daemon allocated outside the arena");
     }
+    out.offset_ = offset;
     out.data_ = static_cast<kj::byte*>(impl_->arenaBase) + out.offset_;
   });
   return out;

@@ -116,6 +116,10 @@ void LaneService::onRecord(const std::vector<uint64_t>& words, uint64_t size) {
     startRecv(number, reserve, req);
     return;
   }
+  if (req.isAllocate()) {
+    startAllocate(number, reserve, req);
+    return;
+  }
   if (req.isCancel()) {
     cancelRecv(req.getCancel());
     credits_.give(reserve);
@@ -182,6 +186,34 @@ void LaneService::startRecv(uint64_t seq, uint64_t reserve, proto::LaneRequest::
                        [this, seq](kj::Exception&&) { recvs_.erase(seq); }));
 }
 
+void LaneService::startAllocate(uint64_t seq, uint64_t reserve, proto::LaneRequest::Reader request) {
+  uint64_t sizeBytes = 0;
+  uint32_t timeoutMs = 0;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    sizeBytes = request.getAllocate().getSizeBytes();
+    timeoutMs = request.getAllocate().getTimeoutMs();
+  })) {
+    credits_.give(reserve);
+    complete(seq, nullptr, e);
+    return;
+  }
+  // The same allocation, and the same wait for space, as Session.allocate. A lane that goes
+  // while it waits takes the wait with it (tasks_); one that broke meanwhile cannot be answered,
+  // so the space goes back at once instead of staying with the session until it ends.
+  tasks_.add(backend_.allocate(session_, std::max<uint64_t>(sizeBytes, 1), timeoutMs)
+                 .then(
+                     [this, seq, reserve](shm::Allocation allocation) -> kj::Promise<void> {
+                       credits_.give(reserve);
+                       if (endpoint_.broken()) return backend_.release(session_, allocation.offset);
+                       complete(seq, nullptr, nullptr, &allocation);
+                       return kj::READY_NOW;
+                     },
+                     [this, seq, reserve](kj::Exception&& e) {
+                       credits_.give(reserve);
+                       complete(seq, nullptr, &e);
+                     }));
+}
+
 void LaneService::cancelRecv(uint64_t seq) {
   auto it = recvs_.find(seq);
   if (it == recvs_.end() || it->second.answered) return;  // answered, or no recv of ours
@@ -212,15 +244,18 @@ kj::Promise<void> LaneService::dispatch(proto::LaneRequest::Reader request,
     }
     case proto::LaneRequest::RECV:
     case proto::LaneRequest::CANCEL:
+    case proto::LaneRequest::ALLOCATE:
       break;  // onRecord answers them
     case proto::LaneRequest::MARK_DONE:
       return backend_.markDone(session_, dataId, chunkId);
   }
   return transferError("invalid-argument",
-                       "a lane request that is none of send, recv, markDone, cancel (a newer client?)");
+                       "a lane request that is none of send, recv, markDone, cancel, allocate (a "
+                       "newer client?)");
 }
 
-void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const kj::Exception* failure) {
+void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const kj::Exception* failure,
+                           const shm::Allocation* allocated) {
   if (endpoint_.broken()) return;
   const RecvReply* reply = nullptr;
   KJ_IF_MAYBE(r, maybeReply) { reply = r; }
@@ -233,6 +268,10 @@ void LaneService::complete(uint64_t seq, kj::Maybe<RecvReply&> maybeReply, const
     // decodes it strictly.
     auto text = utf8Prefix(failure->getDescription().cStr(), kLaneFailureMaxBytes);
     completion.setFailed(kj::heapString(text.data(), text.size()));
+  } else if (allocated != nullptr) {
+    auto answer = completion.initAllocated();
+    answer.setOffset(allocated->offset);
+    answer.setSizeBytes(allocated->sizeBytes);
   } else if (reply == nullptr) {
     completion.setDone();
   } else if (auto* object = std::get_if<transfer::ObjectChunk>(reply);

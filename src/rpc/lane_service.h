@@ -65,7 +65,13 @@ class LaneService final : private kj::TaskSet::ErrorHandler {
   void onRecord(const std::vector<uint64_t>& words, uint64_t size);
   // A send or markDone (a recv goes through TransferBackend::recvInto).
   kj::Promise<void> dispatch(proto::LaneRequest::Reader request, std::shared_ptr<const Keep> keep);
-  void complete(uint64_t seq, kj::Maybe<RecvReply&> reply, const kj::Exception* failure);
+  // The answer of request `seq`: failed when `failure`, else a recv's `reply`, else an allocate's
+  // `allocated`, else done.
+  void complete(uint64_t seq, kj::Maybe<RecvReply&> reply, const kj::Exception* failure,
+                const shm::Allocation* allocated = nullptr);
+  // An allocate: answered `allocated` once TransferBackend::allocate has the space (it may wait
+  // up to the request's timeout, or until the lane goes).
+  void startAllocate(uint64_t seq, uint64_t reserve, proto::LaneRequest::Reader request);
   // A recv: answered through TransferBackend::recvInto, withdrawn by a later `cancel`.
   void startRecv(uint64_t seq, uint64_t reserve, proto::LaneRequest::Reader request);
   // A `cancel` request: the recv with that seq, if it still waits, leaves the table and is

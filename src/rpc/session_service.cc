@@ -228,6 +228,7 @@ kj::Promise<void> SessionService::openLane(OpenLaneContext context) {
   results.setRequestBell(kj::heap<FdHandleService>(kj::mv(fds.requestBell)));
   results.setCompletionBell(kj::heap<FdHandleService>(kj::mv(fds.completionBell)));
   results.setObjectMaxBytes(kLaneObjectMaxBytes);
+  results.setAllocates(true);
   return kj::READY_NOW;
 }
 

@@ -6,15 +6,18 @@
 //   answered useCall and the same recv as a call gets it;
 // - bad requests on the lane get the same typed errors as calls (a request kind the daemon does
 //   not know included, a long failure cut to 512 bytes), and the lane stays open; a second
-//   openLane is refused;
+//   openLane is refused; an allocate on the lane is answered with a place in the arena that the
+//   session then holds (a release call takes it back), one larger than the arena [too-large];
 // - a client that scribbles on its ring (each way the ring's consumer checks: bad magic, a size
 //   past the producer's position or over the largest record, a stray wrap marker, a misaligned or
 //   backward position), pushes a record that is not a LaneRequest, never reads its completions or
 //   ignores its credits gets its lane closed with a logged reason; the daemon, the same session's
 //   calls (send and recv) and other clients go on working;
 // - through libsidecar, objects (also one over the lane's 16 KiB answer limit, which falls back to
-//   a call), inline and zero-copy tensors, idempotent recv and the errors after markDone and of bad
-//   input behave the same with lanes as with calls only (SIDECAR_LANE=0), and with lanes every one
+//   a call), inline and zero-copy tensors (allocateTensor included), idempotent recv, the errors
+//   after markDone and of bad input (an allocation larger than the arena, one that waits past
+//   its timeout for a full arena) behave the same with lanes as with calls only
+//   (SIDECAR_LANE=0), and with lanes every one
 //   of those requests is seen to travel on the lane (its rings, read through libsidecar's own
 //   mapping), so a libsidecar that quietly stops using its lane fails here;
 // - a recv waiting on the lane when the daemon is killed fails with kDisconnected;
@@ -171,8 +174,9 @@ void buildObjectSend(capnp::MallocMessageBuilder& message, uint64_t seq, const s
 
 struct Completion {
   uint64_t seq = 0;
-  std::string what;    // "done", "received", "useCall" or the failure's text
+  std::string what;    // "done", "received", "useCall", "allocated" or the failure's text
   std::string object;  // a received object's bytes
+  uint64_t offset = 0, sizeBytes = 0;  // an allocate's answer
 };
 
 Completion readCompletion(RawLaneClient& client) {
@@ -193,6 +197,8 @@ Completion readCompletion(RawLaneClient& client) {
     }
     case proto::LaneCompletion::USE_CALL: return {c.getSeq(), "useCall"};
     case proto::LaneCompletion::FAILED: return {c.getSeq(), c.getFailed().cStr()};
+    case proto::LaneCompletion::ALLOCATED:
+      return {c.getSeq(), "allocated", "", c.getAllocated().getOffset(), c.getAllocated().getSizeBytes()};
   }
   return {c.getSeq(), "(unknown)"};
 }
@@ -238,6 +244,31 @@ TEST_F(LaneTest, RawLaneRequestsAreAnsweredAndTyped) {
   c = readCompletion(raw);
   EXPECT_EQ(c.seq, 6u);
   EXPECT_EQ(c.what.rfind("[chunk-out-of-range]", 0), 0u) << c.what;
+
+  // Allocations over the lane: answered with the place (within the 64 MiB arena, at least the
+  // size asked, at least a byte for an empty one); one larger than the arena is refused, typed.
+  auto allocate = [&](uint64_t seq, uint64_t sizeBytes) {
+    capnp::MallocMessageBuilder message;
+    auto request = message.initRoot<proto::LaneRequest>();
+    request.setSeq(seq);
+    request.initAllocate().setSizeBytes(sizeBytes);
+    EXPECT_TRUE(raw.push(message));
+    return readCompletion(raw);
+  };
+  for (uint64_t sizeBytes : {uint64_t{4096}, uint64_t{0}, uint64_t{3} << 20}) {
+    c = allocate(10, sizeBytes);
+    EXPECT_EQ(c.seq, 10u);
+    EXPECT_EQ(c.what, "allocated") << sizeBytes;
+    EXPECT_GE(c.sizeBytes, std::max<uint64_t>(sizeBytes, 1));
+    EXPECT_LE(c.offset + c.sizeBytes, uint64_t{64} << 20);
+    // Each is this session's, as a call's: release (a call) takes it back.
+    auto release = raw.session().releaseRequest();
+    release.setOffset(c.offset);
+    EXPECT_NO_THROW(release.send().wait(raw.ws())) << sizeBytes;
+  }
+  c = allocate(11, uint64_t{1} << 40);
+  EXPECT_EQ(c.seq, 11u);
+  EXPECT_EQ(c.what.rfind("[too-large]", 0), 0u) << c.what;
 
   capnp::MallocMessageBuilder mismatch;  // an inline tensor whose bytes do not match its shape
   auto request = mismatch.initRoot<proto::LaneRequest>();
@@ -916,7 +947,9 @@ std::vector<std::string> apiCases(LocalDaemon& daemon, const std::string& prefix
                     .wait();
               }),
               4096, 4096 + kSmall, 1, kSmall);
-  auto arena = sender.allocateTensor(Dtype::kFloat32, {1024});
+  sidecar::ArenaTensor arena;
+  expectMoved("allocate", pushedBy(senderLane, [&] { arena = sender.allocateTensor(Dtype::kFloat32, {1024}); }), 1,
+              kSmall, 1, kSmall);
   memcpy(arena.data(), values.data(), 4096);
   expectMoved("zero-copy send",
               pushedBy(senderLane, [&] { sender.send(prefix + "zero-copy", std::move(arena), {{1}}).wait(); }), 1,
@@ -938,6 +971,15 @@ std::vector<std::string> apiCases(LocalDaemon& daemon, const std::string& prefix
                  code([&] { sender.send(prefix + "bad", Object{1, "x"}, {{1}}, 5, 2).wait(); }));
   seen.push_back("negative rank: " + code([&] { sender.send(prefix + "neg", Object{1, "x"}, {{-3}}).wait(); }));
   seen.push_back("recv timeout: " + code([&] { receiver.recv(prefix + "never", 0, 50); }));
+  seen.push_back("allocate over the arena: " +
+                 code([&] { (void)sender.allocateTensor(Dtype::kUint8, {int64_t{1} << 40}); }));
+  {
+    // The arena (64 MiB) taken up by one allocation: the next waits for space, then times out.
+    auto most = sender.allocateTensor(Dtype::kUint8, {int64_t{48} << 20});
+    seen.push_back("allocate with the arena full: " +
+                   code([&] { (void)sender.allocateTensor(Dtype::kUint8, {int64_t{48} << 20}, 50); }));
+    sender.release(std::move(most));
+  }
   // A failure whose text is longer than the lane's 512 bytes (cut there): the code survives.
   sidecar::Groups wide;
   for (int32_t r = 1000; r < 1150; ++r) wide.push_back({r});
@@ -966,6 +1008,8 @@ TEST_F(LaneTest, LibsidecarBehavesTheSameWithAndWithoutLanes) {
                           "chunk out of range: chunk-out-of-range",
                           "negative rank: invalid-argument",
                           "recv timeout: timeout",
+                          "allocate over the arena: too-large",
+                          "allocate with the arena full: arena-full",
                           "not a receiver: not-receiver",
                       }));
 
