@@ -19,6 +19,8 @@
 //   BM_ObjectLatency64B      send of a 64-byte object until the consumer's recv returns it
 //   BM_TensorLatency4KiB     send(TensorRef) of 4 KiB until the consumer's recv returns the view
 //   BM_ZeroCopyLatency4KiB   send(ArenaTensor) of 4 KiB (allocated untimed) until recv returns
+//   BM_Allocate4KiB          allocateTensor of 4 KiB alone (released untimed): over the lane,
+//                            against the socketpair round trip a call costs at least
 //   BM_ObjectSends64B        2000 pipelined sends of 64-byte objects (all handles waited); the
 //                            consumer recvs them and marks them done; sends/s and end-to-end/s
 //
@@ -581,6 +583,29 @@ void BM_TensorLatency4KiB(benchmark::State& state) {
   state.SetLabel(std::string(p.name) + (zeroCopy ? " zero-copy" : " copying"));
 }
 
+// allocateTensor alone: the producer's round trip to the daemon for a place in the arena (over the
+// session's lane where the daemon takes allocates there, else a call), released untimed.
+void BM_Allocate4KiB(benchmark::State& state) {
+  const Placement& p = kPlacements[state.range(0)];
+  guarded(state, [&]() {
+    Setup setup(p);
+    auto& sc = setup.sidecar();
+    auto allocate = [&]() {
+      uint64_t t0 = nowNs();
+      auto tensor = sc.allocateTensor(sidecar::Dtype::kFloat32, {1024});
+      uint64_t t1 = nowNs();
+      sc.release(std::move(tensor));
+      return t1 - t0;
+    };
+    for (int i = 0; i < 200; ++i) allocate();
+    Samples samples;
+    for (auto _ : state) samples.add(state, allocate());
+    samples.report(state);
+    finish();
+  });
+  state.SetLabel(p.name);
+}
+
 // ---- throughput ---------------------------------------------------------------------------------
 
 void BM_ObjectSends64B(benchmark::State& state) {
@@ -630,6 +655,7 @@ BENCHMARK(BM_ZeroCopySend64MiB)->Args({1,64,0})->Args({1,64,1})->Args({1,1,0})->
 BENCHMARK(BM_SocketpairRtt)->Arg(0)->Arg(1)->Arg(2)->Iterations(3000)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ObjectLatency64B)->Arg(0)->Arg(1)->Arg(2)->Iterations(2000)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_TensorLatency4KiB)->Args({0, 0})->Args({1, 0})->Args({2, 0})->Args({1, 1})->Iterations(2000)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Allocate4KiB)->Arg(0)->Arg(1)->Arg(2)->Iterations(2000)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ObjectSends64B)->Arg(0)->Arg(1)->Arg(2)->Iterations(10)->UseManualTime()->Unit(benchmark::kMillisecond);
 
 
@@ -718,6 +744,10 @@ int main(int argc, char** argv) {
       std::printf("  [%s]   64 B object send->recv median %.1f us, p99 %.1f us; "
                   "median/socketpair %.2fx (target <= 5x)\n",
                   kPlacements[pl].name, obj, get("BM_ObjectLatency64B/" + n, "p99_us"), obj / raw);
+    }
+    if (double a = get("BM_Allocate4KiB/" + n, "p50_us"); a != 0) {
+      std::printf("  [%s]   allocateTensor 4 KiB median %.1f us, p99 %.1f us; median/socketpair %.2fx\n",
+                  kPlacements[pl].name, a, get("BM_Allocate4KiB/" + n, "p99_us"), a / raw);
     }
     for (int zc : {0, 1}) {
       std::string t = "BM_TensorLatency4KiB/" + n + "/" + std::to_string(zc);
