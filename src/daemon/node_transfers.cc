@@ -853,9 +853,12 @@ kj::Promise<void> NodeTransfers::messageLoop() {
     spdlog::trace("peer message on link {} received", linkId);
     if (message.sizeBytes % sizeof(capnp::word) != 0) {
       // Dropped, not held against the link: see takeDeliverMessage.
-      spdlog::warn("peer link {}: a UCX message of {} bytes, which is neither a Cap'n Proto "
-                   "message nor a packed deliver (not a PeerMessage deliver, dropped)", linkId,
-                   message.sizeBytes);
+      std::string more;
+      if (peerInputLog(more)) {
+        spdlog::warn("peer link {}: a UCX message of {} bytes, which is neither a Cap'n Proto "
+                     "message nor a packed deliver (not a PeerMessage deliver, dropped){}", linkId,
+                     message.sizeBytes, more);
+      }
       return;
     }
     // Read in place: what the delivery keeps (its chunk) is copied out before the next
@@ -882,11 +885,22 @@ kj::Promise<void> NodeTransfers::messageLoop() {
       .then([this]() { return messageLoop(); });
 }
 
+bool NodeTransfers::peerInputLog(std::string& more) {
+  uint64_t suppressed = 0;
+  if (!peerInputLog_.allow(monotonicNs(), suppressed)) return false;
+  more = suppressed == 0 ? std::string()
+                         : "; " + std::to_string(suppressed) + " more dropped messages not logged";
+  return true;
+}
+
 void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp::word> words) {
   auto it = incoming_.find(linkId);
   if (it == incoming_.end()) {
     // A link this daemon dropped (its sender learns it from its next heartbeat), or garbage.
-    spdlog::warn("a UCX delivery for peer link {}, which is not open here: dropped", linkId);
+    std::string more;
+    if (peerInputLog(more)) {
+      spdlog::warn("a UCX delivery for peer link {}, which is not open here: dropped{}", linkId, more);
+    }
     return;
   }
   uint32_t seq = 0;
@@ -920,8 +934,11 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp
         refused = kj::runCatchingExceptions(
             [&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk(), /*viewInline=*/true); });
       })) {
-        spdlog::warn("peer link {}: a UCX message that is not a PeerMessage deliver, dropped ({})",
-                     linkId, e->getDescription().cStr());
+        std::string more;
+        if (peerInputLog(more)) {
+          spdlog::warn("peer link {}: a UCX message that is not a PeerMessage deliver, dropped ({}){}",
+                       linkId, e->getDescription().cStr(), more);
+        }
         return;
       }
       break;

@@ -17,6 +17,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "base/log_limiter.h"
 #include "daemon/body_transport.h"
 #include "daemon/peer_links.h"
 #include "daemon/rank_directory.h"
@@ -186,6 +187,9 @@ class NodeTransfers final : public rpc::TransferBackend,
   kj::Promise<void> messageLoop();
   // `message` is only read during the call.
   void takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp::word> message);
+  // Whether a line about a UCX message dropped as garbage may be written now (a flood of them
+  // must not flood the log: kPeerInputLines a second); `more` gets how many were left out.
+  bool peerInputLog(std::string& more);
   // Acks a delivery that came as a UCX message: a failure at once, a success within
   // peers.ackDelayUs (with the others due by then) or once kAckBatchMax are due.
   void ack(uint32_t linkId, uint32_t seq, std::string_view error);
@@ -214,6 +218,8 @@ class NodeTransfers final : public rpc::TransferBackend,
   uint32_t nextLinkId_ = 1;
   std::map<uint32_t, IncomingLink> incoming_;
   kj::Array<capnp::word> messageBuffer_;
+  static constexpr uint32_t kPeerInputLines = 10;
+  base::LogLimiter peerInputLog_{kPeerInputLines, 1'000'000'000};
   kj::Promise<void> messages_ = nullptr;
   kj::Own<kj::TaskSet> messageDeliveries_;  // deliveries that arrived as messages, until acked
   kj::Promise<void> ackFlush_ = nullptr;     // sends the acks due, ackDelayUs after the first

@@ -461,6 +461,33 @@ TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
   peer.heartbeatRequest().send().wait(waitScope);  // the link is still open
   EXPECT_NE(daemon_->err().find("not a PeerMessage deliver, dropped"), std::string::npos) << daemon_->err();
 
+  // A flood of garbage does not flood the log: 300 such messages write at most a few lines (10 a
+  // second), and the next line after a quiet second says how many were left out.
+  auto garbageLines = [&] {
+    size_t n = 0;
+    std::string log = daemon_->err();
+    for (size_t at = 0; (at = log.find("which is neither a Cap'n Proto", at)) != std::string::npos; ++at) ++n;
+    return n;
+  };
+  size_t linesBefore = garbageLines();
+  for (int i = 0; i < 300; ++i) ucx.send(deliverTag, garbage, sizeof garbage);
+  ucx.send(deliverTag, deliverMessage(16, [](proto::PeerChunk::Builder c) {
+    fillChunk(c, "ucx-after-flood", {0});
+    c.initPayload().initObject().setBytes(kj::heapArray<kj::byte>(6));
+  }));
+  EXPECT_EQ(ackOf(16), "");  // taken after the 300: they were all read
+  size_t floodLines = garbageLines() - linesBefore;
+  EXPECT_GE(floodLines, 1u);
+  EXPECT_LE(floodLines, 20u) << "the flood wrote a line per message";
+  std::this_thread::sleep_for(1100ms);
+  ucx.send(deliverTag, garbage, sizeof garbage);
+  peer.heartbeatRequest().send().wait(waitScope);  // the link is still open
+  std::string log;
+  for (int i = 0; i < 100 && (log = daemon_->err()).find("more dropped messages not logged") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_NE(log.find("more dropped messages not logged"), std::string::npos) << log.substr(log.size() > 4000 ? log.size() - 4000 : 0);
+
   // Packed delivers (what executors' direct sends put on the wire): a good one is stored; one
   // whose length and counts disagree, one of an unknown dtype and one for a rank that does not
   // live here are each acked with the typed error.
@@ -499,6 +526,8 @@ TEST_F(PeerInputTest, UcxMessagesFromABadPeerAreRefusedAndHarmNothing) {
     sc.markDone("ucx-after-huge", 0);
     EXPECT_EQ(sc.recv("ucx-after-garbage", 0, 10'000).object.bytes.size(), 5u);
     sc.markDone("ucx-after-garbage", 0);
+    EXPECT_EQ(sc.recv("ucx-after-flood", 0, 10'000).object.bytes.size(), 6u);
+    sc.markDone("ucx-after-flood", 0);
     sidecar::Received packed = sc.recv("ucx-packed", 0, 10'000);
     ASSERT_EQ(packed.kind, sidecar::Received::Kind::kTensor);
     ASSERT_EQ(packed.tensor.sizeBytes, 16u);
