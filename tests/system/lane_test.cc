@@ -8,6 +8,7 @@
 //   not know included, a long failure cut to 512 bytes), and the lane stays open; a second
 //   openLane is refused; an allocate on the lane is answered with a place in the arena that the
 //   session then holds (a release call takes it back), one larger than the arena [too-large];
+//   one still waiting for space when its lane breaks gives the space back once it comes;
 // - a client that scribbles on its ring (each way the ring's consumer checks: bad magic, a size
 //   past the producer's position or over the largest record, a stray wrap marker, a misaligned or
 //   backward position), pushes a record that is not a LaneRequest, never reads its completions or
@@ -327,6 +328,24 @@ uint64_t waitersOnceThey(const LocalDaemon& daemon, uint64_t expected) {
   return waiters;
 }
 
+// Rank `rank`'s bytes allocated and not sent (`sidecarctl transfers`), once they are `expected` or
+// after 5 s. From a thread of its own, as waitersOnceThey.
+uint64_t allocatedOnceThey(const LocalDaemon& daemon, int32_t rank, uint64_t expected) {
+  uint64_t bytes = 0;
+  std::thread asker([&] {
+    for (int i = 0; i < 500; ++i) {
+      bytes = 0;
+      for (const auto& r : sidecar::Client::connectUnix(daemon.socket()).transfers().ranks) {
+        if (r.rank == rank) bytes = r.bytesAllocated;
+      }
+      if (bytes == expected) break;
+      std::this_thread::sleep_for(10ms);
+    }
+  });
+  asker.join();
+  return bytes;
+}
+
 // A `cancel` request withdraws a waiting recv: the recv is answered [cancelled] (its credits come
 // back), the cancel `done`; cancelling it again, or a seq that is no waiting recv, is `done` and
 // changes nothing.
@@ -643,6 +662,44 @@ TEST_F(LaneTest, ScribbledFramesCloseTheLaneAndTheSessionsCallsGoOn) {
     receiver.markDone(byCall, 0);
   }
   ASSERT_NO_FATAL_FAILURE(expectDaemonServes("after-scribbles"));
+}
+
+// An allocate that waits for space on a lane that then breaks: when the space comes, nobody can be
+// told, so the daemon gives it back at once instead of leaving it with the session until it ends.
+TEST_F(LaneTest, AllocateWaitingWhenItsLaneBreaksGivesTheSpaceBack) {
+  constexpr uint64_t kMost = uint64_t{48} << 20;  // of the 64 MiB arena: two do not fit
+  RawLaneClient raw(daemon_.socket(), 0);
+  ASSERT_GT(raw.openLane(), 0u);
+  auto byCall = raw.session().allocateRequest();
+  byCall.setSizeBytes(kMost);
+  uint64_t first = byCall.send().wait(raw.ws()).getOffset();
+  // The lane's allocate waits (the arena is full) ...
+  capnp::MallocMessageBuilder message;
+  auto request = message.initRoot<proto::LaneRequest>();
+  request.setSeq(1);
+  auto allocate = request.initAllocate();
+  allocate.setSizeBytes(kMost);
+  allocate.setTimeoutMs(20'000);
+  ASSERT_TRUE(raw.push(message));
+  LaneRing requests = raw.requests();
+  uint64_t head = requests.sharedState().head.load();
+  for (int i = 0; i < 500 && requests.sharedState().tail.load() != head; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_EQ(requests.sharedState().tail.load(), head) << "the daemon did not take the allocate";
+  // ... when the client breaks its lane (a frame with a bad magic) ...
+  uint64_t words[2] = {0x1234567800000008ull, 0};
+  raw.scribbleRequests(head & (requests.capacityBytes() - 1), words, sizeof words);
+  requests.sharedState().head.store(head + 16);
+  raw.ringBell();
+  expectLaneClosedLogged(daemon_, 1, "a record frame that is not one");
+  // ... and then the space comes: it goes back, not to the session.
+  auto release = raw.session().releaseRequest();
+  release.setOffset(first);
+  release.send().wait(raw.ws());
+  EXPECT_EQ(allocatedOnceThey(daemon_, 0, 0), 0u);
+  auto again = raw.session().allocateRequest();
+  again.setSizeBytes(kMost);
+  again.setTimeoutMs(2'000);
+  EXPECT_NO_THROW(again.send().wait(raw.ws())) << "the space did not come back";
 }
 
 // The daemon's own positions live in the shared memory too (the request ring's tail, the
