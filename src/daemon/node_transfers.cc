@@ -54,6 +54,17 @@ T take(transfer::Result<T>&& result) {
   return std::get<T>(std::move(result));
 }
 
+// A warning about a UCX message dropped as garbage, unless `limiter` says too many came lately (a
+// flood of them must not flood the log); the next one written says how many were left out.
+template <typename... Args>
+void warnPeerInput(base::LogLimiter& limiter, spdlog::format_string_t<Args...> format, Args&&... args) {
+  uint64_t suppressed = 0;
+  if (!limiter.allow(monotonicNs(), suppressed)) return;
+  std::string line = fmt::format(format, std::forward<Args>(args)...);
+  if (suppressed != 0) line += "; " + std::to_string(suppressed) + " more dropped messages not logged";
+  spdlog::warn("{}", line);
+}
+
 }  // namespace
 
 // Bridges a queued allocation to a promise; its destructor withdraws the request.
@@ -853,12 +864,10 @@ kj::Promise<void> NodeTransfers::messageLoop() {
     spdlog::trace("peer message on link {} received", linkId);
     if (message.sizeBytes % sizeof(capnp::word) != 0) {
       // Dropped, not held against the link: see takeDeliverMessage.
-      std::string more;
-      if (peerInputLog(more)) {
-        spdlog::warn("peer link {}: a UCX message of {} bytes, which is neither a Cap'n Proto "
-                     "message nor a packed deliver (not a PeerMessage deliver, dropped){}", linkId,
-                     message.sizeBytes, more);
-      }
+      warnPeerInput(peerInputLog_,
+                    "peer link {}: a UCX message of {} bytes, which is neither a Cap'n Proto "
+                    "message nor a packed deliver (not a PeerMessage deliver, dropped)",
+                    linkId, message.sizeBytes);
       return;
     }
     // Read in place: what the delivery keeps (its chunk) is copied out before the next
@@ -885,22 +894,11 @@ kj::Promise<void> NodeTransfers::messageLoop() {
       .then([this]() { return messageLoop(); });
 }
 
-bool NodeTransfers::peerInputLog(std::string& more) {
-  uint64_t suppressed = 0;
-  if (!peerInputLog_.allow(monotonicNs(), suppressed)) return false;
-  more = suppressed == 0 ? std::string()
-                         : "; " + std::to_string(suppressed) + " more dropped messages not logged";
-  return true;
-}
-
 void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp::word> words) {
   auto it = incoming_.find(linkId);
   if (it == incoming_.end()) {
     // A link this daemon dropped (its sender learns it from its next heartbeat), or garbage.
-    std::string more;
-    if (peerInputLog(more)) {
-      spdlog::warn("a UCX delivery for peer link {}, which is not open here: dropped{}", linkId, more);
-    }
+    warnPeerInput(peerInputLog_, "a UCX delivery for peer link {}, which is not open here: dropped", linkId);
     return;
   }
   uint32_t seq = 0;
@@ -934,11 +932,8 @@ void NodeTransfers::takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp
         refused = kj::runCatchingExceptions(
             [&]() { chunk = rpc::readPeerChunk(root.getDeliver().getChunk(), /*viewInline=*/true); });
       })) {
-        std::string more;
-        if (peerInputLog(more)) {
-          spdlog::warn("peer link {}: a UCX message that is not a PeerMessage deliver, dropped ({}){}",
-                       linkId, e->getDescription().cStr(), more);
-        }
+        warnPeerInput(peerInputLog_, "peer link {}: a UCX message that is not a PeerMessage deliver, dropped ({})",
+                      linkId, e->getDescription().cStr());
         return;
       }
       break;

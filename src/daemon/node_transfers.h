@@ -187,9 +187,6 @@ class NodeTransfers final : public rpc::TransferBackend,
   kj::Promise<void> messageLoop();
   // `message` is only read during the call.
   void takeDeliverMessage(uint32_t linkId, kj::ArrayPtr<const capnp::word> message);
-  // Whether a line about a UCX message dropped as garbage may be written now (a flood of them
-  // must not flood the log: kPeerInputLines a second); `more` gets how many were left out.
-  bool peerInputLog(std::string& more);
   // Acks a delivery that came as a UCX message: a failure at once, a success within
   // peers.ackDelayUs (with the others due by then) or once kAckBatchMax are due.
   void ack(uint32_t linkId, uint32_t seq, std::string_view error);
@@ -218,6 +215,7 @@ class NodeTransfers final : public rpc::TransferBackend,
   uint32_t nextLinkId_ = 1;
   std::map<uint32_t, IncomingLink> incoming_;
   kj::Array<capnp::word> messageBuffer_;
+  // Warnings about UCX messages dropped as garbage: at most kPeerInputLines a second.
   static constexpr uint32_t kPeerInputLines = 10;
   base::LogLimiter peerInputLog_{kPeerInputLines, 1'000'000'000};
   kj::Promise<void> messages_ = nullptr;
